@@ -1,0 +1,27 @@
+"""Gradient flow as an ODE (diffrax, adaptive, float64), events, and discrete methods for comparison."""
+
+from ._discrete import adam, gradient_descent, sgd, sgd_batches
+from ._events import FlowEvent, LossBelow, NormAbove, NormBelow
+from ._objective import Objective, make_objective
+from ._ode import SOLVERS, gradient_flow, gradient_flow_batch, largest_hessian_eigenvalue, log_times
+from ._solution import FlowResult, Trajectory
+
+__all__ = [
+    "gradient_flow",
+    "gradient_flow_batch",
+    "gradient_descent",
+    "sgd",
+    "sgd_batches",
+    "adam",
+    "log_times",
+    "SOLVERS",
+    "largest_hessian_eigenvalue",
+    "Objective",
+    "make_objective",
+    "Trajectory",
+    "FlowResult",
+    "FlowEvent",
+    "LossBelow",
+    "NormAbove",
+    "NormBelow",
+]
