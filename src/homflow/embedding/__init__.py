@@ -2,7 +2,9 @@
 verification that ``T`` carries outputs, gradients, KKT points and whole trajectories (MATH.md section 5)."""
 
 from ._coeffs import DEFAULT_COEFF_TOL, check_coeffs, output_preserving_out_coeffs, split_properties
+from ._kkt import MarginKKT, margin_kkt_residuals, ncf_ascent, ncf_residual, nnls_multipliers, polish_max_margin
 from ._split import AbstractSplit, ComposedSplit, NeuronSplit, compose, split, split_channel
+from ._verify import NEGATIVE_CONTROLS, TRAJECTORY_METHODS, EmbeddingReport, trajectory_error, verify
 
 __all__ = [
     "AbstractSplit",
@@ -15,4 +17,15 @@ __all__ = [
     "split_properties",
     "output_preserving_out_coeffs",
     "DEFAULT_COEFF_TOL",
+    "verify",
+    "EmbeddingReport",
+    "trajectory_error",
+    "TRAJECTORY_METHODS",
+    "NEGATIVE_CONTROLS",
+    "MarginKKT",
+    "margin_kkt_residuals",
+    "nnls_multipliers",
+    "polish_max_margin",
+    "ncf_residual",
+    "ncf_ascent",
 ]

@@ -1,0 +1,272 @@
+"""Numerical verification of the embedding principle for one split (arXiv 2505.12419; MATH.md section 5).
+
+:func:`verify` measures every claim the paper makes for a split ``T``: isometry, outputs, gradients, KKT points of the
+max-margin problem and of the constrained NCF (same multipliers), and whole trajectories of gradient flow, gradient
+descent and SGD with identical batches, together with the two negative controls (SGD with different batch orders, and
+Adam) that must break the correspondence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..flow import adam, gradient_descent, gradient_flow, sgd, sgd_batches
+from ..losses import get_loss
+from ..models import flatten
+from ._kkt import margin_kkt_residuals, ncf_ascent, ncf_residual, nnls_multipliers, polish_max_margin
+from ._split import AbstractSplit
+
+__all__ = ["EmbeddingReport", "verify", "trajectory_error", "TRAJECTORY_METHODS", "NEGATIVE_CONTROLS"]
+
+TRAJECTORY_METHODS = ("flow", "gd", "sgd", "sgd_shuffled", "adam")
+NEGATIVE_CONTROLS = ("sgd_shuffled", "adam")
+
+
+def _f(x):
+    return None if x is None else float(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingReport:
+    """What :func:`verify` measured for a split ``T`` and a narrow network ``theta``.
+
+    Attributes:
+        properties: which identities the coefficients imply (``preserves_outputs``, ``isometric``,
+            ``preserves_gradients``).
+        isometry_error: ``||T^T T - I||_max`` (explicit matrix) or ``max_v ||T^T T v - v|| / ||v||`` (random ``v``).
+        norm_error: ``| ||T theta|| - ||theta|| |``.
+        merge_error: ``||T^T T theta - theta||`` (the merge undoes the split).
+        output_error: ``max_i |Phi~(T theta; x_i) - Phi(theta; x_i)|``.
+        gradient_error: ``max_i ||grad Phi~_i(T theta) - T grad Phi_i(theta)||``.
+        loss_gradient_error: ``||grad L~(T theta) - T grad L(theta)||``.
+        kkt: max-margin KKT transfer (narrow residuals, wide residuals with the *same* multipliers, wide residuals
+            with re-fitted multipliers, the largest multiplier difference) or ``None``.
+        ncf: NCF KKT transfer (residual and ``lambda`` narrow vs wide) or ``None``.
+        trajectory_errors: ``max_t ||eta(t) - T theta(t)||`` per method (``flow``, ``gd``, ``sgd`` with identical
+            batches; negative controls ``sgd_shuffled`` and ``adam``).
+        settings: the parameters used.
+    """
+
+    properties: dict
+    isometry_error: float
+    norm_error: float
+    merge_error: float
+    output_error: float
+    gradient_error: float
+    loss_gradient_error: float
+    kkt: dict | None = None
+    ncf: dict | None = None
+    trajectory_errors: dict = dataclasses.field(default_factory=dict)
+    trajectory_curves: dict = dataclasses.field(default_factory=dict, repr=False)
+    settings: dict = dataclasses.field(default_factory=dict)
+
+    def identities_hold(self, tol: float = 1e-10) -> bool:
+        """Isometry, output and gradient errors all ``<= tol``."""
+        return max(self.isometry_error, self.output_error, self.gradient_error, self.merge_error) <= tol
+
+    def checks(self, *, tol: float = 1e-11, control: float = 1e-3, flow_tol: float | None = None) -> dict[str, bool]:
+        """Verdicts: every exact trajectory error ``<= tol`` (``flow`` ``<= flow_tol``, default ``1e3 * rtol``) and
+        every negative control ``>= control``."""
+        out = {}
+        ft = flow_tol if flow_tol is not None else 1e3 * self.settings.get("rtol", 1e-10)
+        for k, v in self.trajectory_errors.items():
+            if k in NEGATIVE_CONTROLS:
+                out[k] = v >= control
+            else:
+                out[k] = v <= (ft if k == "flow" else tol)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python dict (JSON ready; curves left out)."""
+        return {
+            "properties": dict(self.properties),
+            "isometry_error": self.isometry_error,
+            "norm_error": self.norm_error,
+            "merge_error": self.merge_error,
+            "output_error": self.output_error,
+            "gradient_error": self.gradient_error,
+            "loss_gradient_error": self.loss_gradient_error,
+            "kkt": self.kkt,
+            "ncf": self.ncf,
+            "trajectory_errors": dict(self.trajectory_errors),
+            "settings": dict(self.settings),
+        }
+
+
+def trajectory_error(split: AbstractSplit, narrow_traj, wide_traj) -> np.ndarray:
+    """``||eta(t_k) - T theta(t_k)||`` at the saved states of two runs saved at the same times/steps, shape (T,).
+
+    Raises:
+        ValueError: if the runs were not saved at the same times.
+    """
+    a, b = np.asarray(narrow_traj.ts), np.asarray(wide_traj.ts)
+    if a.shape != b.shape or not np.allclose(a, b, rtol=1e-12, atol=0):
+        raise ValueError("the narrow and wide trajectories must be saved at the same times to be compared.")
+    mapped = split.map_trajectory(narrow_traj)
+    return np.linalg.norm(np.asarray(wide_traj.thetas) - mapped, axis=1)
+
+
+def _isometry(split, theta, n_random, max_entries, key):
+    if split.n_narrow * split.n_wide <= max_entries:
+        T = split.matrix(max_entries=max_entries)
+        return float(np.max(np.abs(T.T @ T - np.eye(T.shape[1]))))
+    V = jax.random.normal(key, (n_random, split.n_narrow), theta.dtype)
+    back = jax.vmap(lambda v: split.merge_flat(split.apply_flat(v)))(V)
+    return float(jnp.max(jnp.linalg.norm(back - V, axis=1) / jnp.linalg.norm(V, axis=1)))
+
+
+def _per_sample_grads(model, X):
+    theta, unflatten = flatten(model)
+    phi = lambda th, x: unflatten(th)(x)  # noqa: E731
+    X = jnp.asarray(X, theta.dtype)
+    return (jax.vmap(phi, in_axes=(None, 0))(theta, X), jax.vmap(jax.grad(phi), in_axes=(None, 0))(theta, X))
+
+
+def _kkt_transfer(split, point, data, active_tol, given):
+    engine = "given point + NNLS" if given else "homflow.embedding (SLSQP polish + NNLS)"
+    lam = nnls_multipliers(point, data, active_tol=active_tol)
+    n_res = margin_kkt_residuals(point, data, lam)
+    wide_point = split(point)
+    w_same = margin_kkt_residuals(wide_point, data, lam)
+    lam_w = nnls_multipliers(wide_point, data, active_tol=active_tol)
+    w_new = margin_kkt_residuals(wide_point, data, lam_w)
+    L = point.degree
+    return {
+        "engine": engine,
+        "narrow": n_res.to_dict(),
+        "wide_same_multipliers": w_same.to_dict(),
+        "wide_refit": w_new.to_dict(),
+        "multiplier_difference": float(np.max(np.abs(lam - lam_w))),
+        "norm_identity_error": float(abs(n_res.norm**2 - L * np.sum(lam)) / max(n_res.norm**2, 1e-300)),
+        "stationarity_transfer_error": float(abs(w_same.stationarity - n_res.stationarity)),
+    }
+
+
+def _ncf_transfer(split, narrow, data, loss, ncf_point, steps):
+    point = ncf_point if ncf_point is not None else ncf_ascent(narrow, data, ncf_scale=loss.ncf_scale, steps=steps)
+    r_n, lam_n, v_n = ncf_residual(point, data, ncf_scale=loss.ncf_scale)
+    r_w, lam_w, v_w = ncf_residual(split(point), data, ncf_scale=loss.ncf_scale)
+    return {"narrow_residual": r_n, "wide_residual": r_w, "narrow_lambda": lam_n, "wide_lambda": lam_w,
+            "narrow_value": v_n, "wide_value": v_w, "lambda_difference": abs(lam_n - lam_w),
+            "residual_difference": abs(r_n - r_w)}
+
+
+def verify(
+    split: AbstractSplit,
+    narrow,
+    data,
+    *,
+    loss="exponential",
+    trajectories=TRAJECTORY_METHODS,
+    steps: int = 1000,
+    lr: float = 0.1,
+    batch_size: int = 16,
+    t1: float = 10.0,
+    rtol: float = 1e-10,
+    seed: int = 0,
+    kkt: bool = True,
+    kkt_point=None,
+    ncf: bool = True,
+    ncf_point=None,
+    ncf_steps: int = 2000,
+    active_tol: float = 1e-6,
+    n_random: int = 8,
+    max_entries: int = 4_000_000,
+    save_every: int | None = None,
+) -> EmbeddingReport:
+    """Measure every identity of the embedding principle for ``split`` at the narrow network ``narrow`` on ``data``.
+
+    Arguments:
+        split: a split from :func:`split`, :func:`split_channel` or :func:`compose`; narrow: a network of its narrow
+            architecture (``theta``); data: a ``Dataset``; loss: the training loss of the trajectories.
+        trajectories: which runs to compare, a subset of ``TRAJECTORY_METHODS``: ``flow`` (diffrax to ``t1`` at
+            ``rtol``; the two solves choose their own steps, so the error is of the order of the tolerance), ``gd``
+            (``steps`` steps of size ``lr``), ``sgd`` (identical batches of ``batch_size``, replayed from the narrow
+            run), and the negative controls ``sgd_shuffled`` (different batch orders) and ``adam``.
+        kkt: check the max-margin KKT transfer (needs a narrow network that separates the data, or ``kkt_point``: a
+            narrow max-margin KKT point; the default polishes ``narrow`` by SLSQP, for small networks).
+        ncf: check the NCF KKT transfer at ``ncf_point`` (default: projected ascent for ``ncf_steps`` from ``narrow``).
+        active_tol: near-active threshold for the NNLS multipliers; n_random, max_entries: the isometry is computed
+            from the explicit matrix when it has at most ``max_entries`` entries, from ``n_random`` vectors otherwise.
+
+    Returns:
+        An :class:`EmbeddingReport`.
+
+    Raises:
+        ValueError: an unknown trajectory method, or a narrow network / data that do not fit the split.
+    """
+    unknown = set(trajectories) - set(TRAJECTORY_METHODS)
+    if unknown:
+        raise ValueError(f"`trajectories` must be drawn from {TRAJECTORY_METHODS}; got unknown {sorted(unknown)}.")
+    loss = get_loss(loss)
+    wide = split(narrow)
+    theta = flatten(narrow)[0]
+    Ttheta = split.apply_flat(theta)
+    key = jax.random.PRNGKey(seed)
+    iso = _isometry(split, theta, n_random, max_entries, key)
+    norm_err = float(abs(jnp.linalg.norm(Ttheta) - jnp.linalg.norm(theta)))
+    merge_err = float(jnp.linalg.norm(split.merge_flat(Ttheta) - theta))
+    out_n, g_n = _per_sample_grads(narrow, data.X)
+    out_w, g_w = _per_sample_grads(wide, data.X)
+    Tg = jax.vmap(split.apply_flat)(g_n)
+    out_err = float(jnp.max(jnp.abs(out_w - out_n)))
+    grad_err = float(jnp.max(jnp.linalg.norm(g_w - Tg, axis=1)))
+    y = jnp.asarray(data.y, theta.dtype)
+    lossg = lambda o: jax.grad(lambda z: loss.value(z, y))(o)  # noqa: E731
+    loss_grad_err = float(jnp.linalg.norm(lossg(out_w) @ g_w - split.apply_flat(lossg(out_n) @ g_n)))
+
+    errors, curves, finals = {}, {}, [narrow]
+    for method in trajectories:
+        a, b = _runs(method, narrow, wide, data, loss, steps=steps, lr=lr, batch_size=batch_size, t1=t1, rtol=rtol,
+                     seed=seed, save_every=save_every)
+        e = trajectory_error(split, a, b)
+        errors[method] = float(np.max(e))
+        curves[method] = (np.asarray(a.steps if a.steps is not None else a.ts), e, a.loss, b.loss)
+        if method in ("gd", "flow"):
+            finals.append(a.final)
+
+    kkt_res = None
+    if kkt:
+        start = kkt_point
+        if start is None:
+            y = jnp.asarray(data.y, theta.dtype)
+            sep = [m for m in finals if float(jnp.min(y * jax.vmap(m)(jnp.asarray(data.X, theta.dtype)))) > 0]
+            start = polish_max_margin(sep[-1], data) if sep else None
+        kkt_res = (_kkt_transfer(split, start, data, active_tol, given=kkt_point is not None) if start is not None
+                   else {"skipped": "no narrow network at hand separates the data (pass `kkt_point`, or train longer)"})
+    ncf_res = _ncf_transfer(split, narrow, data, loss, ncf_point, ncf_steps) if ncf else None
+    settings = {"loss": loss.name, "steps": steps, "lr": lr, "batch_size": batch_size, "t1": t1, "rtol": rtol,
+                "seed": seed, "n_narrow": split.n_narrow, "n_wide": split.n_wide, "dtype": str(theta.dtype)}
+    return EmbeddingReport(split.properties, iso, norm_err, merge_err, out_err, grad_err, loss_grad_err, kkt_res,
+                           ncf_res, errors, curves, settings)
+
+
+def _runs(method, narrow, wide, data, loss, *, steps, lr, batch_size, t1, rtol, seed, save_every):
+    """The narrow and the wide run of one method, saved at the same steps/times."""
+    if method == "flow":
+        from ..flow import log_times
+
+        ts = log_times(t1, 50)
+        kw = dict(loss=loss, t1=t1, rtol=rtol, ts=ts, time="linear")
+        return gradient_flow(narrow, data, **kw), gradient_flow(wide, data, **kw)
+    if method == "gd":
+        kw = dict(loss=loss, lr=lr, steps=steps, save_every=save_every)
+        return gradient_descent(narrow, data, **kw), gradient_descent(wide, data, **kw)
+    if method in ("sgd", "sgd_shuffled"):
+        bs = min(batch_size, data.n)
+        b1 = sgd_batches(data.n, bs, steps, seed=seed)
+        b2 = b1 if method == "sgd" else sgd_batches(data.n, bs, steps, seed=seed + 1)
+        kw = dict(loss=loss, lr=lr, steps=steps, save_every=save_every)
+        a = sgd(narrow, data, batches=b1, **kw)
+        return a, sgd(wide, data, batches=a.extras["batches"] if method == "sgd" else b2, **kw)
+    kw = dict(loss=loss, lr=lr, steps=steps, save_every=save_every)
+    return adam(narrow, data, **kw), adam(wide, data, **kw)
+
+
+
