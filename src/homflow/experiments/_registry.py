@@ -58,7 +58,9 @@ class Figure:
     """A figure spec drawn by the report: lines (or points, bars) of arrays named in the outcome's ``arrays``.
 
     ``x`` names the x array; ``ys`` the y arrays (same length as x, or 2-D with one column per line); ``labels`` one per
-    y; ``logx``/``logy`` log axes; ``kind`` 'line', 'scatter' or 'bar'; ``hlines`` horizontal reference lines."""
+    y; ``logx``/``logy`` log axes; ``kind`` 'line', 'scatter' or 'bar'; ``hlines`` horizontal reference lines;
+    ``display`` optionally names a dedicated Display of the report (``'loss_norm'``, ``'alignment'``, ``'margins'``,
+    ``'errors'``, ``'saddle'``, ``'sparsity'``, ``'kkt'``) drawn from the same arrays instead of the generic one."""
 
     name: str
     title: str
@@ -71,6 +73,7 @@ class Figure:
     logy: bool = False
     kind: str = "line"
     hlines: tuple[float, ...] = ()
+    display: str = ""
 
 
 @dataclasses.dataclass
@@ -108,6 +111,7 @@ class Experiment:
     description: str
     defaults: dict
     quick: dict
+    validate: Callable[[dict], Any] | None = None
 
     def params(self, overrides: dict | None = None, *, quick: bool = False) -> dict:
         """Default parameters, then the quick overrides, then ``overrides`` (unknown keys refused by the caller)."""
@@ -121,14 +125,18 @@ class Experiment:
 REGISTRY: dict[str, Experiment] = {}
 
 
-def register(name: str, *, description: str, defaults: dict, quick: dict | None = None):
-    """Decorator registering ``fn(params, ctx) -> Outcome`` as the built-in experiment ``name``."""
+def register(name: str, *, description: str, defaults: dict, quick: dict | None = None,
+             validate: Callable[[dict], Any] | None = None):
+    """Decorator registering ``fn(params, ctx) -> Outcome`` as the built-in experiment ``name``.
+
+    ``validate(params)`` (optional) checks the merged parameters beyond their types (raise ``ValueError`` naming the
+    key); the config loader calls it, so a bad value is refused before the run starts."""
 
     def deco(fn):
         unknown = set(quick or {}) - set(defaults)
         if unknown:
             raise ValueError(f"quick overrides of {name!r} name unknown parameters {sorted(unknown)}.")
-        REGISTRY[name] = Experiment(name, fn, description, dict(defaults), dict(quick or {}))
+        REGISTRY[name] = Experiment(name, fn, description, dict(defaults), dict(quick or {}), validate)
         return fn
 
     return deco

@@ -1,0 +1,556 @@
+"""Experiment configurations: TOML files and the same as frozen Python objects, validated with errors that say what
+is allowed.
+
+A run config names a registered experiment and gives its parameters::
+
+    experiment = "flow"          # a built-in (``homflow list`` shows them); default "flow"
+    name = "my-first-flow"       # optional label of the run
+    seed = 0
+    loss = "square"
+    [data]   kind = "teacher_student", n = 40, d = 5, ...
+    [model]  kind = "two_layer", width = 10, activation = "relu_power", p = 2
+    [init]   scale = 1e-2        # delta = ||theta(0)||
+    [flow]   t1 = 100.0, rtol = 1e-8, segments = 4
+    [[checks]] metric = "balance_drift", tolerance = 1e-6
+
+Every key except ``experiment`` and ``name`` is a parameter of the experiment, checked against its schema: the
+frozen dataclasses below for the user-described ``flow`` experiment, the registered defaults (their types) for the
+other built-ins. Unknown keys are refused with a "did you mean"; wrong types and bad values name the key, the value
+and what is allowed. All errors are :class:`ConfigError` (a ``ValueError``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from typing import Any, Mapping
+
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "DataSpec",
+    "ModelSpec",
+    "InitSpec",
+    "FlowSpec",
+    "CheckSpec",
+    "FlowExperimentConfig",
+    "load_config",
+    "parse_config",
+    "config_to_toml",
+    "validate_params",
+    "set_dotted",
+    "RESERVED_KEYS",
+]
+
+RESERVED_KEYS = ("experiment", "name", "quick")
+
+# keys that, in any experiment's parameters, must be finite and > 0 (the initial scale delta, times, tolerances)
+POSITIVE_KEYS = frozenset({"delta", "scale", "t1", "rtol", "lr", "t_escape", "eps", "level", "t_late", "tmax",
+                           "t_max", "deltas"})
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key, the value and what is allowed."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"config key `{key}`: {message}" if key else message)
+
+
+def _did_you_mean(word: str, options) -> str:
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _describe(v: Any) -> str:
+    return f"{v!r} ({type(v).__name__})"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# typed coercion of one value
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (int, float, str, bool, tuple[...], a spec dataclass, Optional)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(key, f"got {_describe(value)}; allowed: {' or '.join(_tname(a) for a in args)}.")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false; got {_describe(value)}.")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer; got {_describe(value)}.")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"must be a number; got {_describe(value)}.")
+        v = float(value)
+        if not math.isfinite(v):
+            raise ConfigError(key, f"must be a finite number; got {value!r}.")
+        return v
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string; got {_describe(value)}.")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"must be a list; got {_describe(value)}.")
+        elem = args[0] if args else Any
+        return tuple(_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return spec_from_dict(tp, value, key)
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # pragma: no cover - programming error
+
+
+def _tname(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _positive(key: str, v: float, *, allow_zero: bool = False) -> None:
+    if not (v > 0 or (allow_zero and v == 0)):
+        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}; got {v!r}.")
+
+
+def _choice(key: str, v: str, options) -> None:
+    if v not in options:
+        raise ConfigError(key, f"must be one of {tuple(options)}; got {v!r}.{_did_you_mean(v, options)}")
+
+
+def spec_from_dict(cls, d: Any, path: str = ""):
+    """Build the frozen dataclass ``cls`` from a mapping, refusing unknown keys (with a "did you mean") and wrong
+    types; ``__post_init__`` of ``cls`` checks the values."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(path, f"must be a table of keys {tuple(f.name for f in dataclasses.fields(cls))}; "
+                                f"got {_describe(d)}.")
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for k, v in d.items():
+        if k not in fields:
+            raise ConfigError(_join(path, str(k)), f"unknown key; allowed keys here: {tuple(fields)}."
+                                                   f"{_did_you_mean(k, fields)}")
+        out[k] = _coerce(v, hints[k], _join(path, k))
+    try:
+        return cls(**out, _path=path) if "_path" in {f.name for f in dataclasses.fields(cls)} else cls(**out)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # pragma: no cover - defensive
+        raise ConfigError(path, str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the user-described flow experiment
+DATA_KINDS = ("teacher_student", "gaussian_toy", "sphere", "digits", "file")
+MODEL_KINDS = ("two_layer", "mlp", "diagonal_linear", "cnn")
+ACTIVATIONS = ("relu", "leaky_relu", "relu_power", "leaky_relu_power", "linear")
+LOSSES = ("square", "logistic", "exponential")
+METHODS = ("flow", "gd", "sgd", "adam")
+SOLVERS = ("tsit5", "dopri5", "dopri8", "bosh3", "kvaerno5", "kvaerno3")
+METRICS = ("loss_final", "log_loss_final", "norm_final", "balance_drift", "normalized_margin_final",
+           "smoothed_margin_final", "min_margin_final", "alignment_final", "success", "num_steps", "escape_time")
+ANALYSES = ("loss_norm", "alignment", "margins", "balance", "neurons")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """The data set: ``kind`` one of ``DATA_KINDS`` and its sizes (``file``: a ``.npz``/``.csv`` at ``path``)."""
+
+    kind: str = "teacher_student"
+    n: int = 40
+    d: int = 5
+    teacher_width: int = 3
+    p: int = 2
+    labels: str = "sign"
+    noise: float = 0.0
+    separable: bool = True
+    classes: tuple[int, ...] = (3, 5)
+    path: str = ""
+    seed: int = 0
+    _path: str = dataclasses.field(default="data", repr=False, compare=False)
+
+    def __post_init__(self):
+        P = self._path
+        _choice(f"{P}.kind", self.kind, DATA_KINDS)
+        if self.n < 2:
+            raise ConfigError(f"{P}.n", f"must be an integer >= 2; got {self.n!r}.")
+        if self.d < 1:
+            raise ConfigError(f"{P}.d", f"must be an integer >= 1; got {self.d!r}.")
+        if self.teacher_width < 1:
+            raise ConfigError(f"{P}.teacher_width", f"must be an integer >= 1; got {self.teacher_width!r}.")
+        if self.p < 1:
+            raise ConfigError(f"{P}.p", f"must be an integer >= 1; got {self.p!r}.")
+        _positive(f"{P}.noise", self.noise, allow_zero=True)
+        allowed = {"teacher_student": ("sign", "value"), "sphere": ("random", "linear")}.get(self.kind)
+        if allowed and self.labels not in allowed:
+            _choice(f"{P}.labels", self.labels, allowed)
+        if self.kind == "digits":
+            if len(self.classes) != 2 or self.classes[0] == self.classes[1] or not all(0 <= c <= 9 for c in
+                                                                                      self.classes):
+                raise ConfigError(f"{P}.classes", f"must be two different digits in 0..9; got {list(self.classes)}.")
+        if self.kind == "file":
+            if not self.path:
+                raise ConfigError(f"{P}.path", "must name a .npz or .csv file when kind = 'file'.")
+            if not self.path.endswith((".npz", ".csv")):
+                raise ConfigError(f"{P}.path", f"must end in .npz or .csv; got {self.path!r}.")
+            if not os.path.exists(self.path):
+                raise ConfigError(f"{P}.path", f"no such file: {self.path!r}.")
+
+    @property
+    def dim(self) -> int | None:
+        """The input dimension when known without loading (``gaussian_toy``: 2, ``digits``: 64)."""
+        return {"gaussian_toy": 2, "digits": 64, "teacher_student": self.d, "sphere": self.d}.get(self.kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The network: ``kind`` one of ``MODEL_KINDS``; ``d_in = 0`` means "the data's dimension"."""
+
+    kind: str = "two_layer"
+    width: int = 10
+    widths: tuple[int, ...] = ()
+    depth: int = 2
+    activation: str = "relu_power"
+    p: int = 2
+    alpha: float = 0.0
+    d_in: int = 0
+    input_shape: tuple[int, ...] = ()
+    channels: tuple[int, ...] = (2,)
+    kernel_size: int = 3
+    _path: str = dataclasses.field(default="model", repr=False, compare=False)
+
+    def __post_init__(self):
+        P = self._path
+        _choice(f"{P}.kind", self.kind, MODEL_KINDS)
+        _choice(f"{P}.activation", self.activation, ACTIVATIONS)
+        if self.width < 1:
+            raise ConfigError(f"{P}.width", f"must be an integer >= 1; got {self.width!r}.")
+        if any(w < 1 for w in self.widths):
+            raise ConfigError(f"{P}.widths", f"must be positive integers; got {list(self.widths)}.")
+        if self.depth < 1:
+            raise ConfigError(f"{P}.depth", f"must be an integer >= 1; got {self.depth!r}.")
+        if self.p < 1:
+            raise ConfigError(f"{P}.p", f"must be an integer >= 1 (the activation's degree); got {self.p!r}.")
+        if self.d_in < 0:
+            raise ConfigError(f"{P}.d_in", f"must be >= 0 (0: the data's dimension); got {self.d_in!r}.")
+        if self.kind == "cnn":
+            if len(self.input_shape) not in (1, 2, 3) or any(s < 1 for s in self.input_shape):
+                raise ConfigError(f"{P}.input_shape", f"must be 1 to 3 positive sizes for a CNN; got "
+                                                      f"{list(self.input_shape)}.")
+            if not self.channels or any(c < 1 for c in self.channels):
+                raise ConfigError(f"{P}.channels", f"must be positive integers; got {list(self.channels)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitSpec:
+    """The initialisation ``theta(0) = scale * theta_hat`` (``||theta_hat|| = 1``, Gaussian direction from ``seed``)."""
+
+    scale: float = 1e-2
+    seed: int = 0
+    _path: str = dataclasses.field(default="init", repr=False, compare=False)
+
+    def __post_init__(self):
+        _positive(f"{self._path}.scale", self.scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowSpec:
+    """How to train: the exact flow (``method = 'flow'``, integrated in ``segments`` equal segments with a checkpoint
+    after each) or a discrete method (``gd``, ``sgd``, ``adam`` with ``lr`` and ``steps``)."""
+
+    method: str = "flow"
+    t1: float = 100.0
+    rtol: float = 1e-8
+    atol: float = 0.0
+    solver: str = "tsit5"
+    time: str = "auto"
+    segments: int = 4
+    n_save: int = 25
+    max_steps: int = 1_000_000
+    stop_loss: float = 0.0
+    stop_norm: float = 0.0
+    lr: float = 0.01
+    steps: int = 1000
+    save_every: int = 10
+    batch_size: int = 0
+    _path: str = dataclasses.field(default="flow", repr=False, compare=False)
+
+    def __post_init__(self):
+        P = self._path
+        _choice(f"{P}.method", self.method, METHODS)
+        _choice(f"{P}.solver", self.solver, SOLVERS)
+        _choice(f"{P}.time", self.time, ("auto", "linear", "log"))
+        _positive(f"{P}.t1", self.t1)
+        _positive(f"{P}.rtol", self.rtol)
+        if self.rtol < 1e-14:
+            raise ConfigError(f"{P}.rtol", f"must be >= 1e-14 (float64 delivers no more); got {self.rtol!r}.")
+        _positive(f"{P}.atol", self.atol, allow_zero=True)
+        _positive(f"{P}.lr", self.lr)
+        _positive(f"{P}.stop_loss", self.stop_loss, allow_zero=True)
+        _positive(f"{P}.stop_norm", self.stop_norm, allow_zero=True)
+        for k in ("segments", "n_save", "max_steps", "steps", "save_every"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{P}.{k}", f"must be an integer >= 1; got {getattr(self, k)!r}.")
+        if self.n_save < 2:
+            raise ConfigError(f"{P}.n_save", f"must be >= 2 (saved states per segment); got {self.n_save!r}.")
+        if self.batch_size < 0:
+            raise ConfigError(f"{P}.batch_size", f"must be >= 0 (0: full batch); got {self.batch_size!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckSpec:
+    """A check on a measured ``metric`` (one of ``METRICS``): passed when ``value relation tolerance``."""
+
+    metric: str = "loss_final"
+    tolerance: float = 0.0
+    relation: str = "<="
+    name: str = ""
+    _path: str = dataclasses.field(default="checks", repr=False, compare=False)
+
+    def __post_init__(self):
+        _choice(f"{self._path}.metric", self.metric, METRICS)
+        _choice(f"{self._path}.relation", self.relation, ("<=", ">="))
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.metric} {self.relation} {self.tolerance:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowExperimentConfig:
+    """The user-described flow: data, model, initialisation, loss, flow or optimiser, analyses, checks."""
+
+    seed: int = 0
+    loss: str = "square"
+    data: DataSpec = DataSpec()
+    model: ModelSpec = ModelSpec()
+    init: InitSpec = InitSpec()
+    flow: FlowSpec = FlowSpec()
+    analyses: tuple[str, ...] = ("loss_norm", "alignment", "balance")
+    checks: tuple[CheckSpec, ...] = ()
+
+    def __post_init__(self):
+        _choice("loss", self.loss, LOSSES)
+        for i, a in enumerate(self.analyses):
+            _choice(f"analyses[{i}]", a, ANALYSES)
+        dim = self.data.dim
+        if self.model.d_in and dim is not None and self.model.d_in != dim:
+            raise ConfigError("model.d_in", f"is {self.model.d_in} but the data ({self.data.kind}) have dimension "
+                                            f"{dim}; the sizes must match (or set d_in = 0 to take the data's).")
+        if self.model.kind == "cnn" and dim is not None:
+            prod = math.prod(self.model.input_shape)
+            if prod != dim:
+                raise ConfigError("model.input_shape", f"{list(self.model.input_shape)} holds {prod} values but the "
+                                                       f"data have dimension {dim}; the sizes must match.")
+        if self.loss != "square" and self.data.kind in ("teacher_student",) and self.data.labels == "value":
+            raise ConfigError("data.labels", f"'value' gives real targets; the {self.loss} loss needs labels +-1: "
+                                             "use labels = 'sign' or loss = 'square'.")
+        if self.flow.method == "sgd" and self.flow.batch_size > self.data.n:
+            raise ConfigError("flow.batch_size", f"is {self.flow.batch_size} but the data hold n = {self.data.n} "
+                                                 "samples; the sizes must match (batch_size <= n).")
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "FlowExperimentConfig":
+        return spec_from_dict(cls, d, "")
+
+    def to_dict(self) -> dict:
+        return _spec_to_dict(self)
+
+
+def _spec_to_dict(obj) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _spec_to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not f.name.startswith("_")}
+    if isinstance(obj, tuple):
+        return [_spec_to_dict(v) for v in obj]
+    return obj
+
+
+FLOW_DEFAULTS = FlowExperimentConfig().to_dict()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# generic validation against registered defaults
+def validate_params(params: Mapping, defaults: Mapping, path: str = "") -> dict:
+    """Check ``params`` against the types of ``defaults`` (recursively); return the merged dict.
+
+    Unknown keys are refused with a "did you mean"; a number where a number is expected (an int where a float is
+    expected is accepted), a string where a string is, lists by their elements' type; keys in ``POSITIVE_KEYS``
+    (``delta``, ``t1``, ``rtol`` ...) must be > 0.
+    """
+    if not isinstance(params, Mapping):
+        raise ConfigError(path, f"must be a table; got {_describe(params)}.")
+    out = dict(defaults)
+    for k, v in params.items():
+        key = _join(path, str(k))
+        if k not in defaults:
+            raise ConfigError(key, f"unknown key; allowed keys here: {tuple(defaults)}.{_did_you_mean(k, defaults)}")
+        out[k] = _check_like(v, defaults[k], key)
+    return out
+
+
+def _check_like(v: Any, default: Any, key: str) -> Any:
+    leaf = key.rsplit(".", 1)[-1].split("[")[0]
+    if isinstance(default, Mapping):
+        return validate_params(v, default, key)
+    if default is None:
+        return v
+    if isinstance(default, bool):
+        return _coerce(v, bool, key)
+    if isinstance(default, int):
+        v = _coerce(v, int, key)
+    elif isinstance(default, float):
+        v = _coerce(v, float, key)
+    elif isinstance(default, str):
+        v = _coerce(v, str, key)
+    elif isinstance(default, (list, tuple)):
+        if not isinstance(v, (list, tuple)):
+            raise ConfigError(key, f"must be a list; got {_describe(v)}.")
+        if default:
+            v = [_check_like(x, default[0], f"{key}[{i}]") for i, x in enumerate(v)]
+        return type(default)(v) if isinstance(default, tuple) else list(v)
+    if leaf in POSITIVE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool):
+        _positive(key, v)
+    return v
+
+
+def set_dotted(d: dict, dotted: str, value: Any) -> dict:
+    """Return a copy of ``d`` with the nested key ``a.b.c`` set to ``value`` (intermediate tables created)."""
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(dotted, "is not a valid dotted key (e.g. 'init.scale').")
+    out = dict(d)
+    cur = out
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        nxt = dict(nxt) if isinstance(nxt, Mapping) else {}
+        cur[p] = nxt
+        cur = nxt
+    cur[parts[-1]] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What to run: a registered ``experiment``, its validated ``params`` (merged with the defaults, and with the
+    quick overrides when ``quick``), and an optional ``name``."""
+
+    experiment: str
+    params: Mapping[str, Any]
+    name: str | None = None
+    quick: bool = False
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"experiment": self.experiment}
+        if self.name:
+            out["name"] = self.name
+        if self.quick:
+            out["quick"] = True
+        out.update(_plain(self.params))
+        return out
+
+    def with_params(self, **updates) -> "RunConfig":
+        return parse_config({**self.to_dict(), **updates})
+
+
+def _plain(obj):
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return obj.item()
+    return obj
+
+
+def parse_config(d: Mapping, *, quick: bool | None = None) -> RunConfig:
+    """Validate a config mapping (as read from TOML) into a :class:`RunConfig`.
+
+    Raises:
+        ConfigError: unknown experiment or key (with a "did you mean"), wrong type, bad value, mismatched sizes.
+    """
+    from ._registry import get_experiment
+
+    if not isinstance(d, Mapping):
+        raise ConfigError("", f"a config must be a table of keys; got {_describe(d)}.")
+    exp_name = d.get("experiment", "flow")
+    if not isinstance(exp_name, str):
+        raise ConfigError("experiment", f"must be the name of a built-in experiment (a string); got "
+                                        f"{_describe(exp_name)}.")
+    try:
+        exp = get_experiment(exp_name)
+    except ValueError as e:
+        raise ConfigError("experiment", str(e)) from None
+    name = d.get("name")
+    if name is not None and not isinstance(name, str):
+        raise ConfigError("name", f"must be a string; got {_describe(name)}.")
+    q = d.get("quick", False) if quick is None else quick
+    if not isinstance(q, bool):
+        raise ConfigError("quick", f"must be true or false; got {_describe(q)}.")
+    raw = {k: v for k, v in d.items() if k not in RESERVED_KEYS}
+    base = exp.params(None, quick=q)
+    params = validate_params(raw, base)
+    if exp.validate is not None:
+        try:
+            exp.validate(params)
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError("", str(e)) from None
+    return RunConfig(exp_name, types.MappingProxyType(params), name, q)
+
+
+def load_config(path: os.PathLike | str, *, quick: bool | None = None) -> RunConfig:
+    """Read and validate a TOML config file.
+
+    Raises:
+        ConfigError: if the file is missing, not valid TOML, or the config is bad.
+    """
+    import tomllib
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError("", f"config file not found: {path!r}.")
+    try:
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError("", f"{path!r} is not valid TOML: {e}.") from None
+    return parse_config(d, quick=quick)
+
+
+def config_to_toml(cfg: RunConfig) -> str:
+    """The TOML text of ``cfg`` (read back by :func:`load_config` to the same config)."""
+    import tomli_w
+
+    return tomli_w.dumps(_drop_none(cfg.to_dict()))
+
+
+def _drop_none(obj):
+    if isinstance(obj, Mapping):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list):
+        return [_drop_none(v) for v in obj]
+    return obj
