@@ -1,0 +1,33 @@
+"""KKT points found and certified: the constrained NCF (early phase) and the max-margin problem (late phase).
+
+MATH.md sections 3 and 5; arXiv 2402.09226, 2403.08121 (NCF) and 1906.05890 (max margin).
+"""
+
+from ._ascent import sphere_ascent
+from ._ncf import NCF, Unflatten, make_ncf, ncf, ncf_grad, ncf_kkt_residual, tangent_gradient, unflattener
+from ._polish import NCFPoint, default_residual_rtol, polish_ncf, polish_ncf_theta
+from ._second_order import SecondOrder, classify, riemannian_hessian_eigenvalues, tangent_basis
+from ._structure import group_norms, singular_values, zero_preserving_groups
+
+__all__ = [
+    "NCF",
+    "Unflatten",
+    "unflattener",
+    "make_ncf",
+    "ncf",
+    "ncf_grad",
+    "ncf_kkt_residual",
+    "tangent_gradient",
+    "sphere_ascent",
+    "NCFPoint",
+    "polish_ncf",
+    "polish_ncf_theta",
+    "default_residual_rtol",
+    "SecondOrder",
+    "classify",
+    "riemannian_hessian_eigenvalues",
+    "tangent_basis",
+    "zero_preserving_groups",
+    "group_norms",
+    "singular_values",
+]
