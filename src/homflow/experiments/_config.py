@@ -167,7 +167,7 @@ MODEL_KINDS = ("two_layer", "mlp", "diagonal_linear", "cnn")
 ACTIVATIONS = ("relu", "leaky_relu", "relu_power", "leaky_relu_power", "linear")
 LOSSES = ("square", "logistic", "exponential")
 METHODS = ("flow", "gd", "sgd", "adam")
-SOLVERS = ("tsit5", "dopri5", "dopri8", "bosh3", "kvaerno5", "kvaerno3")
+SOLVERS = ("tsit5", "dopri5", "dopri8", "bosh3")
 METRICS = ("loss_final", "log_loss_final", "norm_final", "balance_drift", "normalized_margin_final",
            "smoothed_margin_final", "min_margin_final", "alignment_final", "success", "num_steps", "escape_time")
 ANALYSES = ("loss_norm", "alignment", "margins", "balance", "neurons")
