@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..models import AbstractHomogeneousModel
-from ._solve import Problem, integrate, make_problem, ncf_gradient, ncf_value
+from ._solve import Problem, _bucket, integrate, make_problem, ncf_gradient, ncf_value
 
 __all__ = ["NCFFlow", "EarlyPhase", "ncf_flow", "early_phase", "escape_time", "direction_residual"]
 
@@ -34,8 +34,20 @@ def _residual(objective, u):
 
 
 @eqx.filter_jit
-def _ncf_values(problem: Problem, us):
+def _ncf_values_jit(problem: Problem, us):
     return jax.vmap(lambda v: ncf_value(problem.objective, v))(us)
+
+
+def _padded(fn, problem, us):
+    """``fn(problem, us)`` on rows padded to a bucketed count (one compilation for many batch sizes)."""
+    us = np.atleast_2d(np.asarray(us, dtype=float))
+    n = us.shape[0]
+    pad = np.concatenate([us, np.repeat(us[-1:], _bucket(n) - n, axis=0)])
+    return np.asarray(fn(problem, jnp.asarray(pad, dtype=problem.X.dtype)))[:n]
+
+
+def _ncf_values(problem, us):
+    return _padded(_ncf_values_jit, problem, us)
 
 
 def direction_residual(problem: Problem, u):
@@ -43,10 +55,9 @@ def direction_residual(problem: Problem, u):
     ``g = grad N(u_hat)``, ``u_hat = u / ||u||`` (the tangential gradient, MATH.md section 3; 0 at a KKT point, 1 when
     the gradient is orthogonal to ``u``). ``u`` is one vector (returns a float) or a batch (P,)-rows (an array).
     ``problem`` comes from :func:`make_problem`."""
-    u = jnp.asarray(u, dtype=problem.X.dtype)
-    if u.ndim == 1:
-        return float(_residuals(problem, u[None])[0])
-    return np.asarray(_residuals(problem, u))
+    u = np.asarray(u, dtype=float)
+    out = _padded(_residuals, problem, u)
+    return float(out[0]) if u.ndim == 1 else out
 
 
 class NCFFlow(eqx.Module):
@@ -106,14 +117,14 @@ def ncf_flow(model: AbstractHomogeneousModel, data, *, loss="square", level: flo
     norms = sol.norms
     dirs = sol.thetas / np.maximum(norms, 1e-300)[:, None]
     end_dir = np.asarray(sol.theta_end) / max(float(np.linalg.norm(sol.theta_end)), 1e-300)
-    n_hat = float(_ncf_values(problem, jnp.asarray(end_dir)[None])[0])
+    n_hat = float(_ncf_values(problem, end_dir)[0])
     reached = bool(first.reached)
     s_level = float(first.t_end) if reached else float("nan")
     if reached and L > 2 and n_hat > 0:
         s_star = s_level + level ** (-(L - 2)) / ((L - 2) * L * n_hat)
     else:
         s_star = float("inf")
-    ncf_vals = np.asarray(_ncf_values(problem, jnp.asarray(dirs)))
+    ncf_vals = _ncf_values(problem, dirs)
     res = direction_residual(problem, end_dir)
     return NCFFlow(sol.ts, norms, dirs, ncf_vals, s_level, s_star, float(level), end_dir, res, reached, L)
 
