@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +21,7 @@ __all__ = ["MarginKKT", "margin_kkt_residuals", "nnls_multipliers", "polish_max_
            "ncf_ascent"]
 
 
+@eqx.filter_jit
 def _per_sample(model, X):
     """Outputs ``Phi_i`` (n,) and per-sample gradients ``grad Phi_i`` (n, P) at the model's parameters."""
     theta, unflatten = flatten(model)

@@ -116,9 +116,7 @@ class AbstractSplit(eqx.Module):
             raise ValueError(
                 f"`theta_wide` must have shape ({self.n_wide},) (the wide parameters); got {theta_wide.shape}."
             )
-        zero = jnp.zeros(self.n_narrow, theta_wide.dtype)
-        (out,) = jax.linear_transpose(self.apply_flat, zero)(theta_wide)
-        return out
+        return _merge_flat(self, theta_wide)
 
     def merge(self, wide: AbstractHomogeneousModel) -> AbstractHomogeneousModel:
         """``T^T`` on models: merge the copies of each split neuron back, ``w = sum_r c_r w_r``, ``a = sum_r c_r a_r``.
@@ -145,7 +143,7 @@ class AbstractSplit(eqx.Module):
                 "use apply_flat / merge_flat, or raise max_entries."
             )
         dtype = flatten(self.source)[0].dtype
-        return np.asarray(jax.vmap(self.apply_flat, out_axes=1)(jnp.eye(P, dtype=dtype)))
+        return np.asarray(_matrix(self, jnp.eye(P, dtype=dtype)))
 
     def map_trajectory(self, trajectory) -> np.ndarray:
         """``T theta(t)`` for every saved state of a narrow :class:`~homflow.flow.Trajectory` (or an array (T, P)),
@@ -154,13 +152,30 @@ class AbstractSplit(eqx.Module):
         thetas = jnp.asarray(thetas)
         if thetas.ndim != 2 or thetas.shape[1] != self.n_narrow:
             raise ValueError(f"`trajectory` must hold narrow states of shape (T, {self.n_narrow}); got {thetas.shape}.")
-        return np.asarray(jax.jit(jax.vmap(self.apply_flat))(thetas))
+        return np.asarray(_map_many(self, thetas))
 
     def __matmul__(self, other: "AbstractSplit") -> "ComposedSplit":
         """``s2 @ s1``: first ``s1``, then ``s2`` (``s2`` must be defined on ``s1``'s wide architecture)."""
         if not isinstance(other, AbstractSplit):
             return NotImplemented
         return compose(other, self)
+
+
+@eqx.filter_jit
+def _merge_flat(split, theta_wide):
+    zero = jnp.zeros(split.n_narrow, theta_wide.dtype)
+    (out,) = jax.linear_transpose(split.apply_flat, zero)(theta_wide)
+    return out
+
+
+@eqx.filter_jit
+def _matrix(split, eye):
+    return jax.vmap(split.apply_flat, out_axes=1)(eye)
+
+
+@eqx.filter_jit
+def _map_many(split, thetas):
+    return jax.vmap(split.apply_flat)(thetas)
 
 
 class NeuronSplit(AbstractSplit):

@@ -12,6 +12,7 @@ import dataclasses
 
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,6 +122,7 @@ def _isometry(split, theta, n_random, max_entries, key):
     return float(jnp.max(jnp.linalg.norm(back - V, axis=1) / jnp.linalg.norm(V, axis=1)))
 
 
+@eqx.filter_jit
 def _per_sample_grads(model, X):
     theta, unflatten = flatten(model)
     phi = lambda th, x: unflatten(th)(x)  # noqa: E731
