@@ -5,8 +5,11 @@ MATH.md sections 3 and 5; arXiv 2402.09226, 2403.08121 (NCF) and 1906.05890 (max
 
 from ._ascent import sphere_ascent
 from ._ncf import NCF, Unflatten, make_ncf, ncf, ncf_grad, ncf_kkt_residual, tangent_gradient, unflattener
+from ._late import MarginPath, margin_along
+from ._margin import MarginKKT, MarginProblem, make_margin_problem, margin_multipliers, max_margin_kkt
 from ._polish import NCFPoint, default_residual_rtol, polish_ncf, polish_ncf_theta
 from ._second_order import SecondOrder, classify, riemannian_hessian_eigenvalues, tangent_basis
+from ._solve_margin import solve_max_margin
 from ._structure import group_norms, singular_values, zero_preserving_groups
 
 __all__ = [
@@ -23,6 +26,14 @@ __all__ = [
     "polish_ncf",
     "polish_ncf_theta",
     "default_residual_rtol",
+    "MarginPath",
+    "margin_along",
+    "MarginKKT",
+    "MarginProblem",
+    "make_margin_problem",
+    "margin_multipliers",
+    "max_margin_kkt",
+    "solve_max_margin",
     "SecondOrder",
     "classify",
     "riemannian_hessian_eigenvalues",

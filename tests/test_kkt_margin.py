@@ -1,0 +1,141 @@
+"""Max-margin KKT points: known answers (SVM, min-l1 LP), honest residuals, multipliers, late phase (MATH.md 5)."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.optimize import linprog, minimize
+
+from homflow import kkt
+from homflow.activations import leaky_relu
+from homflow.data import Dataset, gaussian_toy
+from homflow.flow import gradient_flow
+from homflow.models import MLP, DiagonalLinear, TwoLayer, flatten, rescale
+
+
+def independent_check(res, data, *, tol):
+    """Recompute q_i and grad q_i with forward-mode autodiff on the returned model and check every KKT condition."""
+    theta, unflatten = flatten(res.model)
+    X, y = jnp.asarray(data.X), jnp.asarray(data.y)
+
+    def q(t):
+        return y * jnp.stack([unflatten(t)(x) for x in X])
+
+    qv, G = np.asarray(q(theta)), np.asarray(jax.jacfwd(q)(theta))
+    lam = res.multipliers
+    th = np.asarray(theta)
+    assert np.all(lam >= 0)
+    assert qv.min() >= 1 - 1e-10  # feasible
+    assert np.linalg.norm(th - G.T @ lam) <= tol * np.linalg.norm(th)  # stationary
+    assert abs(lam @ (qv - 1)) <= tol * max(1.0, lam.sum())  # complementary slackness
+    assert np.isclose(th @ th, res.model.degree * lam.sum(), rtol=1e-7)  # ||theta||^2 = L sum lambda
+
+
+@pytest.fixture(scope="module")
+def linear_data():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((20, 3))
+    return Dataset(X, np.sign(X @ np.array([1.0, -2.0, 0.5])))
+
+
+def test_linear_model_is_the_hard_margin_svm(linear_data):
+    X, y = np.asarray(linear_data.X), np.asarray(linear_data.y)
+    m = MLP.from_weights((jnp.asarray([[1.0, -2.0, 0.5]]),), None)
+    res = kkt.solve_max_margin(m, linear_data)
+    assert res.converged and res.stationarity < 1e-8, res.message
+    svm = minimize(lambda w: (0.5 * w @ w, w), np.ones(3), jac=True, method="SLSQP",
+                   constraints=[{"type": "ineq", "fun": lambda w: y * (X @ w) - 1, "jac": lambda w: y[:, None] * X}],
+                   options={"ftol": 1e-15, "maxiter": 1000})
+    np.testing.assert_allclose(res.theta, svm.x, rtol=1e-7, atol=1e-8)
+    assert np.isclose(res.normalized_margin, 1 / np.linalg.norm(svm.x), rtol=1e-9)
+    independent_check(res, linear_data, tol=1e-8)
+    # Any other direction with positive margin is not a KKT point: the linear problem is convex.
+    other = kkt.max_margin_kkt(MLP.from_weights((jnp.asarray([[1.0, -2.0, 0.5]]),), None), linear_data)
+    assert other.stationarity > 1e-2
+
+
+def test_diagonal_linear_depth2_is_min_l1_predictor():
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((15, 6))
+    y = np.sign(X @ np.array([1.0, 0, 0, -1, 0, 0]))
+    data = Dataset(X, y)
+    A = -(y[:, None] * np.hstack([X, -X]))
+    lp = linprog(np.ones(12), A_ub=A, b_ub=-np.ones(15), bounds=[(0, None)] * 12, method="highs")
+    beta = lp.x[:6] - lp.x[6:]
+    base = DiagonalLinear(6, 2, key=jax.random.PRNGKey(0))
+    # (a) the LP solution, written as u = sqrt(beta+), v = sqrt(beta-), is a certified KKT point
+    at_lp = eqx.tree_at(lambda m: (m.u, m.v), base, (jnp.sqrt(np.maximum(beta, 0)), jnp.sqrt(np.maximum(-beta, 0))))
+    r_lp = kkt.max_margin_kkt(at_lp, data, active_tol=1e-8)
+    assert r_lp.stationarity < 1e-9 and r_lp.delta < 1e-9
+    # (b) polishing a rough start reaches it: ||theta||^2 = ||beta||_1 = LP optimum
+    start = eqx.tree_at(lambda m: (m.u, m.v), base, (jnp.sqrt(np.maximum(beta, 0)) + 0.3, jnp.sqrt(np.maximum(-beta, 0)) + 0.3))
+    res = kkt.solve_max_margin(start, data)
+    assert res.converged, res.message
+    np.testing.assert_allclose(np.asarray(res.model.beta()), beta, atol=1e-8)
+    assert np.isclose(1 / res.normalized_margin, lp.fun, rtol=1e-9)
+    independent_check(res, data, tol=1e-8)
+
+
+def test_two_layer_from_a_flow_certified_and_residuals_honest():
+    data = gaussian_toy(16, seed=1)
+    m = TwoLayer(2, 3, leaky_relu(0.1), key=jax.random.PRNGKey(1), scale=0.5)
+    tr = gradient_flow(m, data, loss="exponential", t1=1e4, time="log", n_save=10)
+    res = kkt.solve_max_margin(tr.final, data)
+    assert res.converged, res.message
+    independent_check(res, data, tol=1e-8)
+    assert res.normalized_margin >= kkt.max_margin_kkt(tr.final, data).normalized_margin - 1e-12
+    # honest: a random network with positive margin is far from KKT, the certified one is not, perturbation ~ eps
+    rng = np.random.default_rng(2)
+    v = rng.standard_normal(res.theta.size)
+    v /= np.linalg.norm(v)
+    un = flatten(res.model)[1]
+    st = [kkt.max_margin_kkt(un(jnp.asarray(res.theta + e * v)), data, active_tol=1e-3).eps for e in (1e-4, 1e-6)]
+    assert 30 < st[0] / st[1] < 300
+    assert res.eps < 1e-3 * st[1]
+
+
+def test_multipliers_survive_neuron_splitting():
+    """Split neuron 0 of a leaky-ReLU KKT point into (c1, c2): same outputs, same multipliers (2505.12419)."""
+    data = gaussian_toy(16, seed=2)
+    m = TwoLayer(2, 2, leaky_relu(0.1), key=jax.random.PRNGKey(3), scale=0.5)
+    tr = gradient_flow(m, data, loss="exponential", t1=1e3, time="log", n_save=5)
+    res = kkt.solve_max_margin(tr.final, data)
+    assert res.converged
+    a, W = np.asarray(res.model.a), np.asarray(res.model.W)
+    c = np.array([0.6, 0.8])
+    wide = TwoLayer.from_weights(jnp.asarray(np.r_[c * a[0], a[1:]]), jnp.asarray(np.vstack([c[:, None] * W[0], W[1:]])),
+                                 leaky_relu(0.1))
+    split = kkt.max_margin_kkt(wide, data, active_tol=res.active_tol)
+    assert split.stationarity < 1e-8
+    np.testing.assert_allclose(split.multipliers, res.multipliers, rtol=1e-6, atol=1e-9)
+
+
+def test_rescaling_and_errors(linear_data):
+    m = MLP.from_weights((jnp.asarray([[1.0, -2.0, 0.5]]),), None)
+    r1, r2 = kkt.max_margin_kkt(m, linear_data), kkt.max_margin_kkt(rescale(m, 9.0), linear_data)
+    np.testing.assert_allclose(r1.theta, r2.theta, rtol=1e-12)
+    assert np.isclose(min(r1.margins), 1.0)
+    with pytest.raises(ValueError, match="margin"):
+        kkt.max_margin_kkt(rescale(m, -1.0), linear_data)
+    with pytest.raises(ValueError, match="labels"):
+        kkt.max_margin_kkt(m, Dataset(np.asarray(linear_data.X), 3 * np.asarray(linear_data.y)))
+    with pytest.raises(ValueError, match="active_tol"):
+        kkt.max_margin_kkt(m, linear_data, active_tol=-1.0)
+
+
+def test_margin_along_late_phase():
+    data = gaussian_toy(16, seed=1)
+    m = TwoLayer(2, 3, leaky_relu(0.1), key=jax.random.PRNGKey(1), scale=0.5)
+    tr = gradient_flow(m, data, loss="exponential", t1=1e8, time="log", n_save=25)
+    path = kkt.margin_along(tr, data, loss="exponential", active_tol=0.2)
+    v = path.valid
+    assert v.sum() >= 10 and not v[0]
+    sm = path.smoothed[v]
+    assert np.all(np.diff(sm) >= -1e-9)  # Lyu & Li Thm 4.1
+    assert np.all(sm <= path.normalized[v] + 1e-12)
+    assert path.stationarity[v][-1] < 0.5 * path.stationarity[v][0]
+    assert np.all(np.asarray(path.feasibility[v]) < 1e-12)
+    assert set(path.arrays()) >= {"ts", "smoothed", "eps", "delta"}
+    with pytest.raises(ValueError, match="loss"):
+        kkt.margin_along(tr, data, loss="square")
