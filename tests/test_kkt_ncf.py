@@ -186,3 +186,45 @@ def test_bad_input_errors(data):
         kkt.ncf(TwoLayer(4, 2, relu, key=jax.random.PRNGKey(0)), data, loss="square")
     with pytest.raises(ValueError, match="labels"):
         kkt.ncf(m, Dataset(np.asarray(data.X), 2 * np.asarray(data.y)), loss="logistic")
+
+
+@pytest.mark.slow
+def test_solve_ncf_points_certified_deduped_and_match_brute_force():
+    """Single ReLU^2 neuron in d = 2: every point found is a brute-force local maximum of |h| on the circle
+    (see the test above), the best is the global one, each passes an independent residual, and permuted copies of one
+    point given as ``inits`` are one point with their count."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((12, 2))
+    y = np.sign(rng.standard_normal(12))
+    data = Dataset(X, y)
+    phis = np.linspace(0, 2 * np.pi, 20001)[:-1]
+    hv = np.abs((np.maximum(np.stack([np.cos(phis), np.sin(phis)], -1) @ X.T, 0) ** 2) @ y)
+    is_max = (hv >= np.roll(hv, 1)) & (hv >= np.roll(hv, -1)) & (hv > 1e-3)
+    brute = np.sort((2 / 3) / np.sqrt(3) * hv[is_max])
+
+    m = TwoLayer(2, 1, relu_power(2), key=jax.random.PRNGKey(0))
+    sol = kkt.solve_ncf(m, data, loss="square", n_starts=24, key=jax.random.PRNGKey(1), steps=400)
+    assert len(sol) >= 1 and sum(p.count for p in sol) + sum(p.count for p in sol.uncertified) == 24
+    assert np.isclose(sol.best.value, brute[-1], rtol=1e-6)
+    for p in sol:
+        assert p.certified and p.second_order.kind == "local max"
+        assert np.min(np.abs(brute - p.value)) < 1e-6 * brute[-1]
+        r_ind, g_ind = independent_residual(p.model, data, "square")
+        assert r_ind < 1e-6 * g_ind
+    values = [p.value for p in sol]
+    assert len(values) == len(set(np.round(values, 9)))  # distinct
+
+    # two-layer: permuted and sign-irrelevant copies of one point dedupe to one point
+    d3 = teacher_student(30, 3, teacher_width=3, p=2, seed=1)
+    wide = TwoLayer(3, 3, relu_power(2), key=jax.random.PRNGKey(0))
+    s1 = kkt.solve_ncf(wide, d3, loss="logistic", n_starts=8, key=jax.random.PRNGKey(2), steps=300)
+    top = s1.best
+    a, W = np.asarray(top.model.a), np.asarray(top.model.W)
+    perms = [np.roll(np.arange(3), k) for k in range(3)]
+    inits = np.stack([np.concatenate([a[p], W[p].ravel()]) for p in perms])
+    s2 = kkt.solve_ncf(wide, d3, loss="logistic", inits=inits, key=jax.random.PRNGKey(0), steps=0)
+    assert len(s2) == 1 and s2.best.count == 3 and np.isclose(s2.best.value, top.value, rtol=1e-12)
+    for p in s1:
+        g = np.asarray(kkt.ncf_grad(p.model, d3, loss="logistic"))
+        assert np.linalg.norm(g - p.lam * p.theta) <= 1e-12 * np.linalg.norm(g)
+        assert np.isclose(np.linalg.norm(p.theta), 1.0)

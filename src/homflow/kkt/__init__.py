@@ -9,6 +9,7 @@ from ._late import MarginPath, margin_along
 from ._margin import MarginKKT, MarginProblem, make_margin_problem, margin_multipliers, max_margin_kkt
 from ._polish import NCFPoint, default_residual_rtol, polish_ncf, polish_ncf_theta
 from ._second_order import SecondOrder, classify, riemannian_hessian_eigenvalues, tangent_basis
+from ._solve_ncf import NCFSolution, solve_ncf
 from ._solve_margin import solve_max_margin
 from ._structure import group_norms, singular_values, zero_preserving_groups
 
@@ -22,6 +23,8 @@ __all__ = [
     "ncf_kkt_residual",
     "tangent_gradient",
     "sphere_ascent",
+    "NCFSolution",
+    "solve_ncf",
     "NCFPoint",
     "polish_ncf",
     "polish_ncf_theta",
