@@ -3,6 +3,17 @@ NCF, the escape-time law, the limiting path, plateaus and saddles, sparsity and 
 
 from ._early import EarlyPhase, NCFFlow, direction_residual, early_phase, escape_time, ncf_flow
 from ._escape import EscapeLaw, escape_law, fit_line
+from ._path import FirstSaddle, LimitingPath, first_saddle, limiting_path
+from ._saddles import (
+    Plateau,
+    analyse_plateaus,
+    classify_point,
+    hessian_extremes,
+    polish_critical_point,
+    relative_gradient_norm,
+    segment_plateaus,
+)
+from ._sparsity import group_norm_track, neuron_of_group, remove_neurons, small_groups
 from ._solve import Problem, Solve, integrate, make_problem
 
 __all__ = [
@@ -15,6 +26,21 @@ __all__ = [
     "EscapeLaw",
     "escape_law",
     "fit_line",
+    "LimitingPath",
+    "limiting_path",
+    "FirstSaddle",
+    "first_saddle",
+    "Plateau",
+    "analyse_plateaus",
+    "classify_point",
+    "hessian_extremes",
+    "polish_critical_point",
+    "relative_gradient_norm",
+    "segment_plateaus",
+    "small_groups",
+    "group_norm_track",
+    "neuron_of_group",
+    "remove_neurons",
     "Problem",
     "Solve",
     "make_problem",
