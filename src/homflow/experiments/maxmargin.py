@@ -1,0 +1,172 @@
+"""The built-in ``max-margin``: the late phase of gradient flow under exponential (or logistic) loss.
+
+Lyu & Li (arXiv 1906.05890): once the loss is below 1 the smoothed margin ``log(1/L) / ||theta||^L`` is
+non-decreasing (Thm 4.1) and lower-bounds the normalized margin; the normalized direction becomes an
+``(eps, delta)``-KKT point of ``min 1/2 ||theta||^2 s.t. y_i Phi(theta; x_i) >= 1`` with both going to 0 (MATH.md
+sections 2 and 5). The flow is integrated in log time, in checkpointed segments (resumable).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+
+from .. import data as hdata
+from ..activations import get_activation
+from ..models import TwoLayer
+from ._registry import Context, Figure, Outcome, check, register
+from ._segments import segmented_flow
+
+__all__ = ["late_phase", "MAX_MARGIN_DEFAULTS"]
+
+MAX_MARGIN_DEFAULTS = {
+    "data": "gaussian_toy",
+    "n": 20,
+    "d": 3,
+    "data_seed": 0,
+    "width": 8,
+    "activation": "leaky_relu",
+    "p": 1,
+    "alpha": 0.1,
+    "scale": 0.5,
+    "seed": 0,
+    "loss": "exponential",
+    "t1": 1e9,
+    "segments": 4,
+    "n_save": 30,
+    "rtol": 1e-8,
+    "monotone_tol": 1e-6,
+    "shrink_factor": 0.5,
+    "stationarity_tol": 0.05,
+    "kkt_gap_tol": 0.05,
+    "active_tol": 0.1,
+}
+MAX_MARGIN_QUICK = {"t1": 1e8, "segments": 2, "n_save": 15}
+
+
+def _validate(p: dict) -> None:
+    if p["data"] not in ("gaussian_toy", "teacher_student", "sphere"):
+        raise ValueError(f"config key `data` must be one of ('gaussian_toy', 'teacher_student', 'sphere'); got "
+                         f"{p['data']!r}.")
+    if p["loss"] not in ("exponential", "logistic"):
+        raise ValueError(f"config key `loss` must be 'exponential' or 'logistic' for the late phase; got {p['loss']!r}.")
+    for k in ("n", "d", "width", "segments", "n_save", "p"):
+        if p[k] < 1:
+            raise ValueError(f"config key `{k}` must be an integer >= 1; got {p[k]!r}.")
+    for k in ("scale", "t1", "rtol", "monotone_tol", "shrink_factor", "stationarity_tol", "kkt_gap_tol", "active_tol"):
+        if not p[k] > 0:
+            raise ValueError(f"config key `{k}` must be > 0; got {p[k]!r}.")
+    get_activation(p["activation"], p=p["p"], alpha=p["alpha"])
+
+
+def _data(p: dict):
+    if p["data"] == "gaussian_toy":
+        return hdata.gaussian_toy(p["n"], separable=True, seed=p["data_seed"])
+    if p["data"] == "sphere":
+        return hdata.sphere(p["n"], p["d"], seed=p["data_seed"], labels="linear")
+    return hdata.teacher_student(p["n"], p["d"], teacher_width=2, p=1, seed=p["data_seed"], labels="sign")
+
+
+def late_phase(model, data, *, loss: str, t1: float, segments: int, n_save: int, rtol: float, ctx: Context,
+               name: str = "late", progress=(0.0, 0.8), theta0=None, prefix: str = "",
+               monotone_tol: float = 1e-6, shrink_factor: float = 0.5, stationarity_tol: float = 0.1,
+               kkt_gap_tol: float = 0.05, solve_kkt: bool = True, active_tol: float = 0.1):
+    """Integrate the late phase and measure it: returns ``(trajectory, arrays, checks, figures, summary)``.
+
+    Checks: the smoothed margin is non-decreasing once ``L < 1`` (relative decrease ``<= monotone_tol``), it stays
+    below the normalized margin, the relative stationarity of the ``(eps, delta)``-KKT pair shrinks by
+    ``shrink_factor`` and ends below ``stationarity_tol``, and the normalized margin is within ``kkt_gap_tol``
+    (relative) of the KKT point polished from the final direction (:func:`homflow.kkt.solve_max_margin`).
+    """
+    from ..kkt import margin_along, solve_max_margin
+
+    if theta0 is not None:
+        from ..models import unflatten_like
+
+        model = unflatten_like(model, jax.numpy.asarray(theta0))
+    traj = segmented_flow(model, data, loss=loss, t1=t1, segments=segments, n_save=n_save, rtol=rtol, ctx=ctx,
+                          name=name, progress=progress)
+    ctx.progress(progress[1], f"{name}: margins and (eps, delta)-KKT along the flow")
+    path = margin_along(traj, data, loss=loss, active_tol=active_tol)
+    v = path.valid
+    arrays = {f"{prefix}t": np.asarray(traj.ts), f"{prefix}loss": np.asarray(traj.loss),
+              f"{prefix}log_loss": np.asarray(traj.log_loss), f"{prefix}norm": np.asarray(traj.norm),
+              f"{prefix}theta_final": np.asarray(traj.thetas[-1])}
+    for k, a in path.arrays(prefix + "margin_").items():
+        arrays[k] = np.asarray(a, dtype=float)
+    checks, summary = [], {"reason": traj.result.reason, "t_final": float(traj.ts[-1]),
+                           "log_loss_final": float(traj.log_loss[-1]), "valid_points": int(v.sum())}
+    checks.append(check(f"{prefix}flow reached t1", 1.0 if traj.result.success else 0.0, 1.0, ">=",
+                        traj.result.reason))
+    if v.sum() >= 2:
+        s = path.smoothed[v]
+        q = path.normalized[v]
+        dec = np.maximum(s[:-1] - s[1:], 0.0) / np.maximum(np.abs(s[1:]), 1e-300)
+        checks.append(check(f"{prefix}smoothed margin non-decreasing once L < 1 (max relative decrease)",
+                            float(dec.max()), monotone_tol, "<=", "Lyu & Li 1906.05890 Thm 4.1"))
+        checks.append(check(f"{prefix}smoothed margin <= normalized margin (max excess)", float(np.max(s - q)),
+                            1e-10, "<=", "the smoothed margin lower-bounds the normalized margin"))
+        st = path.stationarity[v]
+        checks.append(check(f"{prefix}(eps, delta)-KKT: stationarity shrinks (final / first)",
+                            float(st[-1] / max(st[0], 1e-300)), shrink_factor, "<=",
+                            "relative stationarity eps/||theta|| of the rescaled direction"))
+        checks.append(check(f"{prefix}final relative stationarity", float(st[-1]), stationarity_tol, "<=",
+                            "(eps, delta)-KKT of the max-margin problem (MATH.md 5)"))
+        summary.update(smoothed_final=float(s[-1]), normalized_final=float(q[-1]), stationarity_final=float(st[-1]),
+                       delta_final=float(path.delta[v][-1]), n_support=int(path.n_support[v][-1]))
+        if solve_kkt:
+            ctx.progress(progress[1], f"{name}: polishing the max-margin KKT point")
+            try:
+                kkt = solve_max_margin(traj.final, data)
+                gap = abs(kkt.normalized_margin - q[-1]) / abs(kkt.normalized_margin)
+                checks.append(check(f"{prefix}normalized margin vs polished KKT point (relative gap)", gap,
+                                    kkt_gap_tol, "<=", f"KKT point converged: {kkt.converged}; stationarity "
+                                                       f"{kkt.stationarity:.2e}"))
+                summary.update(kkt_normalized_margin=float(kkt.normalized_margin), kkt_converged=bool(kkt.converged),
+                               kkt_stationarity=float(kkt.stationarity))
+                arrays[f"{prefix}kkt_residuals"] = np.array([kkt.stationarity, kkt.feasibility,
+                                                             abs(kkt.slackness)])
+                arrays[f"{prefix}kkt_index"] = np.arange(3.0)
+                arrays[f"{prefix}kkt_normalized_margin"] = np.array([kkt.normalized_margin])
+            except ValueError as e:
+                summary["kkt_error"] = str(e)
+    else:
+        checks.append(check(f"{prefix}late phase reached (points with L < 1 and q_min > 0)", float(v.sum()), 2.0,
+                            ">=", "train longer: raise t1"))
+    figs = [Figure(f"{prefix}loss_norm", f"{prefix}late phase: loss and norm", f"{prefix}t",
+                   (f"{prefix}loss", f"{prefix}norm"), ("loss", "||theta||"), xlabel="t", logx=True, logy=True,
+                   display="loss_norm")]
+    if v.sum() >= 2:
+        hl = (float(arrays[f"{prefix}kkt_normalized_margin"][0]),) if f"{prefix}kkt_normalized_margin" in arrays \
+            else ()
+        figs.append(Figure(f"{prefix}margins", f"{prefix}margins (line: polished KKT point)", f"{prefix}margin_ts",
+                           (f"{prefix}margin_normalized", f"{prefix}margin_smoothed"),
+                           ("normalized margin", "smoothed margin"), xlabel="t", logx=True, hlines=hl,
+                           display="margins"))
+        figs.append(Figure(f"{prefix}eps_delta", f"{prefix}(eps, delta)-KKT along the flow", f"{prefix}margin_ts",
+                           (f"{prefix}margin_stationarity", f"{prefix}margin_slackness"),
+                           ("stationarity eps/||theta||", "slackness delta/sum lambda"), xlabel="t", logx=True,
+                           display="errors"))
+    if f"{prefix}kkt_residuals" in arrays:
+        figs.append(Figure(f"{prefix}kkt", f"{prefix}KKT residuals of the polished max-margin point",
+                           f"{prefix}kkt_index", (f"{prefix}kkt_residuals",),
+                           ("stationarity", "feasibility", "slackness"), display="kkt"))
+    return traj, arrays, checks, figs, summary
+
+
+@register("max-margin", description="Late phase under exponential loss: smoothed margin non-decreasing, "
+                                    "(eps, delta)-KKT shrinking, direction -> max-margin KKT point (1906.05890).",
+          defaults=MAX_MARGIN_DEFAULTS, quick=MAX_MARGIN_QUICK, validate=_validate)
+def max_margin(params: dict, ctx: Context) -> Outcome:
+    p = params
+    data = _data(p)
+    act = get_activation(p["activation"], p=p["p"], alpha=p["alpha"])
+    model = TwoLayer(data.d, p["width"], act, key=jax.random.PRNGKey(p["seed"]), scale=p["scale"])
+    _, arrays, checks, figs, summary = late_phase(
+        model, data, loss=p["loss"], t1=p["t1"], segments=p["segments"], n_save=p["n_save"], rtol=p["rtol"],
+        ctx=ctx, monotone_tol=p["monotone_tol"], shrink_factor=p["shrink_factor"],
+        stationarity_tol=p["stationarity_tol"], kkt_gap_tol=p["kkt_gap_tol"], active_tol=p["active_tol"])
+    summary = {k: v for k, v in summary.items() if not (isinstance(v, float) and not math.isfinite(v))}
+    return Outcome(checks=checks, arrays=arrays, figures=figs, summary=summary)

@@ -1,0 +1,143 @@
+"""Reports: Display objects draw what they computed; the HTML report holds the checks table and its figures as
+embedded PNG images."""
+
+import base64
+import re
+from html.parser import HTMLParser
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.figure import Figure as MplFigure  # noqa: E402
+
+from homflow.experiments import Figure, check  # noqa: E402
+from homflow.report import (  # noqa: E402
+    AlignmentDisplay,
+    FigureSpecDisplay,
+    KKTResidualDisplay,
+    LossNormDisplay,
+    MarginDisplay,
+    SaddleDisplay,
+    SparsityDisplay,
+    TrajectoryErrorDisplay,
+    display_for,
+    write_run_report,
+)
+from homflow.store import RunStore  # noqa: E402
+
+
+def _ax():
+    return MplFigure().add_subplot(1, 1, 1)
+
+
+def test_displays_return_self_and_draw_their_data():
+    t = np.concatenate([[0.0], np.geomspace(1e-3, 1e2, 20)])
+    loss, norm = np.exp(-t / 10), 1e-3 * (1 + t)
+    ax = _ax()
+    d = LossNormDisplay(t, loss, norm).plot(ax=ax)
+    assert d.ax_ is ax and d.figure_ is ax.figure
+    (line,) = ax.get_lines()
+    np.testing.assert_allclose(line.get_xdata(), t[1:])  # t = 0 dropped on the log axis
+    np.testing.assert_allclose(line.get_ydata(), loss[1:])
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log" and d.ax_norm_.get_yscale() == "log"
+    with pytest.raises(ValueError, match="same shape"):
+        LossNormDisplay(t, loss[:-1], norm)
+    # the loss far below 1e-300 is drawn from log L
+    d = LossNormDisplay(t, np.zeros_like(t), norm, log_loss=-10.0 * np.ones_like(t)).plot(ax=_ax())
+    np.testing.assert_allclose(d.ax_.get_lines()[0].get_ydata(), np.exp(-10.0))
+
+    ax = _ax()
+    AlignmentDisplay(t, {"a": np.ones_like(t), "b": np.zeros_like(t)}).plot(ax=ax)
+    assert len([ln for ln in ax.get_lines() if ln.get_label() in ("a", "b")]) == 2
+    ax = _ax()
+    MarginDisplay(t, t / (1 + t), t / (2 + t), target=1.0).plot(ax=ax)
+    assert len(ax.get_lines()) == 3
+    ax = _ax()
+    TrajectoryErrorDisplay(t, {"err": 1e-13 * np.ones_like(t)}, tolerance=1e-11).plot(ax=ax)
+    assert ax.get_yscale() == "log"
+    ax = _ax()
+    SaddleDisplay(t, loss, saddle=(1.0, 10.0), escape=0.5).plot(ax=ax)
+    assert len(ax.patches) == 1  # the shaded plateau
+    sp = SparsityDisplay([1.0, 1e-9, 0.5], threshold=1e-4).plot(ax=_ax())
+    assert sp.n_active == 2 and len(sp.ax_.patches) == 3
+    k = KKTResidualDisplay(["stationarity", "feasibility"], [1e-12, 1e-3], [1e-9, 1e-9]).plot(ax=_ax())
+    colors = [tuple(p.get_facecolor()) for p in k.ax_.patches]
+    assert colors[0] != colors[1]  # pass and fail bars differ
+
+
+def test_generic_figure_spec_and_dispatch():
+    arrays = {"x": np.arange(5.0), "y": np.arange(5.0) ** 2, "Y2": np.ones((5, 2)), "short": np.ones(3)}
+    spec = Figure("f", "title", "x", ("y", "Y2"), ("y", "ones"))
+    d = FigureSpecDisplay(spec, arrays).plot(ax=_ax())
+    assert len(d.ax_.get_lines()) == 3  # a 2-D y gives one line per column
+    with pytest.raises(ValueError, match="short"):
+        FigureSpecDisplay(Figure("g", "t", "x", ("short",)), arrays)
+    with pytest.raises(ValueError, match="missing|not stored"):
+        FigureSpecDisplay(Figure("g", "t", "x", ("nope",)), arrays)
+    assert isinstance(display_for(Figure("l", "t", "x", ("y", "y"), display="loss_norm"), arrays), LossNormDisplay)
+    assert isinstance(display_for(spec, arrays), FigureSpecDisplay)
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs, self.rows, self._row, self._in_td, self.tables = [], [], None, False, 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a.get("src", ""))
+        if tag == "table" and a.get("class") == "checks":
+            self.tables += 1
+        if tag == "tr":
+            self._row = []
+        if tag in ("td", "th"):
+            self._in_td = True
+            if self._row is not None:
+                self._row.append("")
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self._in_td = False
+        if tag == "tr" and self._row is not None:
+            self.rows.append(self._row)
+            self._row = None
+
+    def handle_data(self, data):
+        if self._in_td and self._row:
+            self._row[-1] += data
+
+
+def test_html_report_holds_checks_table_and_images(tmp_path):
+    store = RunStore(tmp_path)
+    run = store.create("flow", name="r")
+    run.write_text("config.toml", 'experiment = "flow"\n')
+    t = np.linspace(0.0, 10.0, 11)
+    run.save_arrays({"t": t, "loss": np.exp(-t), "norm": 1 + t})
+    checks = [check("loss small", 1e-5, 1e-3).to_dict(), check("margin", 0.2, 0.5, ">=").to_dict()]
+    run.write_json("checks.json", checks)
+    figs = [Figure("loss_norm", "loss and norm", "t", ("loss", "norm"), display="loss_norm"),
+            Figure("bad", "a figure naming a missing array", "t", ("nope",))]
+    import dataclasses
+
+    run.write_json("summary.json", {"summary": {"x": 1.0}, "figures": [dataclasses.asdict(f) for f in figs]})
+    path = write_run_report(run)
+    page = path.read_text()
+    p = _Collect()
+    p.feed(page)
+    assert p.tables == 1
+    rows = [r for r in p.rows if r and r[0] in ("loss small", "margin")]
+    assert [r[0] for r in rows] == ["loss small", "margin"]
+    verdicts = [r[5].strip() for r in rows]
+    assert verdicts == ["PASS", "FAIL"]
+    assert rows[0][4].strip() == "0.01"  # residual value / tolerance
+    assert len(p.imgs) == 1 and p.imgs[0].startswith("data:image/png;base64,")
+    png = base64.b64decode(p.imgs[0].split(",", 1)[1])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run.path / "figures" / "loss_norm.png").read_bytes() == png
+    assert "could not be drawn" in page  # the broken figure is reported, not fatal
+    assert re.search(r"1 of 2 checks passed", page)
+    assert "src=\"http" not in page and "<script" not in page  # self-contained
