@@ -3,7 +3,7 @@ verification that ``T`` carries outputs, gradients, KKT points and whole traject
 
 from ._coeffs import DEFAULT_COEFF_TOL, check_coeffs, output_preserving_out_coeffs, split_properties
 from ._kkt import MarginKKT, margin_kkt_residuals, ncf_ascent, ncf_residual, nnls_multipliers, polish_max_margin
-from ._split import AbstractSplit, ComposedSplit, NeuronSplit, compose, split, split_channel
+from ._split import AbstractSplit, ComposedSplit, NeuronSplit, compose, split, split_channel, split_every
 from ._verify import NEGATIVE_CONTROLS, TRAJECTORY_METHODS, EmbeddingReport, trajectory_error, verify
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "ComposedSplit",
     "split",
     "split_channel",
+    "split_every",
     "compose",
     "check_coeffs",
     "split_properties",

@@ -20,7 +20,7 @@ import numpy as np
 from ..models import CNN, MLP, AbstractHomogeneousModel, TwoLayer, flatten
 from ._coeffs import DEFAULT_COEFF_TOL, check_coeffs, split_properties
 
-__all__ = ["AbstractSplit", "NeuronSplit", "ComposedSplit", "split", "split_channel", "compose"]
+__all__ = ["AbstractSplit", "NeuronSplit", "ComposedSplit", "split", "split_channel", "split_every", "compose"]
 
 
 def _signature(model) -> tuple:
@@ -191,6 +191,7 @@ class NeuronSplit(AbstractSplit):
     alpha: tuple[float, ...] = eqx.field(static=True)
     beta: tuple[float, ...] = eqx.field(static=True)
     tol: float = eqx.field(static=True, default=DEFAULT_COEFF_TOL)
+    every: bool = eqx.field(static=True, default=False)
 
     @property
     def source(self):
@@ -198,7 +199,7 @@ class NeuronSplit(AbstractSplit):
 
     @property
     def copies(self) -> tuple[int, ...]:
-        """Indices of the copies in the wide layer."""
+        """Indices of the copies in the wide layer (of neuron ``index``; with ``every``, of neuron 0)."""
         return tuple(range(self.index, self.index + len(self.alpha)))
 
     @property
@@ -218,8 +219,11 @@ class NeuronSplit(AbstractSplit):
     def _expand(self, arr, axis, coeffs):
         n = arr.shape[axis]
         j, m = self.index, len(coeffs)
-        idx = np.concatenate([np.arange(j), np.full(m, j), np.arange(j + 1, n)])
-        scale = np.concatenate([np.ones(j), np.asarray(coeffs), np.ones(n - j - 1)])
+        if self.every:
+            idx, scale = np.repeat(np.arange(n), m), np.tile(np.asarray(coeffs), n)
+        else:
+            idx = np.concatenate([np.arange(j), np.full(m, j), np.arange(j + 1, n)])
+            scale = np.concatenate([np.ones(j), np.asarray(coeffs), np.ones(n - j - 1)])
         shape = [1] * arr.ndim
         shape[axis] = -1
         return jnp.take(arr, idx, axis=axis) * jnp.asarray(scale.reshape(shape), dtype=arr.dtype)
@@ -232,7 +236,8 @@ class NeuronSplit(AbstractSplit):
 
     def __repr__(self) -> str:
         kind = "channel" if isinstance(self.source_model, CNN) else "neuron"
-        return (f"NeuronSplit({_describe(self.source_model)}, layer={self.layer}, {kind}={self.index}, "
+        where = f"every {kind}" if self.every else f"{kind}={self.index}"
+        return (f"NeuronSplit({_describe(self.source_model)}, layer={self.layer}, {where}, "
                 f"alpha={self.alpha}, beta={self.beta})")
 
 
@@ -353,3 +358,18 @@ def split_channel(cnn, *, layer: int = 0, channel: int, coeffs, out_coeffs=None,
     channel = _check_index("channel", channel, cnn.channels[layer], f"convolution {layer} has {cnn.channels[layer]}")
     alpha, beta = check_coeffs(coeffs, p=cnn.activation.degree, out_coeffs=out_coeffs, tol=tol)
     return NeuronSplit(cnn, int(layer), channel, alpha, beta, float(tol))
+
+
+def split_every(model, *, layer: int = 0, coeffs, tol: float = DEFAULT_COEFF_TOL) -> NeuronSplit:
+    """Split every neuron (MLP / TwoLayer) or channel (CNN) of hidden layer ``layer`` with the same ``coeffs``: width
+    ``h`` becomes ``h * m`` (``m = len(coeffs)``), neuron ``j``'s copies at ``j*m .. j*m + m - 1`` (e.g. 128 -> 256
+    neurons with ``coeffs = (1/sqrt 2, 1/sqrt 2)``). Equal to the composition of the ``h`` single splits, in one map.
+
+    Raises:
+        ValueError: as :func:`split` / :func:`split_channel`.
+    """
+    if isinstance(model, CNN):
+        s = split_channel(model, layer=layer, channel=0, coeffs=coeffs, tol=tol)
+    else:
+        s = split(model, layer=layer, neuron=0, coeffs=coeffs, tol=tol)
+    return NeuronSplit(s.source_model, s.layer, 0, s.alpha, s.beta, s.tol, every=True)

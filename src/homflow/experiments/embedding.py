@@ -1,0 +1,147 @@
+"""Reproductions of arXiv 2505.12419 (the embedding principle): ``embedding-toy`` and ``embedding-digits``.
+
+A narrow network and its split are trained side by side from ``eta(0) = T theta(0)``; the checks are
+``max_k ||eta_k - T theta_k||`` (exact methods: at rounding level; negative controls: far from it).
+
+Step sizes: homflow's losses are sums over samples; the paper (PyTorch) averages. GD on the mean with step ``lr`` is GD
+on the sum with step ``lr / n`` (SGD: ``lr / batch_size``), which is what is run here, so ``lr = 0.1`` is the paper's.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from ..activations import leaky_relu
+from ..data import digits, gaussian_toy
+from ..embedding import split, split_every, trajectory_error
+from ..flow import adam, gradient_descent, sgd, sgd_batches
+from ..models import CNN, MLP
+from ._registry import Context, Figure, Outcome, check, register
+
+__all__ = ["toy", "digits_experiment"]
+
+EXACT, CONTROL = 1e-11, 1e-3
+
+
+def _pair(method, narrow, s, data, *, lr, steps, save_every, batch_size, seed, shuffled=False):
+    """Narrow and wide runs of one method and the error curve ``||eta_k - T theta_k||`` at the saved steps."""
+    wide = s(narrow)
+    loss = "exponential"
+    if method == "gd":
+        kw = dict(loss=loss, lr=lr / data.n, steps=steps, save_every=save_every)
+        a, b = gradient_descent(narrow, data, **kw), gradient_descent(wide, data, **kw)
+    elif method == "sgd":
+        bs = min(batch_size, data.n)
+        b1 = sgd_batches(data.n, bs, steps, seed=seed)
+        b2 = sgd_batches(data.n, bs, steps, seed=seed + 1) if shuffled else b1
+        kw = dict(loss=loss, lr=lr / bs, steps=steps, save_every=save_every)
+        a = sgd(narrow, data, batches=b1, **kw)
+        b = sgd(wide, data, batches=a.extras["batches"] if not shuffled else b2, **kw)
+    else:
+        kw = dict(loss=loss, lr=lr * 0.01, steps=steps, save_every=save_every)
+        a, b = adam(narrow, data, **kw), adam(wide, data, **kw)
+    for tr in (a, b):
+        if not tr.result.success:
+            raise RuntimeError(f"{method}: {tr.result.reason}")
+    return np.asarray(a.steps), trajectory_error(s, a, b), a.log_loss, b.log_loss
+
+
+def _run_cases(cases, params, ctx: Context, prefix=""):
+    arrays, checks, summary = {}, [], {}
+    steps = int(params["steps"])
+    save_every = max(1, steps // int(params["n_save"]))
+    for i, (name, method, narrow, s, data, shuffled, desc) in enumerate(cases):
+        ctx.progress(i / len(cases), f"{prefix}{name}")
+        t0 = time.perf_counter()
+        k, err, ln, lw = _pair(method, narrow, s, data, lr=float(params["lr"]), steps=steps, save_every=save_every,
+                               batch_size=int(params["batch_size"]), seed=int(params["seed"]), shuffled=shuffled)
+        arrays[f"{name}_step"], arrays[f"{name}_error"] = k, err
+        arrays[f"{name}_log_loss_narrow"], arrays[f"{name}_log_loss_wide"] = ln, lw
+        control = shuffled or method == "adam"
+        value = float(np.max(err))
+        checks.append(check(f"{name}: max ||eta - T theta||", value, CONTROL if control else EXACT,
+                            ">=" if control else "<=", desc))
+        summary[name] = {"max_error": value, "seconds": round(time.perf_counter() - t0, 2), "negative_control": control}
+    ctx.progress(1.0, f"{prefix}done")
+    return arrays, checks, summary
+
+
+def _figures(cases, title):
+    exact = [c[0] for c in cases if not c[5] and c[1] != "adam"]
+    controls = [c[0] for c in cases if c[5] or c[1] == "adam"]
+    figs = [Figure(f"{n}_error", f"{title}: {n}, ||eta_k - T theta_k||", x=f"{n}_step", ys=(f"{n}_error",),
+                   labels=(n,), xlabel="step", ylabel="error", logy=True,
+                   hlines=(CONTROL if n in controls else EXACT,)) for n in exact + controls]
+    first = exact[0]
+    figs.append(Figure(f"{first}_loss", f"{title}: log loss, narrow vs wide ({first})", x=f"{first}_step",
+                       ys=(f"{first}_log_loss_narrow", f"{first}_log_loss_wide"), labels=("narrow", "wide"),
+                       xlabel="step", ylabel="log L"))
+    return figs
+
+
+TOY_DEFAULTS = {"n": 100, "init_scale": 0.5, "steps": 100_000, "lr": 0.1, "batch_size": 16, "alpha": 0.01, "seed": 0, "n_save": 500,
+                "cnn": True}
+
+
+@register("embedding-toy", description="arXiv 2505.12419 on 2-D Gaussian data: MLP 2-1-1 -> 2-2-1 (c = 1/sqrt 2) "
+          "under GD (separable, non-separable), SGD with identical / different batches, Adam, and a CNN 2 -> 4 channels; "
+          "trajectories stay eta = T theta to rounding, the controls break it.",
+          defaults=TOY_DEFAULTS, quick={"steps": 10_000, "n_save": 200})
+def toy(params: dict, ctx: Context) -> Outcome:
+    """The toy reproduction (leaky ReLU 0.01, exponential loss, float64)."""
+    act = leaky_relu(float(params["alpha"]))
+    seed, n = int(params["seed"]), int(params["n"])
+    c = [2**-0.5, 2**-0.5]
+    sep, nonsep = gaussian_toy(n, separable=True, seed=seed), gaussian_toy(n, separable=False, seed=seed)
+    mlp = MLP(2, (1,), act, key=jax.random.PRNGKey(seed), scale=float(params["init_scale"]))
+    s = split(mlp, layer=0, neuron=0, coeffs=c)
+    cases = [
+        ("gd_separable", "gd", mlp, s, sep, False, "GD lr 0.1 (paper: 4.5e-13)"),
+        ("gd_nonseparable", "gd", mlp, s, nonsep, False, "GD lr 0.1, overlapping classes (paper: 5.6e-13)"),
+        ("sgd_same_batches", "sgd", mlp, s, sep, False, "SGD batch 16, identical batches (paper: 4.4e-13)"),
+        ("sgd_different_batches", "sgd", mlp, s, sep, True, "negative control: other batch order (paper: 1.5e-1)"),
+        ("adam", "adam", mlp, s, sep, False, "negative control: Adam is coordinate-wise"),
+    ]
+    if params["cnn"]:
+        cnn = CNN((1, 2), (2,), act, kernel_size=3, key=jax.random.PRNGKey(seed + 1),
+                  scale=float(params["init_scale"]))
+        cases.append(("cnn_gd", "gd", cnn, split_every(cnn, layer=0, coeffs=c), sep, False,
+                      "CNN 2 -> 4 channels, GD (paper: 2.4e-10)"))
+    arrays, checks, summary = _run_cases(cases, params, ctx)
+    if jax.numpy.result_type(float) != jax.numpy.float64:
+        checks.append(check("float64 enabled", 0.0, 1.0, ">=", "the claims need float64 (homflow.enable_x64())"))
+    return Outcome(checks=checks, arrays=arrays, figures=_figures(cases, "toy"), summary=summary)
+
+
+DIGITS_DEFAULTS = {"n": None, "init_scale": 0.5, "steps": 2000, "lr": 0.1, "batch_size": 16, "alpha": 0.01, "seed": 0, "n_save": 200,
+                   "width": 128, "channels": 10, "cnn": True}
+
+
+@register("embedding-digits", description="arXiv 2505.12419 on scikit-learn digits 3 vs 5: MLP width 128 -> 256 and "
+          "a CNN 10 -> 20 channels (every neuron / channel split with c = 1/sqrt 2) under GD and SGD; Adam and "
+          "shuffled SGD as negative controls.",
+          defaults=DIGITS_DEFAULTS, quick={"n": 100, "steps": 300, "n_save": 50, "width": 32, "channels": 4})
+def digits_experiment(params: dict, ctx: Context) -> Outcome:
+    """The real-data reproduction (leaky ReLU 0.01, exponential loss, float64)."""
+    act = leaky_relu(float(params["alpha"]))
+    seed = int(params["seed"])
+    data = digits((3, 5), n=params["n"], seed=seed)
+    c = [2**-0.5, 2**-0.5]
+    mlp = MLP(64, (int(params["width"]),), act, key=jax.random.PRNGKey(seed), scale=float(params["init_scale"]))
+    s = split_every(mlp, layer=0, coeffs=c)
+    cases = [
+        ("mlp_gd", "gd", mlp, s, data, False, f"MLP {params['width']} -> {2 * params['width']}, GD"),
+        ("mlp_sgd_same_batches", "sgd", mlp, s, data, False, "MLP, SGD with identical batches"),
+        ("mlp_sgd_different_batches", "sgd", mlp, s, data, True, "negative control: other batch order"),
+        ("mlp_adam", "adam", mlp, s, data, False, "negative control: Adam"),
+    ]
+    if params["cnn"]:
+        cnn = CNN((1, 8, 8), (int(params["channels"]),), act, kernel_size=3, key=jax.random.PRNGKey(seed + 1),
+                  scale=float(params["init_scale"]))
+        cases.append(("cnn_gd", "gd", cnn, split_every(cnn, layer=0, coeffs=c), data, False,
+                      f"CNN {params['channels']} -> {2 * params['channels']} channels, GD"))
+    arrays, checks, summary = _run_cases(cases, params, ctx)
+    return Outcome(checks=checks, arrays=arrays, figures=_figures(cases, "digits 3 vs 5"), summary=summary)
