@@ -71,11 +71,35 @@ def flatten(model: M) -> tuple[Float[Array, " P"], Callable[[Float[Array, " P"]]
     """
     params, static = eqx.partition(model, eqx.is_inexact_array)
     theta, unravel = ravel_pytree(params)
+    return theta, _Unflatten(unravel, params, static)
 
-    def unflatten(vec):
-        return eqx.combine(unravel(vec), static)
 
-    return theta, unflatten
+class _Unflatten:
+    """``theta -> model`` for one architecture; equal (and equally hashed) for equal architectures, so that compiled
+    functions taking it as a static argument (the flow's objective) are reused across calls instead of recompiled."""
+
+    __slots__ = ("_unravel", "_static", "_key")
+
+    def __init__(self, unravel, params, static):
+        self._unravel = unravel
+        self._static = static
+        p_leaves, p_def = jax.tree_util.tree_flatten(params)
+        s_leaves, s_def = jax.tree_util.tree_flatten(static)
+        try:
+            hash(tuple(s_leaves))
+            s_key = tuple(s_leaves)
+        except TypeError:  # an unhashable static leaf: fall back to identity
+            s_key = (id(static),)
+        self._key = (p_def, tuple((tuple(x.shape), str(x.dtype)) for x in p_leaves), s_def, s_key)
+
+    def __call__(self, vec):
+        return eqx.combine(self._unravel(vec), self._static)
+
+    def __eq__(self, other):
+        return isinstance(other, _Unflatten) and self._key == other._key
+
+    def __hash__(self):
+        return hash(self._key)
 
 
 def unflatten_like(model: M, theta: Float[Array, " P"]) -> M:
