@@ -88,7 +88,8 @@ def _gd_run(objective, theta, lr, steps, save_every, schedule, increase, decreas
             th, t, alpha = s
             lv, g = objective.log_grad(th)
             new = th - alpha * g
-            ok = objective.log_loss(new) < lv
+            new_lv = objective.log_loss(new)
+            ok = jnp.isfinite(new_lv) & (new_lv < lv) & jnp.all(jnp.isfinite(new))
             th2 = jnp.where(ok, new, th)
             t2 = jnp.where(ok, t + alpha * jnp.exp(-lv), t)
             return th2, t2, jnp.where(ok, alpha * increase, alpha * decrease)
@@ -118,7 +119,10 @@ def gradient_descent(
             ``increase``; otherwise reject it and multiply ``alpha`` by ``decrease``).
 
     Returns:
-        A :class:`Trajectory` whose ``ts`` is the elapsed flow time ``sum eta_k`` and ``steps`` the step indices.
+        A :class:`Trajectory` whose ``ts`` is the elapsed flow time ``sum eta_k`` and ``steps`` the step indices. Under
+        the loss-based schedule the norm grows geometrically and ``eta = alpha / L`` overflows to ``inf`` once
+        ``L < 1e-308`` (``ts`` is then ``inf``); a step whose result is not finite is rejected like one that fails to
+        decrease the loss, so the iterates stay finite.
     """
     objective, theta = make_objective(model, data, loss)
     lr = _check_lr(lr)
