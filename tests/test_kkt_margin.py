@@ -77,6 +77,7 @@ def test_diagonal_linear_depth2_is_min_l1_predictor():
     independent_check(res, data, tol=1e-8)
 
 
+@pytest.mark.slow
 def test_two_layer_from_a_flow_certified_and_residuals_honest():
     data = gaussian_toy(16, seed=1)
     m = TwoLayer(2, 3, leaky_relu(0.1), key=jax.random.PRNGKey(1), scale=0.5)
@@ -95,6 +96,7 @@ def test_two_layer_from_a_flow_certified_and_residuals_honest():
     assert res.eps < 1e-3 * st[1]
 
 
+@pytest.mark.slow
 def test_multipliers_survive_neuron_splitting():
     """Split neuron 0 of a leaky-ReLU KKT point into (c1, c2): same outputs, same multipliers (2505.12419)."""
     data = gaussian_toy(16, seed=2)
@@ -124,6 +126,7 @@ def test_rescaling_and_errors(linear_data):
         kkt.max_margin_kkt(m, linear_data, active_tol=-1.0)
 
 
+@pytest.mark.slow
 def test_margin_along_late_phase():
     data = gaussian_toy(16, seed=1)
     m = TwoLayer(2, 3, leaky_relu(0.1), key=jax.random.PRNGKey(1), scale=0.5)

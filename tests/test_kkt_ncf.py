@@ -103,6 +103,7 @@ def test_polish_reaches_machine_precision_from_partial_ascent(data, act):
             assert np.all(pt.theta[groups[i]] == 0.0)
 
 
+@pytest.mark.slow
 def test_polish_finds_sparse_point_from_slowly_fading_neurons(data):
     """Start at a one-neuron KKT point plus small neurons: the polish zeroes them and certifies the rest."""
     one = TwoLayer(3, 1, relu_power(2), key=jax.random.PRNGKey(5))
@@ -124,6 +125,7 @@ def test_polish_finds_sparse_point_from_slowly_fading_neurons(data):
     assert sv[1] < 1e-14 * sv[0]  # rank one
 
 
+@pytest.mark.slow
 def test_single_relu2_neuron_brute_force_on_the_sphere():
     """d = 2, one ReLU^2 neuron: (a, w) on S^2. KKT points balance ||w||^2 = 2 a^2 and then N = (2/3)/sqrt(3) h(phi)
     with h(phi) = sum_i y_i relu(x_i . (cos phi, sin phi))^2: KKT points <-> critical points of h on the circle."""
