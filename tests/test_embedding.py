@@ -18,6 +18,7 @@ from homflow.embedding import (
     output_preserving_out_coeffs,
     split,
     split_channel,
+    split_every,
     split_properties,
 )
 from homflow.flow import adam, gradient_descent, sgd
@@ -195,7 +196,7 @@ def test_output_preserving_split_for_p_not_1_keeps_outputs_but_not_gradients_or_
     assert np.max(np.abs(b.log_loss - a.log_loss)) > 1e-6  # not even the losses agree after the first step
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     p=st.sampled_from([1, 2, 3]),
     alpha=st.lists(st.sampled_from([0.0, 0.3, 0.5, 0.8, 1.0]), min_size=2, max_size=3),
@@ -284,3 +285,16 @@ def test_check_coeffs_accepts_exactly_the_valid_ones(c):
     else:
         with pytest.raises(ValueError, match="`coeffs`"):
             check_coeffs(c)
+
+
+def test_split_every_equals_the_composition_of_single_splits():
+    for model, one, key in ((MLP(3, (3,), relu, key=jax.random.PRNGKey(0)), split, "neuron"),
+                            (CNN((1, 4), (2,), relu, key=jax.random.PRNGKey(1)), split_channel, "channel")):
+        c = [0.6, 0.8]
+        every = split_every(model, layer=0, coeffs=c)
+        singles, cur = [], model
+        width = model.widths[0] if isinstance(model, MLP) else model.channels[0]
+        for j in range(width):
+            singles.append(one(cur, layer=0, coeffs=c, **{key: 2 * j}))
+            cur = singles[-1].wide
+        np.testing.assert_allclose(every.matrix(), compose(*singles).matrix(), atol=0)
