@@ -4,6 +4,7 @@ NCF, the escape-time law, the limiting path, plateaus and saddles, sparsity and 
 from ._early import EarlyPhase, NCFFlow, direction_residual, early_phase, escape_time, ncf_flow
 from ._escape import EscapeLaw, escape_law, fit_line
 from ._path import FirstSaddle, LimitingPath, first_saddle, limiting_path
+from ._rank import RankCensus, rank_one_census, width_one_network
 from ._saddles import (
     Plateau,
     analyse_plateaus,
@@ -41,6 +42,9 @@ __all__ = [
     "group_norm_track",
     "neuron_of_group",
     "remove_neurons",
+    "RankCensus",
+    "rank_one_census",
+    "width_one_network",
     "Problem",
     "Solve",
     "make_problem",
