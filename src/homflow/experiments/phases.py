@@ -136,8 +136,9 @@ def first_saddle_experiment(params, ctx):
         check("u* certified (relative residual)", fs.u_star_residual, 1e-10),
         check("sparse neurons up to the saddle / delta", fs.sparse_max_before_saddle / delta, 10.0),
         check("saddle critical in the smaller network (relative gradient)", fs.reduced_rel_grad_norm, 1e-6),
-        check("limiting paths converge (last distance / first)", lp.distances[-1] / max(lp.distances[0], 1e-300),
-              1.0 + 1e-6),
+        # Successive shifted paths agree to the solver tolerance already at b = 10 delta (measured ~4e-9 in the quick
+        # problem), so the check is on their size, not on their ratio.
+        check("limiting paths: largest distance between successive shifted paths", float(lp.distances.max()), 1e-6),
     ]
     summary = {"t_escape": fs.t_escape, "saddle_loss": fs.loss, "lam_min": fs.lam_min, "lam_max": fs.lam_max,
                "sparse_groups": fs.sparse_groups.tolist(), "path_distances": lp.distances.tolist(),
