@@ -145,7 +145,7 @@ def _engine(field: Callable, args, y0, t0, t1, save_ts, rtol, atol, event_fn, op
         is_r = c["mode"] == 1
         # spectral radius for members in RKC mode (warm-started power method, one gradient per iteration)
         need = active & is_r & (c["since_rho"] >= opts.rho_every)
-        n_it = jnp.where(jnp.any(need & (c["rho"] == 0)), opts.rho_iters0, opts.rho_iters)
+        n_it = jnp.where(need, jnp.where(c["rho"] == 0, opts.rho_iters0, opts.rho_iters), 0).astype(jnp.int32)
 
         def do_rho(_):
             r, vv = spectral_radius(fb, t, y, f0, c["v"], n_it)
@@ -153,7 +153,7 @@ def _engine(field: Callable, args, y0, t0, t1, save_ts, rtol, atol, event_fn, op
 
         any_need = jnp.any(need)
         rho, v = jax.lax.cond(any_need, do_rho, lambda _: (c["rho"], c["v"]), None)
-        c["batched_f"] += jnp.where(any_need, n_it, 0)
+        c["batched_f"] += jnp.where(any_need, jnp.max(n_it), 0)
         c["n_f"] += jnp.where(need, n_it, 0)
         c["n_rho"] += need
         c["since_rho"] = jnp.where(need, 0, c["since_rho"])

@@ -176,11 +176,12 @@ def dense_eval(dense, theta):
     return y0 + th * (r2 + (1.0 - th) * (r3 + th * (r4 + (1.0 - th) * r5)))
 
 
-def spectral_radius(f, t, y, f0, v, iters: int):
+def spectral_radius(f, t, y, f0, v, iters):
     """Estimate the spectral radius of ``df/dy`` at ``y`` by ``iters`` steps of the nonlinear power method.
 
     ``J v ~ (f(y + eps v) - f(y)) / eps`` with ``eps ~ sqrt(machine eps) (1 + ||y||)`` (rkc.f's ``rkcrho``): one
-    evaluation of ``f`` per iteration, warm-started from the previous direction ``v`` (B, P).
+    evaluation of ``f`` per iteration, warm-started from the previous direction ``v`` (B, P). ``iters`` is an int or
+    per-member counts (B,): a member's estimate never depends on the counts of the others.
 
     Returns:
         ``(rho, v)``: estimates (B,) and the last directions.
@@ -188,16 +189,18 @@ def spectral_radius(f, t, y, f0, v, iters: int):
     sqrt_eps = jnp.sqrt(jnp.finfo(y.dtype).eps)
     ynrm = jnp.linalg.norm(y, axis=-1)
     eps = sqrt_eps * (1.0 + ynrm)
+    iters = jnp.broadcast_to(jnp.asarray(iters), y.shape[:1])
 
-    def body(_, c):
+    def body(i, c):
         rho, v = c
         vn = jnp.linalg.norm(v, axis=-1)
         vn = jnp.where(vn > 0, vn, 1.0)
         dv = v * (eps / vn)[:, None]
         diff = f(t, y + dv) - f0
-        rho = jnp.linalg.norm(diff, axis=-1) / eps
+        new_rho = jnp.linalg.norm(diff, axis=-1) / eps
         # keep a usable direction where the difference vanished (a locally linear-zero field)
-        v = jnp.where((rho > 0)[:, None], diff, v + 0.5 * dv)
-        return rho, v
+        new_v = jnp.where((new_rho > 0)[:, None], diff, v + 0.5 * dv)
+        live = i < iters
+        return jnp.where(live, new_rho, rho), jnp.where(live[:, None], new_v, v)
 
-    return jax.lax.fori_loop(0, iters, body, (jnp.zeros(y.shape[:1], y.dtype), v))
+    return jax.lax.fori_loop(0, jnp.max(iters), body, (jnp.zeros(y.shape[:1], y.dtype), v))

@@ -1,0 +1,91 @@
+"""The lock-step batched integrator: each member as accurate as alone, own step sizes and stiffness, own events."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from homflow.activations import relu_power
+from homflow.data import Dataset
+from homflow.flow import NormAbove, gradient_flow, gradient_flow_batch, ode_batch
+from homflow.models import TwoLayer, flatten
+
+
+def _decay(t, y, lam):
+    return -lam * y
+
+
+def _decay_packed(t, z, args):
+    """z = (y, lam) packed in one state: dy/dt = -lam y, dlam/dt = 0 (a per-member rate in a shared field)."""
+    y, lam = jnp.split(z, 2)
+    return jnp.concatenate([-lam * y, jnp.zeros_like(lam)])
+
+
+def test_members_of_different_stiffness_each_match_the_exact_solution():
+    lam = np.array([[1.0, 2.0, 3.0], [1.0, 1e2, 1e4], [0.5, 0.5, 2e3]])
+    z0 = np.concatenate([np.ones((3, 3)), lam], axis=1)
+    ts = np.array([0.0, 0.5, 2.0, 20.0])
+    sol = ode_batch(_decay_packed, z0, 20.0, ts=ts, rtol=1e-9, atol=1e-12)
+    assert sol.success.all()
+    exact = np.exp(-lam[:, None, :] * ts[None, :, None])
+    assert np.abs(sol.ys[:, :, :3] - exact).max() < 1e-6
+    stiff = sol.stats["num_stiff_steps"]
+    assert stiff[0] == 0 and stiff[1] > 0 and stiff[2] > 0  # only the stiff members switched to RKC
+    assert sol.stats["grad_evals"][1] < 0.2 * 6 * 1e4 * 20 / 3.3  # far below the explicit stability bound
+    # a member's result does not depend on its companions
+    alone = ode_batch(_decay_packed, z0[:1], 20.0, ts=ts, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(alone.ys[0], sol.ys[0], rtol=1e-12, atol=1e-15)
+    assert alone.stats["grad_evals"][0] == sol.stats["grad_evals"][0]
+
+
+def test_gradient_flow_batch_matches_single_calls():
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((12, 3))
+    data = Dataset(X, np.tanh(X[:, 0] - X[:, 1]))
+    model = TwoLayer(3, 4, relu_power(2), key=jax.random.PRNGKey(4))
+    P = flatten(model)[0].size
+    thetas0 = rng.standard_normal((4, P))
+    thetas0 *= np.array([1e-2, 0.1, 0.5, 1.0])[:, None] / np.linalg.norm(thetas0, axis=1, keepdims=True)
+    kw = dict(loss="square", t1=40.0, rtol=1e-9, ts=[0.0, 1.0, 10.0, 40.0])
+    batch = gradient_flow_batch(model, data, thetas0, method="batched", **kw)
+    for th, b in zip(thetas0, batch):
+        s = gradient_flow(model, data, theta0=th, **kw)
+        np.testing.assert_allclose(b.ts, s.ts)
+        # equal up to rounding-level differences of batched arithmetic, amplified at most to the solver's tolerance
+        np.testing.assert_allclose(b.thetas, s.thetas, rtol=2e-6, atol=1e-10)
+        # each member takes its own steps, not the steps of the slowest member
+        assert abs(b.stats["grad_evals"] - s.stats["grad_evals"]) <= 0.2 * s.stats["grad_evals"]
+
+
+def test_each_member_stops_at_its_own_event():
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((10, 3))
+    data = Dataset(X, np.sign(X[:, 0]))
+    model = TwoLayer(3, 5, relu_power(2), key=jax.random.PRNGKey(5))
+    P = flatten(model)[0].size
+    thetas0 = rng.standard_normal((3, P))
+    thetas0 *= np.array([1e-2, 3e-2, 2.0])[:, None] / np.linalg.norm(thetas0, axis=1, keepdims=True)
+    out = gradient_flow_batch(model, data, thetas0, method="batched", loss="square", t1=200.0, rtol=1e-8,
+                              events=NormAbove(1.0), n_save=30)
+    assert [o.result.event for o in out[:2]] == ["norm_above_1", "norm_above_1"]
+    assert out[0].ts[-1] > out[1].ts[-1]  # the smaller start escapes later
+    for o in out[:2]:
+        assert o.norm[-1] == pytest.approx(1.0, rel=1e-8)
+    assert out[2].result.event is None and out[2].ts[-1] == pytest.approx(200.0)  # started above the level
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="`y0`"):
+        ode_batch(_decay, np.array([[1.0, np.nan]]), 1.0, args=1.0)
+    with pytest.raises(ValueError, match="`t1`"):
+        ode_batch(_decay, np.ones((2, 2)), -1.0, args=1.0)
+    with pytest.raises(ValueError, match="`ts`"):
+        ode_batch(_decay, np.ones((2, 2)), 1.0, args=1.0, ts=[0.0, 2.0])
+    with pytest.raises(ValueError, match="`method`"):
+        ode_batch(_decay, np.ones((2, 2)), 1.0, args=1.0, method="rk4")
+    model = TwoLayer(3, 4, relu_power(2), key=jax.random.PRNGKey(0))
+    data = Dataset(np.ones((4, 3)), np.ones(4))
+    with pytest.raises(ValueError, match="`solver`"):
+        gradient_flow_batch(model, data, np.ones((2, 16)), method="batched", t1=1.0, solver="tsit5")
+    with pytest.raises(ValueError, match="`method`"):
+        gradient_flow_batch(model, data, np.ones((2, 16)), method="pmap", t1=1.0)
