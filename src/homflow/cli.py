@@ -160,13 +160,15 @@ def _execute(cfg, store, label: str, quiet: bool):
 
 @app.command()
 @_cli
-def demo(quick: bool = QuickOpt, store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt) -> None:
+def demo(quick: bool = QuickOpt, store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt,
+         set_: List[str] = typer.Option([], "--set", help="Override a parameter: --set delta=1e-4 (repeatable).")
+         ) -> None:
     """The flagship: a small network from a tiny initialisation through early alignment with its NCF KKT point, the
     escape, the first saddle, the late max-margin phase, and the same network split wider; prints the report path and
     a checks table."""
     from .experiments import parse_config
 
-    cfg = parse_config({"experiment": "demo", "name": "demo"}, quick=quick)
+    cfg = parse_config({"experiment": "demo", "name": "demo", **_parse_sets(set_)}, quick=quick)
     res = _execute(cfg, _store(store), "demo", as_json)
     _emit(res, as_json=as_json, title="homflow demo")
 

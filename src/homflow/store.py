@@ -62,6 +62,15 @@ CREATE INDEX IF NOT EXISTS runs_sweep ON runs (sweep);
 """
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def default_root() -> Path:
     """The store root: ``$HOMFLOW_STORE`` if set, else ``./runs``."""
     return Path(os.environ.get("HOMFLOW_STORE") or "runs")
@@ -77,6 +86,7 @@ def atomic_write_bytes(path: os.PathLike | str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -82,6 +82,8 @@ def late_phase(model, data, *, loss: str, t1: float, segments: int, n_save: int,
     """
     from ..kkt import margin_along, solve_max_margin
 
+    tag = f"{prefix.rstrip('_')} phase: " if prefix else ""
+
     if theta0 is not None:
         from ..models import unflatten_like
 
@@ -98,22 +100,25 @@ def late_phase(model, data, *, loss: str, t1: float, segments: int, n_save: int,
         arrays[k] = np.asarray(a, dtype=float)
     checks, summary = [], {"reason": traj.result.reason, "t_final": float(traj.ts[-1]),
                            "log_loss_final": float(traj.log_loss[-1]), "valid_points": int(v.sum())}
-    checks.append(check(f"{prefix}flow reached t1", 1.0 if traj.result.success else 0.0, 1.0, ">=",
+    checks.append(check(f"{tag}flow reached t1", 1.0 if traj.result.success else 0.0, 1.0, ">=",
                         traj.result.reason))
     if v.sum() >= 2:
         s = path.smoothed[v]
         q = path.normalized[v]
         dec = np.maximum(s[:-1] - s[1:], 0.0) / np.maximum(np.abs(s[1:]), 1e-300)
-        checks.append(check(f"{prefix}smoothed margin non-decreasing once L < 1 (max relative decrease)",
+        checks.append(check(f"{tag}smoothed margin non-decreasing once L < 1 (max relative decrease)",
                             float(dec.max()), monotone_tol, "<=", "Lyu & Li 1906.05890 Thm 4.1"))
-        checks.append(check(f"{prefix}smoothed margin <= normalized margin (max excess)", float(np.max(s - q)),
+        checks.append(check(f"{tag}smoothed margin <= normalized margin (max excess)", float(np.max(s - q)),
                             1e-10, "<=", "the smoothed margin lower-bounds the normalized margin"))
         st = path.stationarity[v]
-        checks.append(check(f"{prefix}(eps, delta)-KKT: stationarity shrinks (final / first)",
+        checks.append(check(f"{tag}(eps, delta)-KKT: stationarity shrinks (final / first)",
                             float(st[-1] / max(st[0], 1e-300)), shrink_factor, "<=",
                             "relative stationarity eps/||theta|| of the rescaled direction"))
-        checks.append(check(f"{prefix}final relative stationarity", float(st[-1]), stationarity_tol, "<=",
-                            "(eps, delta)-KKT of the max-margin problem (MATH.md 5)"))
+        checks.append(check(f"{tag}relative stationarity at t1 (decays slowly, like 1/log t)", float(st[-1]),
+                            stationarity_tol, "<=", "(eps, delta)-KKT of the max-margin problem (MATH.md 5)"))
+        arrays[f"{prefix}kkt_residuals"] = np.array([st[-1], float(path.feasibility[v][-1]),
+                                                     abs(float(path.slackness[v][-1]))])
+        arrays[f"{prefix}kkt_index"] = np.arange(3.0)
         summary.update(smoothed_final=float(s[-1]), normalized_final=float(q[-1]), stationarity_final=float(st[-1]),
                        delta_final=float(path.delta[v][-1]), n_support=int(path.n_support[v][-1]))
         if solve_kkt:
@@ -121,37 +126,40 @@ def late_phase(model, data, *, loss: str, t1: float, segments: int, n_save: int,
             try:
                 kkt = solve_max_margin(traj.final, data)
                 gap = abs(kkt.normalized_margin - q[-1]) / abs(kkt.normalized_margin)
-                checks.append(check(f"{prefix}normalized margin vs polished KKT point (relative gap)", gap,
+                checks.append(check(f"{tag}normalized margin vs polished KKT point (relative gap)", gap,
                                     kkt_gap_tol, "<=", f"KKT point converged: {kkt.converged}; stationarity "
                                                        f"{kkt.stationarity:.2e}"))
                 summary.update(kkt_normalized_margin=float(kkt.normalized_margin), kkt_converged=bool(kkt.converged),
                                kkt_stationarity=float(kkt.stationarity))
-                arrays[f"{prefix}kkt_residuals"] = np.array([kkt.stationarity, kkt.feasibility,
-                                                             abs(kkt.slackness)])
-                arrays[f"{prefix}kkt_index"] = np.arange(3.0)
+                arrays[f"{prefix}kkt_polished_residuals"] = np.array([kkt.stationarity, kkt.feasibility,
+                                                                      abs(kkt.slackness)])
                 arrays[f"{prefix}kkt_normalized_margin"] = np.array([kkt.normalized_margin])
             except ValueError as e:
                 summary["kkt_error"] = str(e)
     else:
-        checks.append(check(f"{prefix}late phase reached (points with L < 1 and q_min > 0)", float(v.sum()), 2.0,
+        checks.append(check(f"{tag}late phase reached (points with L < 1 and q_min > 0)", float(v.sum()), 2.0,
                             ">=", "train longer: raise t1"))
-    figs = [Figure(f"{prefix}loss_norm", f"{prefix}late phase: loss and norm", f"{prefix}t",
+    figs = [Figure(f"{prefix}loss_norm", f"{tag}loss and norm", f"{prefix}t",
                    (f"{prefix}loss", f"{prefix}norm"), ("loss", "||theta||"), xlabel="t", logx=True, logy=True,
                    display="loss_norm")]
     if v.sum() >= 2:
         hl = (float(arrays[f"{prefix}kkt_normalized_margin"][0]),) if f"{prefix}kkt_normalized_margin" in arrays \
             else ()
-        figs.append(Figure(f"{prefix}margins", f"{prefix}margins (line: polished KKT point)", f"{prefix}margin_ts",
+        figs.append(Figure(f"{prefix}margins", f"{tag}margins" + (" (line: polished KKT point)" if hl else ""), f"{prefix}margin_ts",
                            (f"{prefix}margin_normalized", f"{prefix}margin_smoothed"),
                            ("normalized margin", "smoothed margin"), xlabel="t", logx=True, hlines=hl,
                            display="margins"))
-        figs.append(Figure(f"{prefix}eps_delta", f"{prefix}(eps, delta)-KKT along the flow", f"{prefix}margin_ts",
+        figs.append(Figure(f"{prefix}eps_delta", f"{tag}(eps, delta)-KKT along the flow", f"{prefix}margin_ts",
                            (f"{prefix}margin_stationarity", f"{prefix}margin_slackness"),
                            ("stationarity eps/||theta||", "slackness delta/sum lambda"), xlabel="t", logx=True,
                            display="errors"))
     if f"{prefix}kkt_residuals" in arrays:
-        figs.append(Figure(f"{prefix}kkt", f"{prefix}KKT residuals of the polished max-margin point",
+        figs.append(Figure(f"{prefix}kkt", f"{tag}(eps, delta)-KKT residuals of the final direction",
                            f"{prefix}kkt_index", (f"{prefix}kkt_residuals",),
+                           ("stationarity", "feasibility", "slackness"), display="kkt"))
+    if f"{prefix}kkt_polished_residuals" in arrays:
+        figs.append(Figure(f"{prefix}kkt_polished", f"{tag}KKT residuals of the polished max-margin point",
+                           f"{prefix}kkt_index", (f"{prefix}kkt_polished_residuals",),
                            ("stationarity", "feasibility", "slackness"), display="kkt"))
     return traj, arrays, checks, figs, summary
 

@@ -1,0 +1,198 @@
+"""The flagship ``demo``: one small network from a tiny initialisation through every phase the papers describe.
+
+1. Early alignment (arXiv 2403.08121): the direction of ``theta(t)`` at the escape aligns with a certified positive
+   KKT point ``u*`` of the constrained NCF; the escape time matches the NCF flow's prediction ``s / delta^(L-2)``.
+2. The first saddle after the escape (arXiv 2502.15952): a critical point with a negative Hessian eigenvalue, and the
+   neurons that are zero at ``u*`` stay small until it (sparsity).
+3. The late phase under exponential loss (arXiv 1906.05890): smoothed margin non-decreasing, ``(eps, delta)``-KKT
+   shrinking (the (eps, delta) pair of the final direction is reported with its residuals).
+4. The same network split wider (arXiv 2505.12419): the wide flow from ``T theta(0)`` stays ``T theta(t)``.
+
+The network is a two-layer ReLU^2 network (``L = 3``: the early phase is sharp), so the split is the one-hot split
+(one copy keeps the neuron, the other is zero): for degree ``p != 1`` it is the only split that carries gradients and
+trajectories (``homflow.embedding``; a non-trivial split would not). Each stage that needs a module that is missing or
+fails is skipped and named in the summary; the demo still ends with its report and checks table.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import data as hdata
+from ..activations import relu_power
+from ..models import TwoLayer
+from ._registry import Context, Figure, Outcome, check, register
+from ._segments import segmented_flow
+
+DEMO_DEFAULTS = {
+    "n": 20,
+    "d": 3,
+    "teacher_width": 2,
+    "data_seed": 1,
+    "width": 5,
+    "p": 2,
+    "delta": 1e-3,
+    "seed": 0,
+    "escape_factor": 100.0,
+    "late_t1": 1e8,
+    "late_segments": 4,
+    "n_save": 20,
+    "rtol": 1e-9,
+    "alignment_tol": 0.99,
+    "escape_rel_tol": 1e-2,
+    "saddle_grad_tol": 1e-6,
+    "stationarity_tol": 0.2,
+    "split_tol": 1e-6,
+}
+DEMO_QUICK = {"late_segments": 2}
+
+
+def _validate(p: dict) -> None:
+    for k in ("n", "d", "teacher_width", "width", "p", "late_segments", "n_save"):
+        if p[k] < 1:
+            raise ValueError(f"config key `{k}` must be an integer >= 1; got {p[k]!r}.")
+    if p["p"] < 2:
+        raise ValueError(f"config key `p` must be >= 2 (the demo's early phase needs L = 1 + p > 2); got {p['p']!r}.")
+    if not 0 < p["delta"] < 1:
+        raise ValueError(f"config key `delta` must be in (0, 1) (a small initialisation); got {p['delta']!r}.")
+    if not p["escape_factor"] > 1:
+        raise ValueError(f"config key `escape_factor` must be > 1; got {p['escape_factor']!r}.")
+
+
+def _stage(name, skipped, fn):
+    try:
+        return fn()
+    except ImportError as e:
+        skipped.append(f"{name}: module not available ({e})")
+    except Exception as e:  # noqa: BLE001 - the demo goes on and says what it skipped and why
+        skipped.append(f"{name}: {type(e).__name__}: {e}".splitlines()[0][:300])
+        traceback.print_exc()
+    return None
+
+
+@register("demo", description="Flagship: tiny initialisation -> early alignment with a certified NCF KKT point -> "
+                              "escape -> first saddle -> late max-margin phase, and the network split wider.",
+          defaults=DEMO_DEFAULTS, quick=DEMO_QUICK, validate=_validate)
+def demo(params: dict, ctx: Context) -> Outcome:
+    p = params
+    data = hdata.teacher_student(p["n"], p["d"], teacher_width=p["teacher_width"], p=p["p"], seed=p["data_seed"],
+                                 labels="sign")
+    model = TwoLayer(p["d"], p["width"], relu_power(p["p"]), key=jax.random.PRNGKey(p["seed"]), scale=p["delta"])
+    delta = float(p["delta"])
+    checks, arrays, figs, summary, skipped = [], {}, [], {"delta": delta, "degree": int(model.degree)}, []
+
+    # 1-2. early alignment, escape, first saddle (square loss: the saddles of 2502.15952)
+    ctx.progress(0.02, "early phase: escape and first saddle (square loss)")
+
+    def saddle_stage():
+        from ..phases import first_saddle
+
+        return first_saddle(model, data, loss="square", factor=p["escape_factor"], rtol=p["rtol"])
+
+    fs = _stage("first saddle", skipped, saddle_stage)
+    u_star = None if fs is None else np.asarray(fs.u_star)
+    if fs is not None:
+        checks.append(check("NCF KKT point u* certified (relative residual)", fs.u_star_residual, 1e-8, "<=",
+                            "polish_ncf of the direction at the escape: ||grad N - lambda u|| / ||grad N||"))
+        checks.append(check("first saddle: relative gradient norm", fs.rel_grad_norm, p["saddle_grad_tol"], "<=",
+                            f"polished critical point after the escape ({fs.kind})"))
+        checks.append(check("first saddle: smallest Hessian eigenvalue < 0", fs.lam_min, 0.0, "<=",
+                            "a saddle, not a minimum"))
+        checks.append(check("sparsity: neurons zero at u* stay small until the saddle (max norm / delta)",
+                            fs.sparse_max_before_saddle / delta if len(fs.sparse_groups) else 0.0,
+                            10.0, "<=", f"{len(fs.sparse_groups)} of {p['width']} neurons vanish at u*"))
+        arrays.update(saddle_t=np.asarray(fs.ts), saddle_loss=np.asarray(fs.losses))
+        sad = [pl for pl in fs.plateaus if pl.kind != "origin" and pl.t > fs.t_escape]
+        hl = (sad[0].t_start, sad[0].t_stop) if sad else ()
+        figs.append(Figure("saddle", "escape and the first saddle (square loss)", "saddle_t", ("saddle_loss",),
+                           ("loss",), xlabel="t", logx=True, logy=True, hlines=hl, display="saddle"))
+        if len(fs.sparse_groups):
+            arrays["sparse_track"] = np.asarray(fs.sparse_track)
+            figs.append(Figure("sparsity", "norms of the neurons that vanish at u* (until the saddle)", "saddle_t",
+                               ("sparse_track",), xlabel="t", logy=True, display="errors", logx=True))
+        summary.update(t_escape=fs.t_escape, saddle_loss=fs.loss, saddle_lam_min=fs.lam_min, saddle_kind=fs.kind,
+                       n_vanishing_neurons=int(len(fs.sparse_groups)))
+
+    ctx.progress(0.3, "early alignment with u* and the escape-time law")
+
+    def early_stage():
+        from ..phases import early_phase
+
+        return early_phase(model, data, loss="square", u_star=u_star, factor=p["escape_factor"], rtol=p["rtol"],
+                           n_save=4 * p["n_save"])
+
+    ep = _stage("early alignment", skipped, early_stage)
+    if ep is not None:
+        checks.append(check("early alignment: cos(theta(t_escape), u*)", ep.cos_escape, p["alignment_tol"], ">=",
+                            "2403.08121: the direction approaches a positive NCF KKT point"))
+        rel = abs(ep.t_escape - ep.t_escape_predicted) / ep.t_escape_predicted
+        checks.append(check("escape time vs NCF-flow prediction s/delta^(L-2) (relative error)", rel,
+                            p["escape_rel_tol"], "<=", f"t_escape = {ep.t_escape:.6g}"))
+        arrays.update(early_t=np.asarray(ep.ts), early_cos=np.asarray(ep.cos_u_star),
+                      early_norm_ratio=np.asarray(ep.norm_ratio), early_ncf_ratio=np.asarray(ep.ncf_norm_ratio))
+        figs.append(Figure("alignment", "early alignment with the NCF KKT point u*", "early_t", ("early_cos",),
+                           ("cos(theta(t), u*)",), xlabel="t", display="alignment"))
+        figs.append(Figure("early_norm", "||theta(t)|| / delta: flow vs NCF-flow prediction", "early_t",
+                           ("early_norm_ratio", "early_ncf_ratio"), ("gradient flow", "NCF flow (rescaled time)"),
+                           xlabel="t", logy=True))
+        summary.update(t_escape_predicted=ep.t_escape_predicted, cos_escape=ep.cos_escape)
+
+    # 3. the late phase under exponential loss, checkpointed
+    from .maxmargin import late_phase
+
+    def late_stage():
+        return late_phase(model, data, loss="exponential", t1=p["late_t1"], segments=p["late_segments"],
+                          n_save=p["n_save"], rtol=p["rtol"], ctx=ctx, name="late", progress=(0.45, 0.75),
+                          prefix="late_", stationarity_tol=p["stationarity_tol"], solve_kkt=False)
+
+    late = _stage("late max-margin phase", skipped, late_stage)
+    traj = None
+    if late is not None:
+        traj, a, c, f, s = late
+        arrays.update(a)
+        checks.extend(c)
+        figs.extend(f)
+        summary.update({f"late_{k}": v for k, v in s.items()})
+
+    # 4. the same network split wider, its trajectory matched
+    ctx.progress(0.8, "the network split wider: trajectory matched")
+
+    def split_stage():
+        from ..embedding import split
+
+        if traj is None:
+            raise RuntimeError("needs the late-phase trajectory")
+        j = int(np.argmax(np.abs(np.asarray(model.a))))
+        s = split(model, neuron=j, coeffs=(1.0, 0.0) if p["p"] != 1 else (0.6, 0.8))
+        wide = s(model)
+        tw = segmented_flow(wide, data, loss="exponential", t1=p["late_t1"], segments=p["late_segments"],
+                            n_save=p["n_save"], rtol=p["rtol"], ctx=ctx, name="wide", progress=(0.8, 0.95))
+        mapped = s.map_trajectory(traj)
+        if tw.thetas.shape[0] != mapped.shape[0]:
+            raise RuntimeError(f"wide and narrow flows saved {tw.thetas.shape[0]} and {mapped.shape[0]} states")
+        err = np.linalg.norm(tw.thetas - mapped, axis=1) / np.maximum(np.linalg.norm(mapped, axis=1), 1e-300)
+        return j, wide, tw, err
+
+    sp = _stage("split wider", skipped, split_stage)
+    if sp is not None:
+        j, wide, tw, err = sp
+        checks.append(check("split network: ||eta(t) - T theta(t)|| / ||T theta(t)|| (max over t)", float(err.max()),
+                            p["split_tol"], "<=", f"neuron {j} split into 2 (width {p['width']} -> {p['width'] + 1})"))
+        arrays.update(split_t=np.asarray(tw.ts), split_error=err)
+        figs.append(Figure("split", "wide flow vs the split narrow flow", "split_t", ("split_error",),
+                           ("relative error",), xlabel="t", logx=True, logy=True, display="errors",
+                           hlines=(p["split_tol"],)))
+        summary["split_error_max"] = float(err.max())
+
+    if not checks:
+        checks.append(check("at least one stage ran", 0.0, 1.0, ">=", "; ".join(skipped)))
+    summary["skipped"] = skipped
+    summary = {k: v for k, v in summary.items() if not (isinstance(v, float) and not math.isfinite(v))}
+    ctx.progress(0.96, "done")
+    _ = jnp
+    return Outcome(checks=checks, arrays=arrays, figures=figs, summary=summary)
