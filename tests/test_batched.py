@@ -52,7 +52,8 @@ def test_gradient_flow_batch_matches_single_calls():
         s = gradient_flow(model, data, theta0=th, **kw)
         np.testing.assert_allclose(b.ts, s.ts)
         # equal up to rounding-level differences of batched arithmetic, amplified at most to the solver's tolerance
-        np.testing.assert_allclose(b.thetas, s.thetas, rtol=2e-6, atol=1e-10)
+        rel = np.linalg.norm(b.thetas - s.thetas, axis=1) / np.linalg.norm(s.thetas, axis=1)
+        assert rel.max() < 1e-6, rel
         # each member takes its own steps, not the steps of the slowest member
         assert abs(b.stats["grad_evals"] - s.stats["grad_evals"]) <= 0.2 * s.stats["grad_evals"]
 
