@@ -1,10 +1,19 @@
 """The embedding principle (arXiv 2505.12419): neuron and channel splitting maps ``T`` between widths, merges, and
-verification that ``T`` carries outputs, gradients, KKT points and whole trajectories (MATH.md section 5)."""
+verification that ``T`` carries outputs, gradients, KKT points and whole trajectories (MATH.md section 5). KKT
+certificates come from :mod:`homflow.kkt`; the gradient flows of a narrow and a wide network are integrated as one ODE
+(:func:`joint_flow`) so that ``eta(t) = T theta(t)`` is checked to rounding."""
 
 from ._coeffs import DEFAULT_COEFF_TOL, check_coeffs, output_preserving_out_coeffs, split_properties
-from ._kkt import MarginKKT, margin_kkt_residuals, ncf_ascent, ncf_residual, nnls_multipliers, polish_max_margin
+from ._joint import ERROR_NORMS, JOINT_SOLVERS, joint_flow
 from ._split import AbstractSplit, ComposedSplit, NeuronSplit, compose, split, split_channel, split_every
-from ._verify import NEGATIVE_CONTROLS, TRAJECTORY_METHODS, EmbeddingReport, trajectory_error, verify
+from ._verify import (
+    DEFAULT_TRAJECTORIES,
+    NEGATIVE_CONTROLS,
+    TRAJECTORY_METHODS,
+    EmbeddingReport,
+    trajectory_error,
+    verify,
+)
 
 __all__ = [
     "AbstractSplit",
@@ -22,11 +31,9 @@ __all__ = [
     "EmbeddingReport",
     "trajectory_error",
     "TRAJECTORY_METHODS",
+    "DEFAULT_TRAJECTORIES",
     "NEGATIVE_CONTROLS",
-    "MarginKKT",
-    "margin_kkt_residuals",
-    "nnls_multipliers",
-    "polish_max_margin",
-    "ncf_residual",
-    "ncf_ascent",
+    "joint_flow",
+    "JOINT_SOLVERS",
+    "ERROR_NORMS",
 ]

@@ -17,15 +17,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..flow import adam, gradient_descent, gradient_flow, sgd, sgd_batches
+from ..flow import adam, gradient_descent, gradient_flow, log_times, sgd, sgd_batches
+from ..kkt import make_margin_problem, max_margin_kkt, ncf, ncf_kkt_residual, polish_ncf, solve_max_margin
 from ..losses import get_loss
 from ..models import flatten
-from ._kkt import margin_kkt_residuals, ncf_ascent, ncf_residual, nnls_multipliers, polish_max_margin
+from ._joint import ERROR_NORMS, joint_flow
 from ._split import AbstractSplit
 
-__all__ = ["EmbeddingReport", "verify", "trajectory_error", "TRAJECTORY_METHODS", "NEGATIVE_CONTROLS"]
+__all__ = ["EmbeddingReport", "verify", "trajectory_error", "TRAJECTORY_METHODS", "DEFAULT_TRAJECTORIES",
+           "NEGATIVE_CONTROLS"]
 
-TRAJECTORY_METHODS = ("flow", "gd", "sgd", "sgd_shuffled", "adam")
+TRAJECTORY_METHODS = ("flow", "flow_separate", "gd", "sgd", "sgd_shuffled", "adam")
+DEFAULT_TRAJECTORIES = ("flow", "gd", "sgd", "sgd_shuffled", "adam")
 NEGATIVE_CONTROLS = ("sgd_shuffled", "adam")
 
 
@@ -46,11 +49,14 @@ class EmbeddingReport:
         output_error: ``max_i |Phi~(T theta; x_i) - Phi(theta; x_i)|``.
         gradient_error: ``max_i ||grad Phi~_i(T theta) - T grad Phi_i(theta)||``.
         loss_gradient_error: ``||grad L~(T theta) - T grad L(theta)||``.
-        kkt: max-margin KKT transfer (narrow residuals, wide residuals with the *same* multipliers, wide residuals
-            with re-fitted multipliers, the largest multiplier difference) or ``None``.
-        ncf: NCF KKT transfer (residual and ``lambda`` narrow vs wide) or ``None``.
-        trajectory_errors: ``max_t ||eta(t) - T theta(t)||`` per method (``flow``, ``gd``, ``sgd`` with identical
-            batches; negative controls ``sgd_shuffled`` and ``adam``).
+        kkt: max-margin KKT transfer (the narrow certificate from :func:`homflow.kkt.solve_max_margin`, the wide
+            point's residuals with the *same* multipliers, the wide point re-certified by
+            :func:`homflow.kkt.max_margin_kkt`, the largest multiplier difference) or ``None``.
+        ncf: NCF KKT transfer (residual and ``lambda`` narrow vs wide at a :func:`homflow.kkt.polish_ncf` point) or
+            ``None``.
+        trajectory_errors: ``max_t ||eta(t) - T theta(t)||`` per method (``flow``: one joint ODE in
+            ``(theta, eta)``, see :func:`joint_flow`; ``flow_separate``: two independent solves, if asked for;
+            ``gd``, ``sgd`` with identical batches; negative controls ``sgd_shuffled`` and ``adam``).
         settings: the parameters used.
     """
 
@@ -72,16 +78,16 @@ class EmbeddingReport:
         return max(self.isometry_error, self.output_error, self.gradient_error, self.merge_error) <= tol
 
     def checks(self, *, tol: float = 1e-11, control: float = 1e-3, flow_tol: float | None = None) -> dict[str, bool]:
-        """Verdicts: every exact trajectory error ``<= tol`` (``flow`` ``<= flow_tol``, default ``1e5 * rtol``: the two
-        adaptive solves take different steps, so they agree to the global integration error, not to rounding) and every
-        negative control ``>= control``."""
+        """Verdicts: every exact trajectory error ``<= tol`` (the joint ``flow`` included: it shares every step, so it
+        agrees to rounding), ``flow_separate`` ``<= flow_tol`` (default ``1e5 * rtol``: two adaptive solves take
+        different steps and agree only to the global integration error), every negative control ``>= control``."""
         out = {}
         ft = flow_tol if flow_tol is not None else 1e5 * self.settings.get("rtol", 1e-10)
         for k, v in self.trajectory_errors.items():
             if k in NEGATIVE_CONTROLS:
                 out[k] = v >= control
             else:
-                out[k] = v <= (ft if k == "flow" else tol)
+                out[k] = v <= (ft if k == "flow_separate" else tol)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,31 +137,66 @@ def _per_sample_grads(model, X):
     return (jax.vmap(phi, in_axes=(None, 0))(theta, X), jax.vmap(jax.grad(phi), in_axes=(None, 0))(theta, X))
 
 
-def _kkt_transfer(split, point, data, active_tol, given):
-    engine = "given point + NNLS" if given else "homflow.embedding (SLSQP polish + NNLS)"
-    lam = nnls_multipliers(point, data, active_tol=active_tol)
-    n_res = margin_kkt_residuals(point, data, lam)
-    wide_point = split(point)
-    w_same = margin_kkt_residuals(wide_point, data, lam)
-    lam_w = nnls_multipliers(wide_point, data, active_tol=active_tol)
-    w_new = margin_kkt_residuals(wide_point, data, lam_w)
-    L = point.degree
+_margins_jac = eqx.filter_jit(lambda prob, theta: (prob.margins(theta), prob.jacobian(theta)))
+
+
+def _margin_dict(r) -> dict:
+    return {"eps": r.eps, "stationarity": r.stationarity, "feasibility": r.feasibility, "delta": r.delta,
+            "slackness": r.slackness, "norm": float(np.linalg.norm(r.theta)), "multipliers_sum": float(r.multipliers.sum()),
+            "support": [int(i) for i in r.support], "active_tol": r.active_tol}
+
+
+def _kkt_transfer(split, start, data, *, given, tol, active_tol, ridge):
+    """Narrow certificate, the wide point ``T theta*`` with the narrow multipliers, and its own re-certificate."""
+    if given:
+        n = max_margin_kkt(start, data, active_tol=1e-6 if active_tol is None else active_tol, ridge=ridge)
+        converged = None
+        engine = "given point, certified by homflow.kkt.max_margin_kkt"
+    else:
+        n = solve_max_margin(start, data, tol=tol, ridge=ridge)
+        converged = n.converged
+        if active_tol is not None:
+            n = max_margin_kkt(n.model, data, active_tol=active_tol, ridge=ridge)
+        engine = "homflow.kkt.solve_max_margin, re-certified on the wide net by homflow.kkt.max_margin_kkt"
+    lam = n.multipliers
+    wide_point = split(n.model)
+    prob, th_w = make_margin_problem(wide_point, data)
+    q_w, G_w = (np.asarray(a) for a in _margins_jac(prob, th_w))
+    th_w = np.asarray(th_w)
+    eps_same = float(np.linalg.norm(th_w - G_w.T @ lam))
+    nrm_w = float(np.linalg.norm(th_w))
+    delta_same = float(lam @ (q_w - 1.0))
+    same = {"eps": eps_same, "stationarity": eps_same / nrm_w, "feasibility": float(max(0.0, np.max(1.0 - q_w))),
+            "delta": delta_same, "slackness": delta_same / float(lam.sum()) if lam.sum() > 0 else 0.0, "norm": nrm_w}
+    w = max_margin_kkt(wide_point, data, active_tol=n.active_tol, ridge=ridge)
+    L = n.model.degree
+    nrm2 = float(n.theta @ n.theta)
     return {
         "engine": engine,
-        "narrow": n_res.to_dict(),
-        "wide_same_multipliers": w_same.to_dict(),
-        "wide_refit": w_new.to_dict(),
-        "multiplier_difference": float(np.max(np.abs(lam - lam_w))),
-        "norm_identity_error": float(abs(n_res.norm**2 - L * np.sum(lam)) / max(n_res.norm**2, 1e-300)),
-        "stationarity_transfer_error": float(abs(w_same.stationarity - n_res.stationarity)),
+        "narrow_converged": converged,
+        "narrow": _margin_dict(n),
+        "wide_same_multipliers": same,
+        "wide_refit": _margin_dict(w),
+        "multiplier_difference": float(np.max(np.abs(lam - w.multipliers))),
+        "wide_point_error": float(np.linalg.norm(w.theta - np.asarray(split.apply_flat(jnp.asarray(n.theta))))),
+        "norm_identity_error": float(abs(nrm2 - L * np.sum(lam)) / max(nrm2, 1e-300)),
+        "stationarity_transfer_error": float(abs(eps_same - n.eps)),
     }
 
 
-def _ncf_transfer(split, narrow, data, loss, ncf_point, steps):
-    point = ncf_point if ncf_point is not None else ncf_ascent(narrow, data, ncf_scale=loss.ncf_scale, steps=steps)
-    r_n, lam_n, v_n = ncf_residual(point, data, ncf_scale=loss.ncf_scale)
-    r_w, lam_w, v_w = ncf_residual(split(point), data, ncf_scale=loss.ncf_scale)
-    return {"narrow_residual": r_n, "wide_residual": r_w, "narrow_lambda": lam_n, "wide_lambda": lam_w,
+def _ncf_transfer(split, narrow, data, loss, ncf_point):
+    if ncf_point is None:
+        point = polish_ncf(narrow, data, loss=loss, second_order=False)
+        model, certified = point.model, point.certified
+    else:
+        model, certified = ncf_point, None
+    r_n, lam_n = (float(v) for v in ncf_kkt_residual(model, data, loss=loss))
+    wide = split(model)
+    r_w, lam_w = (float(v) for v in ncf_kkt_residual(wide, data, loss=loss))
+    v_n = float(ncf(model, data, loss=loss, normalize=True))
+    v_w = float(ncf(wide, data, loss=loss, normalize=True))
+    return {"engine": "homflow.kkt.polish_ncf" if ncf_point is None else "given point", "narrow_certified": certified,
+            "narrow_residual": r_n, "wide_residual": r_w, "narrow_lambda": lam_n, "wide_lambda": lam_w,
             "narrow_value": v_n, "wide_value": v_w, "lambda_difference": abs(lam_n - lam_w),
             "residual_difference": abs(r_n - r_w)}
 
@@ -166,19 +207,21 @@ def verify(
     data,
     *,
     loss="exponential",
-    trajectories=TRAJECTORY_METHODS,
+    trajectories=DEFAULT_TRAJECTORIES,
     steps: int = 1000,
     lr: float = 0.1,
     batch_size: int = 16,
     t1: float = 10.0,
     rtol: float = 1e-10,
+    error_norm: str = "narrow",
     seed: int = 0,
     kkt: bool = True,
     kkt_point=None,
+    kkt_tol: float = 1e-8,
     ncf: bool = True,
     ncf_point=None,
-    ncf_steps: int = 2000,
-    active_tol: float = 1e-6,
+    active_tol: float | None = None,
+    ridge: float = 1e-13,
     n_random: int = 8,
     max_entries: int = 4_000_000,
     save_every: int | None = None,
@@ -188,25 +231,35 @@ def verify(
     Arguments:
         split: a split from :func:`split`, :func:`split_channel` or :func:`compose`; narrow: a network of its narrow
             architecture (``theta``); data: a ``Dataset``; loss: the training loss of the trajectories.
-        trajectories: which runs to compare, a subset of ``TRAJECTORY_METHODS``: ``flow`` (diffrax to ``t1`` at
-            ``rtol``; the two solves choose their own steps, so the error is of the order of the tolerance), ``gd``
-            (``steps`` steps of size ``lr``), ``sgd`` (identical batches of ``batch_size``, replayed from the narrow
-            run), and the negative controls ``sgd_shuffled`` (different batch orders) and ``adam``.
-        kkt: check the max-margin KKT transfer (needs a narrow network that separates the data, or ``kkt_point``: a
-            narrow max-margin KKT point; the default polishes ``narrow`` by SLSQP, for small networks).
-        ncf: check the NCF KKT transfer at ``ncf_point`` (default: projected ascent for ``ncf_steps`` from ``narrow``).
-        active_tol: near-active threshold for the NNLS multipliers; n_random, max_entries: the isometry is computed
-            from the explicit matrix when it has at most ``max_entries`` entries, from ``n_random`` vectors otherwise.
+        trajectories: which runs to compare, a subset of ``TRAJECTORY_METHODS``: ``flow`` (gradient flow to ``t1``,
+            narrow and wide integrated as ONE ODE in ``(theta, eta)`` by :func:`joint_flow` at ``rtol`` with the
+            controller's ``error_norm`` (``'narrow'`` or ``'full'``): both share every step, so the error is at
+            rounding level), ``flow_separate`` (two independent solves, :func:`homflow.flow.gradient_flow`: they choose
+            their own steps and agree to the integration error, ~``1e5 rtol``; not run by default), ``gd`` (``steps``
+            steps of size ``lr``), ``sgd`` (identical batches of ``batch_size``, replayed from the narrow run), and the
+            negative controls ``sgd_shuffled`` (different batch orders) and ``adam``.
+        kkt: check the max-margin KKT transfer: the narrow KKT point is ``kkt_point`` (certified as given by
+            :func:`homflow.kkt.max_margin_kkt`) or :func:`homflow.kkt.solve_max_margin` (to relative stationarity
+            ``kkt_tol``) started from the last narrow GD / flow state that separates the data; it is mapped by ``T``
+            and re-certified on the wide network by :func:`homflow.kkt.max_margin_kkt` with the narrow certificate's
+            near-active tolerance, and the multipliers are compared.
+        ncf: check the NCF KKT transfer at ``ncf_point`` (default: :func:`homflow.kkt.polish_ncf` from ``narrow``).
+        active_tol: near-active threshold of the multipliers (default: that of the narrow certificate, 1e-6 for a
+            given ``kkt_point``); ridge: see :func:`homflow.kkt.max_margin_kkt`.
+        n_random, max_entries: the isometry is computed from the explicit matrix when it has at most ``max_entries``
+            entries, from ``n_random`` vectors otherwise.
 
     Returns:
         An :class:`EmbeddingReport`.
 
     Raises:
-        ValueError: an unknown trajectory method, or a narrow network / data that do not fit the split.
+        ValueError: an unknown trajectory method or error norm, or a narrow network / data that do not fit the split.
     """
     unknown = set(trajectories) - set(TRAJECTORY_METHODS)
     if unknown:
         raise ValueError(f"`trajectories` must be drawn from {TRAJECTORY_METHODS}; got unknown {sorted(unknown)}.")
+    if error_norm not in ERROR_NORMS:
+        raise ValueError(f"`error_norm` must be one of {ERROR_NORMS}; got {error_norm!r}.")
     loss = get_loss(loss)
     wide = split(narrow)
     theta = flatten(narrow)[0]
@@ -226,12 +279,12 @@ def verify(
 
     errors, curves, finals = {}, {}, [narrow]
     for method in trajectories:
-        a, b = _runs(method, narrow, wide, data, loss, steps=steps, lr=lr, batch_size=batch_size, t1=t1, rtol=rtol,
-                     seed=seed, save_every=save_every)
+        a, b = _runs(method, split, narrow, wide, data, loss, steps=steps, lr=lr, batch_size=batch_size, t1=t1,
+                     rtol=rtol, error_norm=error_norm, seed=seed, save_every=save_every)
         e = trajectory_error(split, a, b)
         errors[method] = float(np.max(e))
         curves[method] = (np.asarray(a.steps if a.steps is not None else a.ts), e, a.loss, b.loss)
-        if method in ("gd", "flow"):
+        if method in ("gd", "flow", "flow_separate"):
             finals.append(a.final)
 
     kkt_res = None
@@ -240,22 +293,24 @@ def verify(
         if start is None:
             y = jnp.asarray(data.y, theta.dtype)
             sep = [m for m in finals if float(jnp.min(y * jax.vmap(m)(jnp.asarray(data.X, theta.dtype)))) > 0]
-            start = polish_max_margin(sep[-1], data) if sep else None
-        kkt_res = (_kkt_transfer(split, start, data, active_tol, given=kkt_point is not None) if start is not None
+            start = sep[-1] if sep else None
+        kkt_res = (_kkt_transfer(split, start, data, given=kkt_point is not None, tol=kkt_tol, active_tol=active_tol,
+                                 ridge=ridge) if start is not None
                    else {"skipped": "no narrow network at hand separates the data (pass `kkt_point`, or train longer)"})
-    ncf_res = _ncf_transfer(split, narrow, data, loss, ncf_point, ncf_steps) if ncf else None
+    ncf_res = _ncf_transfer(split, narrow, data, loss, ncf_point) if ncf else None
     settings = {"loss": loss.name, "steps": steps, "lr": lr, "batch_size": batch_size, "t1": t1, "rtol": rtol,
-                "seed": seed, "n_narrow": split.n_narrow, "n_wide": split.n_wide, "dtype": str(theta.dtype)}
+                "error_norm": error_norm, "seed": seed, "n_narrow": split.n_narrow, "n_wide": split.n_wide,
+                "dtype": str(theta.dtype)}
     return EmbeddingReport(split.properties, iso, norm_err, merge_err, out_err, grad_err, loss_grad_err, kkt_res,
                            ncf_res, errors, curves, settings)
 
 
-def _runs(method, narrow, wide, data, loss, *, steps, lr, batch_size, t1, rtol, seed, save_every):
+def _runs(method, split, narrow, wide, data, loss, *, steps, lr, batch_size, t1, rtol, error_norm, seed, save_every):
     """The narrow and the wide run of one method, saved at the same steps/times."""
+    ts = log_times(t1, 50)
     if method == "flow":
-        from ..flow import log_times
-
-        ts = log_times(t1, 50)
+        return joint_flow(split, narrow, data, loss=loss, t1=t1, ts=ts, rtol=rtol, error_norm=error_norm)
+    if method == "flow_separate":
         kw = dict(loss=loss, t1=t1, rtol=rtol, ts=ts, time="linear")
         return gradient_flow(narrow, data, **kw), gradient_flow(wide, data, **kw)
     if method == "gd":
@@ -270,6 +325,3 @@ def _runs(method, narrow, wide, data, loss, *, steps, lr, batch_size, t1, rtol, 
         return a, sgd(wide, data, batches=a.extras["batches"] if method == "sgd" else b2, **kw)
     kw = dict(loss=loss, lr=lr, steps=steps, save_every=save_every)
     return adam(narrow, data, **kw), adam(wide, data, **kw)
-
-
-
