@@ -145,3 +145,20 @@ def test_random_top_level_objects(obj):
         parse_config(obj)
     except ConfigError:
         pass
+
+
+def test_sweep_configs_validated_before_running():
+    from homflow.sweep import parse_sweep
+
+    sw = parse_sweep({**GOOD, "sweep": {"grid": {"init.scale": [1e-2, 1e-3], "init.seed": [0, 1, 2]}}})
+    assert len(sw.configs) == 6 and len(sw.points) == 6
+    scales = sorted({c.params["init"]["scale"] for c in sw.configs})
+    assert scales == [1e-3, 1e-2]
+    with pytest.raises(ConfigError, match="sweep"):
+        parse_sweep(GOOD)  # no [sweep] table
+    with pytest.raises(ConfigError, match="non-empty list"):
+        parse_sweep({**GOOD, "sweep": {"grid": {"init.scale": 1e-3}}})
+    with pytest.raises(ConfigError, match=r"init.scale.*grid point init.scale=-1"):
+        parse_sweep({**GOOD, "sweep": {"grid": {"init.scale": [1e-2, -1]}}})
+    with pytest.raises(ConfigError, match="Did you mean 'grid'"):
+        parse_sweep({**GOOD, "sweep": {"gird": {}}})
