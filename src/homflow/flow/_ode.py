@@ -367,7 +367,7 @@ def gradient_flow_batch(model: AbstractHomogeneousModel, data, thetas0, *, metho
     docs/performance.md); its default ``atol`` is ``rtol * ||theta0[b]||`` per member, as in single calls.
     ``method='map'`` runs one compiled solve per member (compiled once; the cost of B separate calls without their
     overhead), ``'vmap'`` vectorises a diffrax solve (every member then takes the steps of the stiffest: measured 7x
-    slower on a CPU for spread-out problems; ``solver='auto'`` means ``'tsit5'`` there). Keyword arguments are those of
+    slower on a CPU for spread-out problems; with the engine's solvers ``'auto'``/``'stiff'`` it is ``'batched'``). Keyword arguments are those of
     :func:`gradient_flow`. Returns a list of :class:`Trajectory`.
     """
     thetas0 = np.asarray(thetas0)
@@ -381,7 +381,7 @@ def gradient_flow_batch(model: AbstractHomogeneousModel, data, thetas0, *, metho
     if method == "batched":
         return _batched_flows(model, data, thetas0, **kwargs)
     if str(kwargs.get("solver", "auto")).lower() in _ENGINE:
-        kwargs["solver"] = "tsit5"
+        return _batched_flows(model, data, thetas0, **kwargs)  # the engine is vectorised already
     return _vmap_flows(model, data, thetas0, **kwargs)
 
 
@@ -431,14 +431,16 @@ def _vmap_flows(model, data, thetas0, *, loss="square", t1, rtol=1e-8, atol=None
     events = _check_events(events)
     save_us = jnp.asarray(np.log1p(ts) if log_time else ts, dtype=theta.dtype)
     u1 = math.log1p(t1) if log_time else float(t1)
+    # the same first step as single calls (gradient_flow), member by member
+    dt0s = jnp.asarray([_initial_step(objective, th, u1) for th in thetas0], dtype=thetas0.dtype)
     fn = eqx.filter_vmap(
-        lambda th: _solve(objective, th, save_us, u1, rtol, atol, solver_obj, log_time, events, int(max_steps),
-                          pcoeff, icoeff)
+        lambda th, dt0: _solve(objective, th, save_us, u1, rtol, atol, solver_obj, log_time, events, int(max_steps),
+                               pcoeff, icoeff, dt0)
     )
-    ys, tsaved, stats, code, mask = fn(thetas0)
+    ys, tsaved, stats, code, mask = fn(thetas0, dt0s)
     out = []
     for b in range(thetas0.shape[0]):
-        pick = lambda tree: jax.tree_util.tree_map(lambda x: x[b], tree)  # noqa: E731
+        pick = lambda tree: jax.tree_util.tree_map(lambda x: x[b] if np.ndim(x) > 0 else x, tree)  # noqa: E731
         out.append(_to_trajectory(objective, ts, pick(ys), pick(tsaved), pick(stats), int(code[b]),
                                   pick(mask) if mask is not None else None, events, log_time, float(t1),
                                   evals_per_step))
