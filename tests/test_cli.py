@@ -155,8 +155,9 @@ def test_sweep(env):
 
 
 def test_reproduce(env):
-    res = _invoke(["reproduce", "flow", "--json", "--set", "flow.t1=5.0", "--set", "data.n=8", "--set",
-                   "model.width=3", "--set", "flow.segments=1"], env["store"])
+    sets = ["flow.t1=5.0", "flow.segments=1", "flow.n_save=8", "data.n=12", "data.d=3", "data.teacher_width=2",
+            "data.labels='value'", "model.width=4"]  # the shapes of SMALL: the compiled segment solve is reused
+    res = _invoke(["reproduce", "flow", "--json", *[a for s in sets for a in ("--set", s)]], env["store"])
     assert res.exit_code == 0, res.stderr
     assert _json(res)["checks"]
     res = _invoke(["reproduce", "max-margn"], env["store"])
