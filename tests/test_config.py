@@ -14,7 +14,8 @@ from homflow.experiments import (
     parse_config,
     set_dotted,
 )
-from homflow.experiments._config import FLOW_DEFAULTS, validate_params
+from homflow.experiments._config import validate_params
+from homflow.experiments._flowspec import FLOW_DEFAULTS
 
 GOOD = {
     "experiment": "flow",

@@ -1,19 +1,7 @@
 """Experiments: the registry of built-in reproductions, configs and the runner (presentation layer)."""
 
-from ._config import (
-    CheckSpec,
-    ConfigError,
-    DataSpec,
-    FlowExperimentConfig,
-    FlowSpec,
-    InitSpec,
-    ModelSpec,
-    RunConfig,
-    config_to_toml,
-    load_config,
-    parse_config,
-    set_dotted,
-)
+from ._config import ConfigError, RunConfig, config_to_toml, load_config, parse_config, set_dotted
+from ._flowspec import CheckSpec, DataSpec, FlowExperimentConfig, FlowSpec, InitSpec, ModelSpec
 from ._registry import REGISTRY, Check, Context, Experiment, Figure, Outcome, check, get_experiment, register
 from ._runner import RunResult, execute, result_of, resume
 from ._segments import segmented_flow

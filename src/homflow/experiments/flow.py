@@ -13,7 +13,7 @@ from .. import data as hdata
 from ..activations import get_activation
 from ..flow import LossBelow, NormAbove, adam, gradient_descent, make_objective, sgd
 from ..models import CNN, MLP, DiagonalLinear, TwoLayer
-from ._config import FLOW_DEFAULTS, CheckSpec, DataSpec, FlowExperimentConfig, ModelSpec
+from ._flowspec import FLOW_DEFAULTS, CheckSpec, DataSpec, FlowExperimentConfig, ModelSpec
 from ._registry import Context, Figure, Outcome, check, register
 from ._segments import segmented_flow
 
