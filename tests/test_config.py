@@ -163,3 +163,14 @@ def test_sweep_configs_validated_before_running():
         parse_sweep({**GOOD, "sweep": {"grid": {"init.scale": [1e-2, -1]}}})
     with pytest.raises(ConfigError, match="Did you mean 'grid'"):
         parse_sweep({**GOOD, "sweep": {"gird": {}}})
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=80))
+def test_random_toml_text_at_the_loader(tmp_path_factory, text):
+    p = tmp_path_factory.mktemp("toml") / "c.toml"
+    p.write_text(text)
+    try:
+        load_config(p)
+    except ConfigError as e:
+        assert str(e) and "\n" not in str(e)
