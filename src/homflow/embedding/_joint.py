@@ -42,7 +42,8 @@ def _narrow_rms(err):
 
 
 @eqx.filter_jit
-def _solve(obj_n, obj_w, theta0, eta0, ts, t1, rtol, atol, dt0, pcoeff, icoeff, solver, error_norm: str, max_steps: int):
+def _solve(obj_n, obj_w, theta0, eta0, ts, t1, rtol, atol, dt0, pcoeff, icoeff, solver, error_norm: str,
+           max_steps: int):
     def vf(t, y, args):
         return obj_n.velocity(y[0]), obj_w.velocity(y[1])
 
@@ -79,7 +80,8 @@ def joint_flow(
     ``(theta, eta)`` that shares every adaptive step (module docstring; arXiv 2505.12419, MATH.md section 5).
 
     Arguments:
-        split: the embedding ``T``; narrow: a network of its narrow architecture (``theta(0)``; ``eta(0) = T theta(0)``).
+        split: the embedding ``T``; narrow: a network of its narrow architecture (``theta(0)``;
+            ``eta(0) = T theta(0)``).
         data: a ``Dataset``; loss: the training loss (summed over samples).
         t1: final time; ts: save times in ``[0, t1]`` (default :func:`homflow.flow.log_times` ``(t1, n_save)``).
         rtol: relative tolerance of the PID controller (default 1e-10); atol: absolute tolerance (default
@@ -121,7 +123,10 @@ def joint_flow(
     eps = float(jnp.finfo(dtype).eps)
     rtol = float(rtol)
     if not (rtol >= 10 * eps and math.isfinite(rtol)):
-        raise ValueError(f"`rtol` must be finite and >= 10 eps = {10 * eps:.1e} of {jnp.dtype(dtype).name}; got {rtol!r}.")
+        raise ValueError(
+            f"`rtol` must be finite and >= 10 eps = {10 * eps:.1e} of {jnp.dtype(dtype).name}; got {rtol!r} "
+            "(enable float64 with homflow.enable_x64() for tight tolerances)."
+        )
     nrm = float(jnp.linalg.norm(theta0))
     atol = rtol * max(nrm, 1e-300) if atol is None else float(atol)
     if not (atol > 0 and math.isfinite(atol)):
@@ -129,8 +134,8 @@ def joint_flow(
     v = float(jnp.linalg.norm(obj_n.velocity(theta0)))
     dt0 = min(1e-3 * nrm / v, 1e-3 * t1) if (v > 0 and math.isfinite(v) and nrm > 0) else 1e-6 * t1
     f = lambda x: jnp.asarray(x, dtype=dtype)  # noqa: E731  (arrays, not Python floats: no recompilation)
-    ys, stats, code = _solve(obj_n, obj_w, theta0, eta0, f(ts), f(t1), f(rtol), f(atol), f(dt0), f(pcoeff), f(icoeff), solver_obj,
-                             error_norm, int(max_steps))
+    ys, stats, code = _solve(obj_n, obj_w, theta0, eta0, f(ts), f(t1), f(rtol), f(atol), f(dt0), f(pcoeff), f(icoeff),
+                             solver_obj, error_norm, int(max_steps))
     code = int(code)
     st = {"num_steps": int(stats["num_steps"]), "num_accepted_steps": int(stats["num_accepted_steps"]),
           "num_rejected_steps": int(stats["num_rejected_steps"]), "error_norm": error_norm, "solver": solver.lower()}

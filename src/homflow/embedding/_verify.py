@@ -142,7 +142,8 @@ _margins_jac = eqx.filter_jit(lambda prob, theta: (prob.margins(theta), prob.jac
 
 def _margin_dict(r) -> dict:
     return {"eps": r.eps, "stationarity": r.stationarity, "feasibility": r.feasibility, "delta": r.delta,
-            "slackness": r.slackness, "norm": float(np.linalg.norm(r.theta)), "multipliers_sum": float(r.multipliers.sum()),
+            "slackness": r.slackness, "norm": float(np.linalg.norm(r.theta)),
+            "multipliers_sum": float(r.multipliers.sum()),
             "support": [int(i) for i in r.support], "active_tol": r.active_tol}
 
 

@@ -3,6 +3,11 @@
 A narrow network and its split are trained side by side from ``eta(0) = T theta(0)``; the checks are
 ``max_k ||eta_k - T theta_k||`` (exact methods: at rounding level; negative controls: far from it).
 
+Gradient flow (``embedding-toy``, case ``flow``): the narrow and the wide flow are integrated as one ODE in
+``(theta, eta)`` (:func:`homflow.embedding.joint_flow`, Tsit5, ``rtol = 1e-10``, step-size control on the narrow half),
+so both share every step and the error is rounding, not integration error; the horizon ``t1 = steps * lr / n`` is the
+flow time the GD runs cover.
+
 Step sizes: homflow's losses are sums over samples; the paper (PyTorch) averages. GD on the mean with step ``lr`` is GD
 on the sum with step ``lr / n`` (SGD: ``lr / batch_size``), which is what is run here, so ``lr = 0.1`` is the paper's.
 """
@@ -16,7 +21,7 @@ import numpy as np
 
 from ..activations import leaky_relu
 from ..data import digits, gaussian_toy
-from ..embedding import split, split_every, trajectory_error
+from ..embedding import joint_flow, split, split_every, trajectory_error
 from ..flow import adam, gradient_descent, sgd, sgd_batches
 from ..models import CNN, MLP
 from ._registry import Context, Figure, Outcome, check, register
@@ -24,12 +29,23 @@ from ._registry import Context, Figure, Outcome, check, register
 __all__ = ["toy", "digits_experiment"]
 
 EXACT, CONTROL = 1e-11, 1e-3
+FLOW_RTOL = 1e-10
 
 
 def _pair(method, narrow, s, data, *, lr, steps, save_every, batch_size, seed, shuffled=False):
-    """Narrow and wide runs of one method and the error curve ``||eta_k - T theta_k||`` at the saved steps."""
+    """Narrow and wide runs of one method and the error curve ``||eta_k - T theta_k||`` at the saved steps (the flow:
+    at the saved times)."""
     wide = s(narrow)
     loss = "exponential"
+    if method == "flow":
+        t1 = steps * lr / data.n  # the flow time of `steps` GD steps of size lr / n
+        ts = np.linspace(0.0, t1, max(2, steps // save_every) + 1)
+        a, b = joint_flow(s, narrow, data, loss=loss, t1=t1, ts=ts, rtol=FLOW_RTOL, error_norm="narrow")
+        if not a.result.success:
+            raise RuntimeError(f"flow: {a.result.reason}")
+        return np.asarray(a.ts), trajectory_error(s, a, b), a.log_loss, b.log_loss, {
+            "t1": t1, "rtol": FLOW_RTOL, "shared_steps": a.stats["num_steps"],
+            "accepted_steps": a.stats["num_accepted_steps"], "error_norm": a.stats["error_norm"]}
     if method == "gd":
         kw = dict(loss=loss, lr=lr / data.n, steps=steps, save_every=save_every)
         a, b = gradient_descent(narrow, data, **kw), gradient_descent(wide, data, **kw)
@@ -46,7 +62,7 @@ def _pair(method, narrow, s, data, *, lr, steps, save_every, batch_size, seed, s
     for tr in (a, b):
         if not tr.result.success:
             raise RuntimeError(f"{method}: {tr.result.reason}")
-    return np.asarray(a.steps), trajectory_error(s, a, b), a.log_loss, b.log_loss
+    return np.asarray(a.steps), trajectory_error(s, a, b), a.log_loss, b.log_loss, {}
 
 
 def _run_cases(cases, params, ctx: Context, prefix=""):
@@ -56,24 +72,32 @@ def _run_cases(cases, params, ctx: Context, prefix=""):
     for i, (name, method, narrow, s, data, shuffled, desc) in enumerate(cases):
         ctx.progress(i / len(cases), f"{prefix}{name}")
         t0 = time.perf_counter()
-        k, err, ln, lw = _pair(method, narrow, s, data, lr=float(params["lr"]), steps=steps, save_every=save_every,
-                               batch_size=int(params["batch_size"]), seed=int(params["seed"]), shuffled=shuffled)
-        arrays[f"{name}_step"], arrays[f"{name}_error"] = k, err
+        k, err, ln, lw, info = _pair(method, narrow, s, data, lr=float(params["lr"]), steps=steps,
+                                     save_every=save_every, batch_size=int(params["batch_size"]),
+                                     seed=int(params["seed"]), shuffled=shuffled)
+        arrays[f"{name}_{_xkey(method)}"], arrays[f"{name}_error"] = k, err
         arrays[f"{name}_log_loss_narrow"], arrays[f"{name}_log_loss_wide"] = ln, lw
         control = shuffled or method == "adam"
         value = float(np.max(err))
         checks.append(check(f"{name}: max ||eta - T theta||", value, CONTROL if control else EXACT,
                             ">=" if control else "<=", desc))
-        summary[name] = {"max_error": value, "seconds": round(time.perf_counter() - t0, 2), "negative_control": control}
+        summary[name] = {"max_error": value, "seconds": round(time.perf_counter() - t0, 2), "negative_control": control,
+                         **info}
     ctx.progress(1.0, f"{prefix}done")
     return arrays, checks, summary
+
+
+def _xkey(method):
+    return "time" if method == "flow" else "step"
 
 
 def _figures(cases, title):
     exact = [c[0] for c in cases if not c[5] and c[1] != "adam"]
     controls = [c[0] for c in cases if c[5] or c[1] == "adam"]
-    figs = [Figure(f"{n}_error", f"{title}: {n}, ||eta_k - T theta_k||", x=f"{n}_step", ys=(f"{n}_error",),
-                   labels=(n,), xlabel="step", ylabel="error", logy=True,
+    xk = {c[0]: _xkey(c[1]) for c in cases}
+    figs = [Figure(f"{n}_error", f"{title}: {n}, ||eta(t) - T theta(t)||" if xk[n] == "time" else
+                   f"{title}: {n}, ||eta_k - T theta_k||", x=f"{n}_{xk[n]}", ys=(f"{n}_error",),
+                   labels=(n,), xlabel=xk[n], ylabel="error", logy=True,
                    hlines=(CONTROL if n in controls else EXACT,)) for n in exact + controls]
     first = exact[0]
     figs.append(Figure(f"{first}_loss", f"{title}: log loss, narrow vs wide ({first})", x=f"{first}_step",
@@ -87,8 +111,9 @@ TOY_DEFAULTS = {"n": 100, "init_scale": 0.5, "steps": 100_000, "lr": 0.1, "batch
 
 
 @register("embedding-toy", description="arXiv 2505.12419 on 2-D Gaussian data: MLP 2-1-1 -> 2-2-1 (c = 1/sqrt 2) "
-          "under GD (separable, non-separable), SGD with identical / different batches, Adam, and a CNN 2 -> 4 channels; "
-          "trajectories stay eta = T theta to rounding, the controls break it.",
+          "under GD (separable, non-separable), gradient flow (narrow and wide as one ODE), SGD with identical / "
+          "different batches, Adam, and a CNN 2 -> 4 channels; trajectories stay eta = T theta to rounding, the "
+          "controls break it.",
           defaults=TOY_DEFAULTS, quick={"steps": 10_000, "n_save": 200})
 def toy(params: dict, ctx: Context) -> Outcome:
     """The toy reproduction (leaky ReLU 0.01, exponential loss, float64)."""
@@ -101,6 +126,8 @@ def toy(params: dict, ctx: Context) -> Outcome:
     cases = [
         ("gd_separable", "gd", mlp, s, sep, False, "GD lr 0.1 (paper: 4.5e-13)"),
         ("gd_nonseparable", "gd", mlp, s, nonsep, False, "GD lr 0.1, overlapping classes (paper: 5.6e-13)"),
+        ("flow", "flow", mlp, s, sep, False, "gradient flow to t1 = steps * lr / n, narrow and wide as one ODE "
+         f"(Tsit5, rtol {FLOW_RTOL:g}, shared steps)"),
         ("sgd_same_batches", "sgd", mlp, s, sep, False, "SGD batch 16, identical batches (paper: 4.4e-13)"),
         ("sgd_different_batches", "sgd", mlp, s, sep, True, "negative control: other batch order (paper: 1.5e-1)"),
         ("adam", "adam", mlp, s, sep, False, "negative control: Adam is coordinate-wise"),
