@@ -173,3 +173,89 @@ def test_bad_inputs(relu2, data):
         integrate(make_problem(relu2, data)[0], jnp.ones(40), field="nope", t1=1.0, level=2.0)
     with pytest.raises(ValueError, match="u_star"):
         early_phase(with_norm(relu2, 1e-3), data, u_star=np.ones(3))
+
+
+def _numpy_ncf_grad(Ws, X, y, p, alpha=0.0):
+    """Independent backprop (numpy) of N = sum_i y_i Phi(x_i) for an MLP with activation max(z, alpha z)^p."""
+    grads = [np.zeros_like(W) for W in Ws]
+    for x, yi in zip(X, y):
+        hs, zs = [x], []
+        for W in Ws[:-1]:
+            z = W @ hs[-1]
+            zs.append(z)
+            hs.append(np.where(z > 0, z, alpha * z) ** p)
+        delta = yi * np.ones(1)
+        grads[-1] += np.outer(delta, hs[-1])
+        for k in range(len(Ws) - 2, -1, -1):
+            z = zs[k]
+            dsig = p * np.where(z > 0, z, alpha * z) ** (p - 1) * np.where(z > 0, 1.0, alpha)
+            delta = (Ws[k + 1].T @ delta) * dsig
+            grads[k] += np.outer(delta, hs[k])
+    return grads
+
+
+def _relative_tangent_residual(Ws, grads):
+    u = np.concatenate([W.ravel() for W in Ws])
+    g = np.concatenate([G.ravel() for G in grads])
+    u = u / np.linalg.norm(u)
+    return float(np.linalg.norm(g - (u @ g) * u) / np.linalg.norm(g))
+
+
+def test_rank_one_census_known_point():
+    """Depth-3 ReLU net, data x = (z, 1) with all labels +1: every pre-activation is positive at the width-one point
+    w1 = c / (sqrt 3 |c|), w2 = w3 = 1 / sqrt 3 (c = sum_i x_i), a KKT point; its split with non-negative u1, u2 is a
+    rank-one KKT point of the wide net. The census finds it from nearby starts, rebuilds the width-one net and splits
+    it back; residuals are recomputed by an independent numpy backprop."""
+    from homflow.activations import relu
+    from homflow.kkt import solve_ncf
+    from homflow.phases import rank_one_census
+
+    rng = np.random.default_rng(3)
+    X = np.concatenate([0.3 * rng.standard_normal((12, 2)), np.ones((12, 1))], axis=1)
+    y = np.ones(12)
+    data = Dataset(X, y)
+    c = X.sum(axis=0)
+    c_hat = c / np.linalg.norm(c)
+    u1, u2 = np.array([0.6, 0.0, 0.8]), np.array([1.0, 1.0]) / np.sqrt(2)
+    Ws = [np.outer(u1, c_hat) / np.sqrt(3), np.outer(u2, u1) / np.sqrt(3), u2[None, :] / np.sqrt(3)]
+    assert _relative_tangent_residual(Ws, _numpy_ncf_grad(Ws, X, y, 1)) < 1e-14  # the planted point is KKT
+    model = MLP.from_weights(tuple(jnp.asarray(W) for W in Ws), relu)
+    theta = np.concatenate([W.ravel() for W in Ws])
+    inits = theta[None, :] + 1e-3 * rng.standard_normal((2, theta.size))
+    sol = solve_ncf(model, data, loss="square", key=jax.random.PRNGKey(0), inits=inits, steps=50)
+    census = rank_one_census(model, data, loss="square", solution=sol)
+    assert len(census.entries) >= 1 and census.rank_one_fraction == 1.0 and census.nonneg.all()
+    e = census.entries[0]
+    assert abs(e.point.value - np.linalg.norm(c) / 3**1.5) < 1e-12
+    assert e.split_kind == "isometric" and e.certified_width_one
+    assert min(e.support) >= 2  # a non-trivial split in both hidden layers (p = 1: splits form a flat family)
+    assert e.split_error < 1e-12 and e.output_error < 1e-12
+    # Independent residuals (numpy backprop) of the certified wide point and of the width-one network.
+    wide = [np.asarray(W) for W in e.point.model.weights]
+    assert _relative_tangent_residual(wide, _numpy_ncf_grad(wide, X, y, 1)) < 1e-12
+    one = [np.asarray(W) for W in e.width_one.weights]
+    assert _relative_tangent_residual(one, _numpy_ncf_grad(one, X, y, 1)) < 1e-12
+    assert abs(e.width_one_residual - _relative_tangent_residual(one, _numpy_ncf_grad(one, X, y, 1))) < 1e-12
+    # The width-one network is the analytic KKT point (w1, w2, w3) = (c_hat, 1, 1) / sqrt 3.
+    assert np.allclose(one[0].ravel(), c_hat / np.sqrt(3), atol=1e-12)
+    assert np.allclose([one[1].item(), one[2].item()], [1 / np.sqrt(3)] * 2, atol=1e-12)
+
+
+def test_split_back_relu2_equal_coefficients_is_output_preserving():
+    """ReLU^2: a rank-one net with hidden vector constant on its support is the output-preserving split (c^(2-p)) of
+    its width-one net (the classical split is refused for p != 1); a one-hot hidden vector gives an isometric split."""
+    from homflow.phases import rank_one_factors, split_back, width_one_network
+
+    rng = np.random.default_rng(4)
+    v1 = rng.standard_normal(4)
+    v1 /= np.linalg.norm(v1)
+    for u1, kind in ((np.array([1.0, 1.0, 0.0]) / np.sqrt(2), "output-preserving"), (np.eye(3)[1], "isometric")):
+        v2 = u1**2 / np.linalg.norm(u1**2)
+        model = MLP.from_weights((jnp.asarray(0.7 * np.outer(u1, v1)), jnp.asarray(-0.5 * v2[None, :])), relu_power(2))
+        one = width_one_network(model)
+        s, u, v = rank_one_factors(model)
+        T, got = split_back(one, u[:-1], p=2)
+        assert got == kind
+        assert np.max(np.abs(np.asarray(flatten(T(one))[0]) - np.asarray(flatten(model)[0]))) < 1e-14
+        X = rng.standard_normal((5, 4))
+        assert np.allclose(predict(one, X), predict(model, X), rtol=1e-13, atol=1e-14)

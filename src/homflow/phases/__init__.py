@@ -4,7 +4,15 @@ NCF, the escape-time law, the limiting path, plateaus and saddles, sparsity and 
 from ._early import EarlyPhase, NCFFlow, direction_residual, early_phase, escape_time, ncf_flow
 from ._escape import EscapeLaw, escape_law, fit_line
 from ._path import FirstSaddle, LimitingPath, first_saddle, limiting_path
-from ._rank import RankCensus, rank_one_census, width_one_network
+from ._rank import (
+    RankCensus,
+    RankOnePoint,
+    census_point,
+    rank_one_census,
+    rank_one_factors,
+    split_back,
+    width_one_network,
+)
 from ._saddles import (
     Plateau,
     analyse_plateaus,
@@ -43,6 +51,10 @@ __all__ = [
     "neuron_of_group",
     "remove_neurons",
     "RankCensus",
+    "RankOnePoint",
+    "census_point",
+    "rank_one_factors",
+    "split_back",
     "rank_one_census",
     "width_one_network",
     "Problem",
