@@ -114,7 +114,8 @@ def demo(params: dict, ctx: Context) -> Outcome:
         if len(fs.sparse_groups):
             arrays["sparse_track"] = np.asarray(fs.sparse_track)
             figs.append(Figure("sparsity", "norms of the neurons that vanish at u* (until the saddle)", "saddle_t",
-                               ("sparse_track",), xlabel="t", logy=True, display="errors", logx=True))
+                               ("sparse_track",), ("neuron group",), xlabel="t", ylabel="norm", logy=True,
+                               display="errors", logx=True))
         summary.update(t_escape=fs.t_escape, saddle_loss=fs.loss, saddle_lam_min=fs.lam_min, saddle_kind=fs.kind,
                        n_vanishing_neurons=int(len(fs.sparse_groups)))
 

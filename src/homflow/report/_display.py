@@ -148,23 +148,26 @@ class TrajectoryErrorDisplay(_Display):
     an optional tolerance line."""
 
     def __init__(self, t, errors: Mapping[str, Sequence[float]], *, tolerance: float | None = None,
-                 title: str = "trajectory errors", logx: bool = True, xlabel: str = "t"):
+                 title: str = "trajectory errors", logx: bool = True, xlabel: str = "t", ylabel: str = "error"):
         self.t = np.asarray(t, float)
         self.errors = {k: np.asarray(v, float) for k, v in errors.items()}
-        self.tolerance, self.title, self.logx, self.xlabel = tolerance, title, logx, xlabel
+        self.tolerance, self.title, self.logx, self.xlabel, self.ylabel = tolerance, title, logx, xlabel, ylabel
 
     def plot(self, ax=None) -> "TrajectoryErrorDisplay":
         ax = self._start(ax)
         for label, e in self.errors.items():
             t, e = _positive_x(self.t, e, logx=self.logx)
-            ax.plot(t, np.maximum(np.abs(e), 1e-300), label=label)
+            cols = e.reshape(e.shape[0], -1)
+            for k in range(cols.shape[1]):
+                ax.plot(t, np.maximum(np.abs(cols[:, k]), 1e-300),
+                        label=label if cols.shape[1] == 1 else f"{label} {k}")
         ax.set_yscale("log")
         if self.logx:
             ax.set_xscale("log")
         if self.tolerance is not None:
             ax.axhline(self.tolerance, color="r", ls="--", lw=0.8, label="tolerance")
         ax.set_xlabel(self.xlabel)
-        ax.set_ylabel("error")
+        ax.set_ylabel(self.ylabel)
         ax.set_title(self.title)
         ax.legend(fontsize=8)
         return self
@@ -235,11 +238,17 @@ class KKTResidualDisplay(_Display):
         x = np.arange(self.values.size)
         ok = None if self.tolerances is None else self.values <= self.tolerances
         colors = ["C0" if ok is None else ("C2" if o else "C3") for o in (ok if ok is not None else [None] * x.size)]
-        ax.bar(x, np.maximum(np.abs(self.values), 1e-300), color=colors)
+        vals = np.abs(self.values)
+        pos = vals[vals > 0]
+        floor = max(float(pos.min()) / 100 if pos.size else 1e-18, 1e-300)  # exact zeros drawn at the floor
+        ax.bar(x, np.maximum(vals, floor), color=colors)
+        for xi, v in zip(x, self.values):
+            ax.annotate(f"{v:.2g}", (xi, max(abs(v), floor)), ha="center", va="bottom", fontsize=8)
         if self.tolerances is not None:
             ax.scatter(x, self.tolerances, marker="_", s=400, color="k", label="tolerance", zorder=3)
             ax.legend(fontsize=8)
         ax.set_yscale("log")
+        ax.set_ylim(bottom=floor / 2)
         ax.set_xticks(x)
         ax.set_xticklabels(self.names, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("residual")
@@ -315,7 +324,8 @@ def display_for(spec, arrays: Mapping[str, np.ndarray]):
                              target=spec.hlines[0] if spec.hlines else None, title=spec.title)
     if kind == "errors":
         return TrajectoryErrorDisplay(x, dict(zip(labels, ys)), tolerance=spec.hlines[0] if spec.hlines else None,
-                                      title=spec.title, logx=spec.logx, xlabel=spec.xlabel or "t")
+                                      title=spec.title, logx=spec.logx, xlabel=spec.xlabel or "t",
+                                      ylabel=spec.ylabel or "error")
     if kind == "saddle":
         sad = (spec.hlines[0], spec.hlines[1]) if len(spec.hlines) >= 2 else None
         return SaddleDisplay(x, ys[0], saddle=sad, title=spec.title)
