@@ -174,3 +174,16 @@ def test_random_toml_text_at_the_loader(tmp_path_factory, text):
         load_config(p)
     except ConfigError as e:
         assert str(e) and "\n" not in str(e)
+
+
+def test_every_builtin_config_roundtrips(tmp_path):
+    from homflow.experiments import REGISTRY, get_experiment
+
+    get_experiment("flow")  # fills the registry
+    assert {"flow", "max-margin", "demo"} <= set(REGISTRY)
+    for name in REGISTRY:
+        for quick in (False, True):
+            cfg = parse_config({"experiment": name}, quick=quick)
+            p = tmp_path / f"{name}-{quick}.toml"
+            p.write_text(config_to_toml(cfg))
+            assert load_config(p).to_dict() == cfg.to_dict(), name
