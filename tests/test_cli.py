@@ -145,6 +145,8 @@ def test_sweep(env):
     assert page.count('class="pass"') >= 2 and "init.seed" in page
     recs = RunStore(env["store"]).list(sweep=obj["sweep"])
     assert len(recs) == 2
+    res = _invoke(["run", str(sw)], env["store"])  # a sweep file given to `run`
+    assert res.exit_code == 2 and "homflow sweep" in res.stderr
     res = _invoke(["sweep", str(sw), "--backend", "nope"], env["store"])
     assert res.exit_code == 2
     try:

@@ -105,6 +105,8 @@ def test_sigkill_mid_flow_resumes_to_identical_numbers(tmp_path):
     store = RunStore(root)
     (rec,) = store.list()
     assert rec.status == "interrupted"  # the index stays consistent: the dead run is marked, not left 'running'
+    with sqlite3.connect(store.index_path) as con:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     seg = int(np.load(ck)["segment"])
     assert seg < 5, "the run finished before it could be killed"
     assert not (Path(rec.path) / "arrays.npz").exists()

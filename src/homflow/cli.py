@@ -215,6 +215,8 @@ def run(config: Path = typer.Argument(..., help="A TOML config (see examples/)."
         d = tomllib.loads(config.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError("", f"{str(config)!r} is not valid TOML: {e}.") from None
+    if "sweep" in d:
+        raise BadInput(f"{str(config)!r} holds a [sweep] table: run it with `homflow sweep {config}`.")
     d = _merge(d, _parse_sets(set_))
     if name:
         d["name"] = name
