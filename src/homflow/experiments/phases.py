@@ -47,14 +47,13 @@ def early_alignment(params, ctx):
 
     data, model = _problem(params)
     nf = ncf_flow(model, data, loss="square")
+    # u*: the NCF flow's direction at ||u|| = 1e4, polished into a certified KKT point; every delta is compared with it.
+    pt = polish_ncf(unflatten_like(model, jax.numpy.asarray(nf.direction)), data, loss="square")
     arrays, checks, rescaled = {}, [], []
     for i, d in enumerate(params["deltas"]):
         ctx.progress(i / (len(params["deltas"]) + 1), f"delta = {d:g}")
-        ep = early_phase(with_norm(model, d), data, loss="square", factor=params["factor"], ncf=nf)
+        ep = early_phase(with_norm(model, d), data, loss="square", factor=params["factor"], u_star=pt.theta, ncf=nf)
         rescaled.append(ep.rescaled_escape)
-    pt = polish_ncf(unflatten_like(model, jax.numpy.asarray(ep.theta_escape)), data, loss="square")
-    ep = early_phase(with_norm(model, params["deltas"][-1]), data, loss="square", factor=params["factor"],
-                     u_star=pt.theta, ncf=nf)
     arrays.update(t=ep.ts, norm_ratio=ep.norm_ratio, ncf_norm_ratio=ep.ncf_norm_ratio, cos=ep.cos_u_star,
                   residual=ep.residual, deltas=np.asarray(params["deltas"], float), rescaled=np.asarray(rescaled))
     r = np.asarray(rescaled)
