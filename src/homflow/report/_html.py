@@ -179,10 +179,11 @@ def write_sweep_report(store, sweep: str, grid: dict[str, list], path: Path | st
 
     recs = list(reversed(store.list(sweep=sweep)))
     keys = list(grid)
-    rows, values = [], {}
+    rows, values, grid_of = [], {}, {}
     for i, rec in enumerate(recs):
         run = store.open(rec.id)
         gv = run_grid_values(run, keys)
+        grid_of[i] = gv
         checks = run.read_json("checks.json", []) or []
         for c in checks:
             try:
@@ -205,10 +206,29 @@ def write_sweep_report(store, sweep: str, grid: dict[str, list], path: Path | st
         ax = fig.add_subplot(1, 1, 1)
         idx = np.array(sorted(vals))
         v = np.array([vals[i] for i in idx])
-        ax.plot(idx, v, "o-")
+        varying = [k for k in keys if len(grid[k]) > 1]
+        xk = varying[0] if len(varying) >= 1 else None
+        xs = [grid_of[i].get(xk) for i in idx] if xk else []
+        if xk and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs):
+            others = [k for k in varying if k != xk]
+            groups: dict = {}
+            for i, x, y in zip(idx, xs, v):
+                groups.setdefault(tuple(grid_of[i].get(k) for k in others), []).append((x, y))
+            for g, pts in groups.items():
+                pts.sort()
+                lab = ", ".join(f"{k}={val}" for k, val in zip(others, g)) or None
+                ax.plot([a for a, _ in pts], [b for _, b in pts], "o-", label=lab)
+            xa = np.asarray(xs, float)
+            if np.all(xa > 0) and xa.max() / xa.min() > 100:
+                ax.set_xscale("log")
+            if others:
+                ax.legend(fontsize=7)
+            ax.set_xlabel(xk)
+        else:
+            ax.plot(idx, v, "o-")
+            ax.set_xlabel("run # (row of the table)")
         if np.all(v > 0) and v.max() / max(v.min(), 1e-300) > 100:
             ax.set_yscale("log")
-        ax.set_xlabel("run # (row of the table)")
         ax.set_ylabel("value")
         ax.set_title(name)
         fig.tight_layout()
