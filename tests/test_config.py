@@ -187,3 +187,18 @@ def test_every_builtin_config_roundtrips(tmp_path):
             p = tmp_path / f"{name}-{quick}.toml"
             p.write_text(config_to_toml(cfg))
             assert load_config(p).to_dict() == cfg.to_dict(), name
+
+
+def test_examples_load():
+    import tomllib
+    from pathlib import Path
+
+    from homflow.sweep import load_sweep
+
+    files = sorted((Path(__file__).parent.parent / "examples").glob("*.toml"))
+    assert files
+    for f in files:
+        if "sweep" in tomllib.loads(f.read_text()):
+            assert load_sweep(f).configs, f
+        else:
+            assert load_config(f).experiment, f
