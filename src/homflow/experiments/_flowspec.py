@@ -173,7 +173,15 @@ class FlowSpec:
 
 @dataclasses.dataclass(frozen=True)
 class CheckSpec:
-    """A check on a measured ``metric`` (one of ``METRICS``): passed when ``value relation tolerance``."""
+    """A check on a measured ``metric`` (one of ``METRICS``): passed when ``value relation tolerance``.
+
+    Metrics, at the last saved state unless said otherwise: ``loss_final``, ``log_loss_final``, ``norm_final``;
+    ``balance_drift`` (two-layer nets: ``max_t max_j |b_j(t) - b_j(0)| / max_t ||theta(t)||^2`` with the conserved
+    ``b_j = p a_j^2 - ||w_j||^2``); ``normalized_margin_final`` (``q_min / ||theta||^L``), ``smoothed_margin_final``
+    (Lyu & Li, arXiv 1906.05890), ``min_margin_final`` (NaN under the square loss); ``alignment_final`` (cosine of
+    the last two saved directions); ``success`` (1 if the flow reached ``t1`` or its stop event); ``num_steps``;
+    ``escape_time`` (first saved time with ``||theta|| >= 10 ||theta(0)||``, NaN if none). A NaN value fails.
+    """
 
     metric: str = "loss_final"
     tolerance: float = 0.0
