@@ -155,7 +155,8 @@ def write_run_report(run: Run) -> Path:
         else:
             fig_html.append(f"<figure><figcaption>{html.escape(name)}: could not be drawn ({html.escape(err or '')})"
                             "</figcaption></figure>")
-    meta = {"run": rec.id, "experiment": rec.experiment, "name": rec.name or "", "status": "completed",
+    meta = {"run": rec.id, "experiment": rec.experiment, "name": rec.name or "",
+            "status": "completed" if rec.status == "running" else rec.status,  # written just before the index row
             "started": _dt.datetime.fromtimestamp(rec.started or rec.created).isoformat(timespec="seconds"),
             "duration (s)": summary.get("duration_s", rec.duration_s), "quick": rec.quick, "directory": rec.path}
     page = f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>homflow run {html.escape(rec.id)}</title>
