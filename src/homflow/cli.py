@@ -17,7 +17,9 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
-app = typer.Typer(help="homflow: gradient-flow laboratory for homogeneous neural networks.", no_args_is_help=True,
+app = typer.Typer(help="homflow: gradient-flow laboratory for homogeneous neural networks. Exit codes: 0 every check "
+                       "passed, 1 a check failed, 2 bad input. Runs are stored in --store / $HOMFLOW_STORE / ./runs.",
+                  no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
 
 StoreOpt = typer.Option(None, "--store", envvar="HOMFLOW_STORE", help="Run store directory (default ./runs).")
