@@ -108,6 +108,7 @@ def torch_problem(theta0):
     """The canonical objective in PyTorch (float64): returns (grad function, theta tensor)."""
     import torch
 
+    torch.set_num_threads(1)  # a tiny problem: thread start-up dominates otherwise
     X, y, _ = canonical(1)
     Xt = torch.tensor(X, dtype=torch.float64)
     yt = torch.tensor(y, dtype=torch.float64)
@@ -118,8 +119,9 @@ def torch_problem(theta0):
         return 0.5 * torch.sum((out - yt) ** 2)
 
     def grad(theta):
-        th = theta.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(loss(th), th)
+        with torch.enable_grad():
+            th = theta.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(loss(th), th)
         return g
 
     return grad, torch.tensor(np.asarray(theta0), dtype=torch.float64)
