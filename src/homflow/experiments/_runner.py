@@ -93,7 +93,11 @@ def _run_in(store, run, cfg: RunConfig, progress, *, report: bool) -> RunResult:
             progress(0.97, "writing the report")
         from ..report import write_run_report
 
-        report_path = str(write_run_report(run))
+        try:
+            report_path = str(write_run_report(run))
+        except Exception as e:  # noqa: BLE001 - the results are stored; `homflow report` can retry
+            summary["report_error"] = f"{type(e).__name__}: {e}"
+            run.write_json("summary.json", summary)
     store.finish(run.id, status="completed", checks=checks, duration_s=dur)
     if progress:
         progress(1.0, "done")
