@@ -8,8 +8,8 @@ import pytest
 from scipy.optimize import linprog, minimize
 
 from homflow import kkt
-from homflow.activations import leaky_relu
-from homflow.data import Dataset, gaussian_toy
+from homflow.activations import leaky_relu, relu_power
+from homflow.data import Dataset, gaussian_toy, teacher_student
 from homflow.flow import gradient_flow
 from homflow.models import MLP, DiagonalLinear, TwoLayer, flatten, rescale
 
@@ -142,3 +142,66 @@ def test_margin_along_late_phase():
     assert set(path.arrays()) >= {"ts", "smoothed", "eps", "delta"}
     with pytest.raises(ValueError, match="loss"):
         kkt.margin_along(tr, data, loss="square")
+
+
+# The direction of the demo's late phase at t = 1e8 (exponential loss, ReLU^2, width 5; neurons 1 and 4 have faded to
+# ~1e-4): its normalized margin 0.00707 still creeps up like 1/log t and no KKT point lies near it.
+LATE_THETA = np.array([
+    3.6229775480625293e+00, -7.1056549993972720e-05, 3.5191391238095591e+00, 6.8344650803794220e+00,
+    -7.2882107336601695e-05, -4.8766197987101600e+00, 9.2870664869405239e-01, 1.2680756823738322e+00,
+    3.7113463048826654e-05, 4.5039004731966704e-05, 1.1079821844490694e-04, 9.1199054990013884e-01,
+    2.4100690544673825e-01, -4.8866010155548132e+00, 7.8026697686061377e+00, -3.0176041713419410e+00,
+    4.8406854003835669e+00, -9.8270833984208969e-05, 8.1233244555243257e-05, 6.7666278403330133e-05])
+
+
+@pytest.fixture(scope="module")
+def late_case():
+    data = teacher_student(20, 3, teacher_width=2, p=2, seed=1, labels="sign")
+    start = TwoLayer.from_weights(jnp.asarray(LATE_THETA[:5]), jnp.asarray(LATE_THETA[5:].reshape(5, 3)), relu_power(2))
+    return data, start, kkt.solve_max_margin(start, data)
+
+
+def _unit(t):
+    t = np.asarray(t, dtype=np.float64)
+    return t / np.linalg.norm(t)
+
+
+def test_local_polish_never_leaves_a_zero_margin(late_case):
+    """Regression: presolve='none' used to take full Newton steps that switched every ReLU^2 unit off (q_min = 0) and
+    then raised. Now it keeps every margin positive and says honestly that the local polish did not converge."""
+    data, start, _ = late_case
+    res = kkt.solve_max_margin(start, data, presolve="none")
+    assert np.min(res.margins) > 0 and np.isclose(np.min(res.margins), 1.0)
+    assert not res.converged and "did not converge" in res.message
+    assert np.isclose(res.distance, np.linalg.norm(_unit(res.theta) - _unit(LATE_THETA)), rtol=1e-12)
+    # what it reports is an honest residual: recomputed independently it is as large as stated
+    qv = np.asarray(data.y) * np.asarray(jax.vmap(res.model)(jnp.asarray(data.X)))
+    assert np.allclose(qv, res.margins, rtol=1e-10) and res.stationarity > 1e-3
+
+
+def test_default_polish_reports_the_route_and_the_distance(late_case):
+    """No KKT point near the late direction: 'auto' falls back to SLSQP, certifies a KKT point (independently) and
+    reports how far it went and the start's normalized margin."""
+    data, start, res = late_case
+    assert res.converged, res.message
+    independent_check(res, data, tol=1e-8)
+    assert "SLSQP" in res.message and "local polish did not converge" in res.message
+    assert np.isclose(res.start_normalized_margin, kkt.max_margin_kkt(start, data).normalized_margin, rtol=1e-12)
+    assert np.isclose(res.distance, np.linalg.norm(_unit(res.theta) - _unit(LATE_THETA)), rtol=1e-12)
+    assert res.distance > 0.1 and res.normalized_margin > res.start_normalized_margin
+
+
+def test_default_polish_stays_near_a_start_close_to_a_kkt_point(late_case):
+    """From a small perturbation of a certified KKT point the default polish is local: it returns that point (the
+    distance is of the order of the perturbation), not another one."""
+    data, _, K = late_case
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal(K.theta.size)
+    live = np.abs(K.theta) > 0  # keep faded neurons exactly zero (a dead ReLU^2 unit is a KKT point of its own)
+    th = K.theta + 1e-3 * np.linalg.norm(K.theta) * v * live / np.linalg.norm(v * live)
+    start = flatten(K.model)[1](jnp.asarray(th))
+    res = kkt.solve_max_margin(start, data)
+    assert res.converged and "local polish" in res.message and "SLSQP" not in res.message, res.message
+    independent_check(res, data, tol=1e-8)
+    np.testing.assert_allclose(res.theta, K.theta, rtol=1e-7, atol=1e-8)
+    assert res.distance < 3e-3 and np.isclose(res.normalized_margin, K.normalized_margin, rtol=1e-10)

@@ -113,6 +113,9 @@ class MarginKKT:
         rank: rank of the near-active Jacobian (multipliers unique among exact NNLS minimisers iff full row rank on
             the support).
         converged, message, iterations: set by :func:`solve_max_margin` (``None``, ``''``, 0 otherwise).
+        distance: set by :func:`solve_max_margin`: ``||theta/||theta|| - theta_0/||theta_0||||``, how far the polished
+            direction lies from the start's direction (NaN otherwise).
+        start_normalized_margin: set by :func:`solve_max_margin`: the start's normalized margin (NaN otherwise).
     """
 
     model: AbstractHomogeneousModel
@@ -132,6 +135,8 @@ class MarginKKT:
     converged: bool | None = None
     message: str = ""
     iterations: int = 0
+    distance: float = math.nan
+    start_normalized_margin: float = math.nan
 
     def replace(self, **kw) -> "MarginKKT":
         return dataclasses.replace(self, **kw)

@@ -45,27 +45,46 @@ def _slsqp(prob: MarginProblem, theta, maxiter):
 
 
 def _active_set_newton(prob: MarginProblem, theta, S, lam_S, *, tol, max_iter, max_rounds, feas_tol):
+    """Damped active-set Newton on ``F = (theta - G_S^T lam_S, q_S - 1)``.
+
+    Each Newton step (least squares on the KKT Jacobian) is backtracked (halving, at most 30 times) until the merit
+    ``||F||`` decreases by the Armijo factor and every margin stays positive, so a start that is not yet near a KKT
+    point is not thrown away by a full step (a full step can leave every ReLU^p unit off, i.e. ``q = 0``). Returns
+    ``(theta, iterations, message)``; ``message`` is empty when the active set settled.
+    """
     theta = np.asarray(theta, dtype=np.float64)
     n = int(prob.y.shape[0])
     P = theta.size
     its = 0
     msg = ""
+
+    def residual(th, S, lam_S):
+        lam = np.zeros(n)
+        lam[S] = lam_S
+        q, G, Hw = (np.asarray(a) for a in _newton_parts(prob, jnp.asarray(th), jnp.asarray(lam)))
+        return np.concatenate([th - G[S].T @ lam_S, q[S] - 1.0]), q, G, Hw
+
     for _ in range(max_rounds):
         S = np.asarray(sorted(set(int(i) for i in S)), dtype=np.int64)
         lam_S = np.asarray(lam_S, dtype=np.float64)
+        F, q, G, Hw = residual(theta, S, lam_S)
         for _ in range(max_iter):
-            lam = np.zeros(n)
-            lam[S] = lam_S
-            q, G, Hw = (np.asarray(a) for a in _newton_parts(prob, jnp.asarray(theta), jnp.asarray(lam)))
-            F = np.concatenate([theta - G[S].T @ lam_S, q[S] - 1.0])
             if np.linalg.norm(F[:P]) <= tol * np.linalg.norm(theta) and np.linalg.norm(F[P:]) <= tol:
                 break
             J = np.block([[np.eye(P) - Hw, -G[S].T], [G[S], np.zeros((S.size, S.size))]])
             step = np.linalg.lstsq(J, -F, rcond=None)[0]
-            theta = theta + step[:P]
-            lam_S = lam_S + step[P:]
+            f0, alpha = float(np.linalg.norm(F)), 1.0
+            for _ in range(31):
+                th_t, lam_t = theta + alpha * step[:P], lam_S + alpha * step[P:]
+                F_t, q_t, G_t, Hw_t = residual(th_t, S, lam_t)
+                if q_t.min() > 0 and np.linalg.norm(F_t) <= (1.0 - 1e-4 * alpha) * f0:
+                    break
+                alpha *= 0.5
+            else:
+                msg = "the Newton line search found no decrease of the KKT residual"
+                return theta, its, msg
+            theta, lam_S, F, q, G, Hw = th_t, lam_t, F_t, q_t, G_t, Hw_t
             its += 1
-        q = np.asarray(_margins_jac(prob, jnp.asarray(theta))[0])
         violated = np.setdiff1d(np.flatnonzero(q < 1.0 - feas_tol), S)
         if S.size and lam_S.min() < 0:
             k = int(np.argmin(lam_S))
@@ -81,6 +100,27 @@ def _active_set_newton(prob: MarginProblem, theta, S, lam_S, *, tol, max_iter, m
     return theta, its, f"active-set Newton did not settle in {max_rounds} rounds ({msg})"
 
 
+def _direction_distance(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a / np.linalg.norm(a) - b / np.linalg.norm(b)))
+
+
+def _candidate_sets(prob, unflatten, th, thresholds, ridge):
+    """Distinct initial supports: the NNLS support over ``q_i <= 1 + tau`` for each ``tau`` (increasing)."""
+    seen, out = set(), []
+    for tau in thresholds:
+        r = _kkt_from_theta(prob, th, unflatten, active_tol=tau, ridge=ridge, rescale=False)
+        S = r.support if r.support.size else r.active
+        key = tuple(int(i) for i in S)
+        if key and key not in seen:
+            seen.add(key)
+            out.append((float(tau), S, r.multipliers[S]))
+    return out
+
+
+LOCAL_THRESHOLDS = (1e-6, 1e-3, 1e-2, 3e-2, 0.1, 0.3)
+
+
 def solve_max_margin(
     model: AbstractHomogeneousModel,
     data,
@@ -94,24 +134,35 @@ def solve_max_margin(
     support_tol: float = 1e-6,
     active_tol: float | None = None,
     ridge: float = 1e-13,
+    local_thresholds: tuple[float, ...] = LOCAL_THRESHOLDS,
 ) -> MarginKKT:
     """Polish ``model`` into a KKT point of ``min 1/2 ||theta||^2`` s.t. ``y_i Phi(theta; x_i) >= 1``.
+
+    By default the polish is *local*: it stays near the start (for instance a late-phase flow direction) and does not
+    jump to another, possibly better, KKT point. From the start rescaled to ``q_min = 1``, for each threshold ``tau``
+    in ``local_thresholds`` the NNLS support over the constraints with ``q_i <= 1 + tau`` seeds a damped active-set
+    Newton method on the KKT system (module docstring); of the runs that converge, the one whose direction is
+    nearest the start's is returned. Only if none converges does ``presolve='auto'`` fall back to an SLSQP presolve
+    (a global-ish move that may land on a different KKT point; the result's ``distance`` says how far it went).
 
     Arguments:
         model: a start with positive minimum margin (only its direction matters; it is rescaled to ``q_min = 1``).
         data: a ``Dataset`` with labels +-1.
         tol: certify when the re-computed relative stationarity ``eps / ||theta||`` is ``<= tol`` (float64: 1e-8).
-        presolve: ``'slsqp'`` (always), ``'none'``, or ``'auto'`` (SLSQP when the start is not already within ``1e-3``
-            relative stationarity and ``P <= 3000``).
+        presolve: ``'auto'`` (local Newton polish first; SLSQP then Newton only if it fails and ``P <= 3000``),
+            ``'none'`` (local Newton polish only) or ``'slsqp'`` (SLSQP from the start, then Newton).
         newton_tol: Newton's own stopping tolerance (default ``tol / 100``, at least ``100 eps``).
         max_iter, max_rounds: Newton iterations per active set, active-set changes.
-        support_tol: initial support = ``q_i <= 1 + support_tol`` after the presolve, or NNLS multipliers ``> 0``.
+        support_tol: after an SLSQP presolve, the initial support is the NNLS support over ``q_i <= 1 + support_tol``.
         active_tol: near-active tolerance of the final certificate (default ``max(1e3 * newton_tol, 1e-9)``).
         ridge: see :func:`max_margin_kkt`.
+        local_thresholds: the thresholds ``tau`` of the local polish's candidate initial supports.
 
     Returns:
         A :class:`MarginKKT` with ``converged`` (stationarity ``<= tol``, feasibility ``<= 1e-9`` and every multiplier
-        on a constraint active to ``active_tol``), ``message`` (why not, if not) and ``iterations``.
+        on a constraint active to ``active_tol``), ``message`` (why not, if not, and which route was taken),
+        ``iterations``, ``distance`` (``||theta/||theta|| - theta_0/||theta_0||||``, from the start's direction) and
+        ``start_normalized_margin``.
 
     Raises:
         ValueError: if the start's minimum margin is not positive or an argument is out of range.
@@ -120,36 +171,62 @@ def solve_max_margin(
         raise ValueError(f"`presolve` must be 'auto', 'slsqp' or 'none'; got {presolve!r}.")
     if not (tol > 0 and math.isfinite(tol)):
         raise ValueError(f"`tol` must be a finite number > 0; got {tol!r}.")
+    local_thresholds = tuple(float(t) for t in local_thresholds)
+    if not all(t >= 0 and math.isfinite(t) for t in local_thresholds):
+        raise ValueError(f"`local_thresholds` must be finite numbers >= 0; got {local_thresholds!r}.")
     prob, theta = make_margin_problem(model, data)
     unflatten = flatten(model)[1]
     eps64 = float(jnp.finfo(theta.dtype).eps)
     newton_tol = max(tol / 100.0, 100 * eps64) if newton_tol is None else float(newton_tol)
     active_tol = max(1e3 * newton_tol, 1e-9) if active_tol is None else float(active_tol)
     start = _kkt_from_theta(prob, theta, unflatten, active_tol=1e-2, ridge=ridge)
-    th = start.theta
-    P = th.size
-    messages = []
-    do_slsqp = presolve == "slsqp" or (presolve == "auto" and start.stationarity > 1e-3 and P <= 3000)
-    if do_slsqp:
-        th, res = _slsqp(prob, th, slsqp_maxiter)
-        slsqp_note = "" if res.success else f"SLSQP: {res.message}"
-        q = np.asarray(_margins_jac(prob, jnp.asarray(th))[0])
-        if not q.min() > 0:
-            raise ValueError("the SLSQP presolve left a non-positive margin; try presolve='none'.")
-        th = th / q.min() ** (1.0 / prob.degree)
-        mid = _kkt_from_theta(prob, th, unflatten, active_tol=support_tol, ridge=ridge)
-    else:
-        mid, slsqp_note = start, ""
+    th0 = start.theta
+    P = th0.size
+    newton = dict(tol=newton_tol, max_iter=max_iter, max_rounds=max_rounds, feas_tol=1e-12)
+
+    def finish(th, its, messages):
+        out = _kkt_from_theta(prob, th, unflatten, active_tol=active_tol, ridge=ridge)
+        ok = out.stationarity <= tol and out.feasibility <= 1e-9
+        return out, ok, its, messages
+
+    def report(res):
+        out, ok, its, messages = res
+        if not ok:
+            messages = messages + [f"stationarity {out.stationarity:.2e} (target {tol:.0e}), "
+                                   f"feasibility {out.feasibility:.1e}"]
+        return out.replace(converged=bool(ok), message="; ".join(m for m in messages if m), iterations=int(its),
+                           distance=_direction_distance(out.theta, th0),
+                           start_normalized_margin=start.normalized_margin)
+
+    best, tried = None, []
+    if presolve in ("auto", "none"):
+        total = 0
+        for tau, S, lam_S in _candidate_sets(prob, unflatten, th0, local_thresholds, ridge):
+            th, its, msg = _active_set_newton(prob, th0, S, lam_S, **newton)
+            total += its
+            res = finish(th, total, [f"local polish (support from q_i <= 1 + {tau:g})", msg])
+            tried.append(res)
+            if res[1] and (best is None or _direction_distance(res[0].theta, th0)
+                           < _direction_distance(best[0].theta, th0)):
+                best = res
+        if best is not None:
+            return report((best[0], True, total, best[3]))
+        if presolve == "none" or P > 3000:
+            if not tried:
+                return report(finish(th0, 0, ["no near-active constraint to start the local polish from"]))
+            closest = min(tried, key=lambda r: r[0].stationarity)
+            return report((closest[0], False, total, closest[3] + ["the local polish did not converge"]))
+    th, res = _slsqp(prob, th0, slsqp_maxiter)
+    slsqp_note = "" if res.success else f"SLSQP: {res.message}"
+    q = np.asarray(_margins_jac(prob, jnp.asarray(th))[0])
+    if not q.min() > 0:
+        raise ValueError("the SLSQP presolve left a non-positive margin; try presolve='none'.")
+    th = th / q.min() ** (1.0 / prob.degree)
+    mid = _kkt_from_theta(prob, th, unflatten, active_tol=support_tol, ridge=ridge)
     S = mid.support if mid.support.size else mid.active
-    lam_S = mid.multipliers[S]
-    th, its, msg = _active_set_newton(prob, th, S, lam_S, tol=newton_tol, max_iter=max_iter, max_rounds=max_rounds,
-                                      feas_tol=1e-12)
-    if msg:
-        messages.append(msg)
-    out = _kkt_from_theta(prob, th, unflatten, active_tol=active_tol, ridge=ridge)
-    ok = out.stationarity <= tol and out.feasibility <= 1e-9
-    if not ok:
-        if slsqp_note:
-            messages.insert(0, slsqp_note)
-        messages.append(f"stationarity {out.stationarity:.2e} (target {tol:.0e}), feasibility {out.feasibility:.1e}")
-    return out.replace(converged=bool(ok), message="; ".join(messages), iterations=int(its))
+    th, its, msg = _active_set_newton(prob, th, S, mid.multipliers[S], **newton)
+    route = "SLSQP presolve then Newton" + (" (the local polish did not converge)" if tried else "")
+    out = finish(th, its, [route, msg])
+    if not out[1] and slsqp_note:
+        out[3].insert(1, slsqp_note)
+    return report(out)
