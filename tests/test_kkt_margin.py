@@ -205,3 +205,34 @@ def test_default_polish_stays_near_a_start_close_to_a_kkt_point(late_case):
     independent_check(res, data, tol=1e-8)
     np.testing.assert_allclose(res.theta, K.theta, rtol=1e-7, atol=1e-8)
     assert res.distance < 3e-3 and np.isclose(res.normalized_margin, K.normalized_margin, rtol=1e-10)
+
+
+def test_margin_along_adaptive_report_is_honest(linear_data):
+    """The adaptive (eps, delta) report: at the SVM direction both vanish; at a non-KKT direction loading every
+    constraint (threshold 1e6) can shrink eps but not the slackness, so kkt_gap stays large; and the figures equal an
+    independent max_margin_kkt at the chosen threshold."""
+    X, y = np.asarray(linear_data.X), np.asarray(linear_data.y)
+    svm = minimize(lambda w: (0.5 * w @ w, w), np.ones(3), jac=True, method="SLSQP",
+                   constraints=[{"type": "ineq", "fun": lambda w: y * (X @ w) - 1, "jac": lambda w: y[:, None] * X}],
+                   options={"ftol": 1e-15, "maxiter": 1000}).x
+    bad = np.array([1.0, -2.0, 0.5])
+    thetas = np.stack([1e3 * svm / np.linalg.norm(svm), 1e3 * bad / np.linalg.norm(bad)])
+    un = flatten(MLP.from_weights((jnp.asarray([bad]),), None))[1]
+    traj = type("T", (), {"ts": np.array([1.0, 2.0]), "thetas": thetas, "unflatten": staticmethod(un),
+                          "model_at": lambda self, i: un(jnp.asarray(thetas[i]))})()
+    path = kkt.margin_along(traj, linear_data, loss="exponential", active_tol=1e-2, adaptive_tols=(1e-2, 1e6))
+    assert path.valid.all()
+    assert path.kkt_gap[0] < 1e-8 and path.stationarity[0] < 1e-8
+    assert path.kkt_gap[1] > 1e-2
+    for i in range(2):
+        ref = kkt.max_margin_kkt(un(jnp.asarray(thetas[i])), linear_data, active_tol=float(path.adaptive_tol[i]))
+        assert np.isclose(path.eps_adaptive[i], ref.eps, rtol=1e-9, atol=1e-12)
+        assert np.isclose(path.delta_adaptive[i], ref.delta, rtol=1e-9, atol=1e-12)
+        assert np.isclose(path.kkt_gap[i], max(ref.stationarity, abs(ref.slackness)), rtol=1e-9, atol=1e-12)
+        fixed = max(path.stationarity[i], abs(path.slackness[i]))
+        assert path.kkt_gap[i] <= fixed + 1e-15  # the fixed threshold is one of the candidates
+    # the all-constraints NNLS alone would look stationary: that is what kkt_gap must not hide
+    loose = kkt.max_margin_kkt(un(jnp.asarray(thetas[1])), linear_data, active_tol=1e6)
+    assert loose.slackness > 1e-2
+    with pytest.raises(ValueError, match="adaptive_tols"):
+        kkt.margin_along(traj, linear_data, loss="exponential", adaptive_tols=())
