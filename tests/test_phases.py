@@ -48,6 +48,7 @@ def test_fit_line_recovers_slope_and_stderr():
     assert abs(se - np.sqrt(resid @ resid / 4 / np.sum((x - x.mean()) ** 2))) < 1e-14
 
 
+@pytest.mark.slow
 def test_early_alignment_relu2(relu2, data):
     """L = 3, delta = 1e-6: at ||theta|| = 1e4 delta the direction is aligned (cos > 0.99) with a certified KKT point,
     and t * delta is the same for delta = 1e-4 .. 1e-7 within 1%."""
@@ -78,7 +79,7 @@ def _split(theta, model):
     return np.asarray(theta[:m]), np.asarray(theta[m:]).reshape(m, -1)
 
 
-@pytest.mark.parametrize("p", [2, 3])
+@pytest.mark.parametrize("p", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_escape_exponent(data, p):
     """Fitted exponent of t_escape ~ delta^-(L-2) within 0.1 of L - 2 (L = 3, 4)."""
     model = TwoLayer(4, 8, relu_power(p), key=jax.random.PRNGKey(1))
@@ -201,6 +202,7 @@ def _relative_tangent_residual(Ws, grads):
     return float(np.linalg.norm(g - (u @ g) * u) / np.linalg.norm(g))
 
 
+@pytest.mark.slow
 def test_rank_one_census_known_point():
     """Depth-3 ReLU net, data x = (z, 1) with all labels +1: every pre-activation is positive at the width-one point
     w1 = c / (sqrt 3 |c|), w2 = w3 = 1 / sqrt 3 (c = sum_i x_i), a KKT point; its split with non-negative u1, u2 is a

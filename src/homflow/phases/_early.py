@@ -241,11 +241,15 @@ def early_phase(model: AbstractHomogeneousModel, data, *, loss="square", u_star=
     dirs = thetas / jnp.linalg.norm(thetas, axis=1, keepdims=True)
     cos = np.asarray(dirs @ jnp.asarray(u_star))
     res = direction_residual(problem, thetas)
-    ncf_ts = np.minimum(sol.ts * scale, pred.t_end)
-    ncf_pred = integrate(problem, th_hat, field="ncf", t1=float(ncf_ts[-1]) * (1 + 1e-9) + 1e-300,
-                         level=float(factor) * 1.001, ts=ncf_ts, rtol=rtol)
+    # The NCF prediction at the rescaled times up to its own escape (later times, reached by the real flow when it
+    # escapes after the prediction, e.g. for a large delta, are left nan).
+    ncf_ts = sol.ts * scale
+    ncf_ts = ncf_ts[ncf_ts <= pred.t_end]
     ncf_ratio = np.full(sol.ts.shape, np.nan)
-    ncf_ratio[: ncf_pred.norms.size] = ncf_pred.norms
+    if ncf_ts.size:
+        ncf_pred = integrate(problem, th_hat, field="ncf", t1=float(ncf_ts[-1]) * (1 + 1e-9) + 1e-300,
+                             level=float(factor) * 1.001, ts=ncf_ts, rtol=rtol)
+        ncf_ratio[: ncf_pred.norms.size] = ncf_pred.norms
     th_esc = np.asarray(first.theta_end)
     cos_esc = float(th_esc @ u_star / np.linalg.norm(th_esc))
     return EarlyPhase(delta, L, float(factor), sol.ts, sol.norms / delta, cos, res, ncf_ratio, t_esc, t_pred,
