@@ -24,9 +24,8 @@ __all__ = ["solve_max_margin"]
 
 
 @eqx.filter_jit
-def _newton_parts(prob: MarginProblem, theta, lam):
-    q, G = prob.margins(theta), prob.jacobian(theta)
-    return q, G, prob.weighted_hessian(theta, lam)
+def _weighted_hessian(prob: MarginProblem, theta, lam):
+    return prob.weighted_hessian(theta, lam)
 
 
 def _slsqp(prob: MarginProblem, theta, maxiter):
@@ -59,31 +58,35 @@ def _active_set_newton(prob: MarginProblem, theta, S, lam_S, *, tol, max_iter, m
     msg = ""
 
     def residual(th, S, lam_S):
+        q, G = (np.asarray(a) for a in _margins_jac(prob, jnp.asarray(th)))
+        return np.concatenate([th - G[S].T @ lam_S, q[S] - 1.0]), q, G
+
+    def hessian(th, S, lam_S):
         lam = np.zeros(n)
         lam[S] = lam_S
-        q, G, Hw = (np.asarray(a) for a in _newton_parts(prob, jnp.asarray(th), jnp.asarray(lam)))
-        return np.concatenate([th - G[S].T @ lam_S, q[S] - 1.0]), q, G, Hw
+        return np.asarray(_weighted_hessian(prob, jnp.asarray(th), jnp.asarray(lam)))
 
     for _ in range(max_rounds):
         S = np.asarray(sorted(set(int(i) for i in S)), dtype=np.int64)
         lam_S = np.asarray(lam_S, dtype=np.float64)
-        F, q, G, Hw = residual(theta, S, lam_S)
+        F, q, G = residual(theta, S, lam_S)
         for _ in range(max_iter):
             if np.linalg.norm(F[:P]) <= tol * np.linalg.norm(theta) and np.linalg.norm(F[P:]) <= tol:
                 break
+            Hw = hessian(theta, S, lam_S)
             J = np.block([[np.eye(P) - Hw, -G[S].T], [G[S], np.zeros((S.size, S.size))]])
             step = np.linalg.lstsq(J, -F, rcond=None)[0]
             f0, alpha = float(np.linalg.norm(F)), 1.0
             for _ in range(31):
                 th_t, lam_t = theta + alpha * step[:P], lam_S + alpha * step[P:]
-                F_t, q_t, G_t, Hw_t = residual(th_t, S, lam_t)
+                F_t, q_t, G_t = residual(th_t, S, lam_t)
                 if q_t.min() > 0 and np.linalg.norm(F_t) <= (1.0 - 1e-4 * alpha) * f0:
                     break
                 alpha *= 0.5
             else:
                 msg = "the Newton line search found no decrease of the KKT residual"
                 return theta, its, msg
-            theta, lam_S, F, q, G, Hw = th_t, lam_t, F_t, q_t, G_t, Hw_t
+            theta, lam_S, F, q, G = th_t, lam_t, F_t, q_t, G_t
             its += 1
         violated = np.setdiff1d(np.flatnonzero(q < 1.0 - feas_tol), S)
         if S.size and lam_S.min() < 0:
