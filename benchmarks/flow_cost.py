@@ -36,7 +36,8 @@ TARGET = 1e-6
 def homflow_row(model, data, th0, ref, t1, solver, rtol, **kw):
     tr, wall = timed(lambda: gradient_flow(model, data, loss="square", t1=t1, rtol=rtol, solver=solver, theta0=th0,
                                            ts=[0.0, t1], **kw))
-    return {"method": f"homflow {solver} rtol {rtol:g}", "grad_evals": tr.stats["grad_evals"],
+    label = f"homflow {solver} rtol {rtol:g}" + (f" atol {kw['atol']:g}" if "atol" in kw else "")
+    return {"method": label, "grad_evals": tr.stats["grad_evals"],
             "grad-eq": tr.stats["grad_evals"], "wall_s": wall, "error": rel_err(tr.thetas[-1], ref),
             "steps": tr.stats["num_steps"], "note": tr.result.reason if not tr.result.success else
             (f"stiff steps {tr.stats.get('num_stiff_steps', '-')}" if "num_stiff_steps" in tr.stats else "")}
@@ -140,9 +141,14 @@ def run_t60(model, data, objective, th0):
 def run_t250(model, data, objective, th0, slow=False):
     t1 = 250.0
     ref = reference(t1)
-    rows = [homflow_row(model, data, th0, ref, t1, "auto", r) for r in (1e-8, 1e-9, 1e-10)]
+    rows = [homflow_row(model, data, th0, ref, t1, "auto", r) for r in (1e-8, 1e-9)]
+    # atol: the default rtol * ||theta(0)|| = rtol * 1e-3 lets the tiny early-phase weights (~4e-5 each) carry a
+    # relative error ~ rtol * 25, which the saddle escapes amplify; atol = 1e-4 rtol = 0.1 rtol ||theta(0)|| (about
+    # rtol times a typical weight) makes that phase relative
+    rows += [homflow_row(model, data, th0, ref, t1, "auto", r, atol=r * 1e-4) for r in (1e-8, 1e-9)]
     rows.append(homflow_row(model, data, th0, ref, t1, "stiff", 1e-9))
     rows.append(homflow_row(model, data, th0, ref, t1, "tsit5", 1e-8))
+    rows.append(homflow_row(model, data, th0, ref, t1, "tsit5", 1e-8, atol=1e-12))
     rows.append(gd_row(objective, th0, ref, t1, 1e-4))
     rows += [scipy_row(objective, th0, ref, t1, m, 1e-9, True) for m in ("LSODA", "BDF")]
     if slow:
