@@ -185,12 +185,12 @@ def gradient_flow(
         loss: ``'square'``, ``'logistic'``, ``'exponential'`` or a :class:`homflow.losses.Loss` (summed over samples).
         t1: final time.
         rtol: relative tolerance of the PID step-size controller (default 1e-8).
-        atol: absolute tolerance; default ``rtol * ||theta(0)||`` (it must follow the weight scale: with a tiny
-            initialisation an absolute 1e-8 lets the early phase be taken in a few inaccurate steps). Flows that pass
-            saddles amplify early errors: from a tiny initialisation the individual weights are far below
-            ``||theta(0)||``, and ``atol = 0.1 rtol ||theta(0)||`` (about ``rtol`` times a typical weight) makes their
-            control relative (on the canonical problem to t = 250 it cut the endpoint error of ``'auto'`` at rtol 1e-8
-            from 1.1e-6 to 0.9e-7 for 10% more gradient evaluations; docs/performance.md).
+        atol: absolute tolerance; default ``0.1 * rtol * ||theta(0)||``. It must follow the weight scale: with a tiny
+            initialisation an absolute 1e-8 lets the early phase be taken in a few inaccurate steps. Flows that pass
+            saddles amplify early errors, and from a tiny initialisation the individual weights are far below
+            ``||theta(0)||``: the factor 0.1 (about ``rtol`` times a typical weight) makes their control relative (on
+            the canonical problem to t = 250 it cut the endpoint error of ``'auto'`` at rtol 1e-8 from 1.1e-6, with
+            ``rtol * ||theta(0)||``, to 0.9e-7 for 10% more gradient evaluations; docs/performance.md).
         ts: save times (default :func:`log_times` ``(t1, n_save)``: 0 and log-spaced times).
         solver: ``'auto'`` (default): homflow's engine, Dormand-Prince 5(4) while the flow is non-stiff, switching to
             the Runge-Kutta-Chebyshev method RKC2 when its steps become stability-limited (the stiff square-loss
@@ -222,7 +222,7 @@ def gradient_flow(
         raise ValueError("the initial parameters hold NaN or inf.")
     rtol = _check_tolerance("rtol", rtol, theta.dtype)
     nrm = float(jnp.linalg.norm(theta))
-    atol = _check_tolerance("atol", atol if atol is not None else rtol * max(nrm, 1e-300), theta.dtype)
+    atol = _check_tolerance("atol", atol if atol is not None else 0.1 * rtol * max(nrm, 1e-300), theta.dtype)
     if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
         raise ValueError(f"`max_steps` must be a positive integer; got {max_steps!r}.")
     ts = log_times(t1, n_save) if ts is None else np.asarray(ts, dtype=float)
@@ -368,7 +368,7 @@ def gradient_flow_batch(model: AbstractHomogeneousModel, data, thetas0, *, metho
     ``method='batched'`` integrates all members in one compiled lock-step loop of homflow's stiff-aware engine
     (``solver='auto'`` or ``'stiff'``): each member keeps its own step size, error control and stiffness switch, and
     every stage evaluates one batched gradient (the cost per member approaches the raw ``vmap(grad)`` cost; see
-    docs/performance.md); its default ``atol`` is ``rtol * ||theta0[b]||`` per member, as in single calls.
+    docs/performance.md); its default ``atol`` is ``0.1 * rtol * ||theta0[b]||`` per member, as in single calls.
     ``method='map'`` runs one compiled solve per member (compiled once; the cost of B separate calls without their
     overhead), ``'vmap'`` vectorises a diffrax solve (every member then takes the steps of the stiffest: measured 7x
     slower on a CPU for spread-out problems; with the engine's solvers ``'auto'``/``'stiff'`` it is ``'batched'``). Keyword arguments are those of
@@ -400,7 +400,7 @@ def _batched_flows(model, data, thetas0, *, loss="square", t1, rtol=1e-8, atol=N
         raise ValueError(f"`solver` must be one of {_ENGINE} with method='batched'; got {solver!r}.")
     rtol = _check_tolerance("rtol", rtol, theta.dtype)
     if atol is None:
-        atol = rtol * jnp.maximum(jnp.linalg.norm(thetas0, axis=1), 1e-300)
+        atol = 0.1 * rtol * jnp.maximum(jnp.linalg.norm(thetas0, axis=1), 1e-300)
     else:
         atol = jnp.full((thetas0.shape[0],), _check_tolerance("atol", atol, theta.dtype), theta.dtype)
     if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
@@ -426,7 +426,7 @@ def _vmap_flows(model, data, thetas0, *, loss="square", t1, rtol=1e-8, atol=None
     thetas0 = jnp.asarray(thetas0, dtype=theta.dtype)
     rtol = _check_tolerance("rtol", rtol, theta.dtype)
     nrm = float(jnp.min(jnp.linalg.norm(thetas0, axis=1)))
-    atol = _check_tolerance("atol", atol if atol is not None else rtol * max(nrm, 1e-300), theta.dtype)
+    atol = _check_tolerance("atol", atol if atol is not None else 0.1 * rtol * max(nrm, 1e-300), theta.dtype)
     ts = log_times(t1, n_save) if ts is None else np.asarray(ts, dtype=float)
     if ts[0] != 0.0:
         ts = np.concatenate([[0.0], ts])
