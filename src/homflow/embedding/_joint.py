@@ -19,7 +19,6 @@ Error norm of the step-size controller (``error_norm``):
 
 from __future__ import annotations
 
-import math
 
 import diffrax
 import equinox as eqx
@@ -27,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
 
-from ..flow import FlowResult, Trajectory, log_times, make_objective
+from ..flow import FlowResult, Trajectory, make_objective
+from ..flow._ode import _check_tolerance, _initial_step, check_max_steps, check_times
 from ..losses import get_loss
 from ._split import AbstractSplit
 
@@ -85,7 +85,7 @@ def joint_flow(
         data: a ``Dataset``; loss: the training loss (summed over samples).
         t1: final time; ts: save times in ``[0, t1]`` (default :func:`homflow.flow.log_times` ``(t1, n_save)``).
         rtol: relative tolerance of the PID controller (default 1e-10); atol: absolute tolerance (default
-            ``rtol * ||theta(0)||``).
+            ``0.1 * rtol * ||theta(0)||``, as in :func:`homflow.flow.gradient_flow`).
         solver: an explicit Runge-Kutta method, one of ``JOINT_SOLVERS`` (``'tsit5'`` default).
         error_norm: ``'narrow'`` (default: the controller looks at the narrow half only) or ``'full'`` (RMS over
             ``(theta, eta)``).
@@ -105,34 +105,17 @@ def joint_flow(
         solver_obj = JOINT_SOLVERS[solver.lower()]()
     else:
         raise ValueError(f"`solver` must be one of {tuple(JOINT_SOLVERS)}; got {solver!r}.")
-    t1 = float(t1)
-    if not (t1 > 0 and math.isfinite(t1)):
-        raise ValueError(f"`t1` must be a finite time > 0; got {t1!r}.")
-    ts = log_times(t1, n_save) if ts is None else np.asarray(ts, dtype=float)
-    if ts.ndim != 1 or ts.size < 1 or np.any(np.diff(ts) <= 0) or ts[0] < 0 or ts[-1] > t1:
-        raise ValueError("`ts` must be increasing times in [0, t1].")
-    if ts[0] != 0.0:
-        ts = np.concatenate([[0.0], ts])
-    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
-        raise ValueError(f"`max_steps` must be a positive integer; got {max_steps!r}.")
+    t1, ts = check_times(t1, ts, n_save)
+    max_steps = check_max_steps(max_steps)
     loss = get_loss(loss)
     obj_n, theta0 = make_objective(narrow, data, loss)
     obj_w, _ = make_objective(split.wide, data, loss)
     eta0 = split.apply_flat(theta0)
     dtype = theta0.dtype
-    eps = float(jnp.finfo(dtype).eps)
-    rtol = float(rtol)
-    if not (rtol >= 10 * eps and math.isfinite(rtol)):
-        raise ValueError(
-            f"`rtol` must be finite and >= 10 eps = {10 * eps:.1e} of {jnp.dtype(dtype).name}; got {rtol!r} "
-            "(enable float64 with homflow.enable_x64() for tight tolerances)."
-        )
+    rtol = _check_tolerance("rtol", rtol, dtype)
     nrm = float(jnp.linalg.norm(theta0))
-    atol = rtol * max(nrm, 1e-300) if atol is None else float(atol)
-    if not (atol > 0 and math.isfinite(atol)):
-        raise ValueError(f"`atol` must be a finite number > 0; got {atol!r}.")
-    v = float(jnp.linalg.norm(obj_n.velocity(theta0)))
-    dt0 = min(1e-3 * nrm / v, 1e-3 * t1) if (v > 0 and math.isfinite(v) and nrm > 0) else 1e-6 * t1
+    atol = _check_tolerance("atol", 0.1 * rtol * max(nrm, 1e-300) if atol is None else atol, dtype)
+    dt0 = _initial_step(obj_n, theta0, t1)
     f = lambda x: jnp.asarray(x, dtype=dtype)  # noqa: E731  (arrays, not Python floats: no recompilation)
     ys, stats, code = _solve(obj_n, obj_w, theta0, eta0, f(ts), f(t1), f(rtol), f(atol), f(dt0), f(pcoeff), f(icoeff),
                              solver_obj, error_norm, int(max_steps))

@@ -50,6 +50,34 @@ def log_times(t1: float, n: int = 200, *, t_min: float | None = None) -> np.ndar
     return np.concatenate([[0.0], np.geomspace(t_min, t1, n - 1)])
 
 
+def check_times(t1, ts=None, n_save: int = 200) -> tuple[float, np.ndarray]:
+    """Validate a horizon ``t1`` and save times ``ts`` (default :func:`log_times` ``(t1, n_save)``); returns ``t1`` as a
+    float and ``ts`` as increasing times in ``[0, t1]`` that start at 0.
+
+    Raises:
+        ValueError: for ``t1`` not finite and > 0, or ``ts`` not increasing in ``[0, t1]``.
+    """
+    try:
+        t1 = float(t1)
+    except (TypeError, ValueError):
+        raise ValueError(f"`t1` must be a finite time > 0; got {t1!r}.") from None
+    if not (t1 > 0 and math.isfinite(t1)):
+        raise ValueError(f"`t1` must be a finite time > 0; got {t1!r}.")
+    ts = log_times(t1, n_save) if ts is None else np.asarray(ts, dtype=float)
+    if ts.ndim != 1 or ts.size < 1 or np.any(np.diff(ts) <= 0) or ts[0] < 0 or ts[-1] > t1:
+        raise ValueError("`ts` must be increasing times in [0, t1].")
+    if ts[0] != 0.0:
+        ts = np.concatenate([[0.0], ts])
+    return t1, ts
+
+
+def check_max_steps(max_steps) -> int:
+    """``max_steps`` as a positive int, or a ``ValueError`` naming it."""
+    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
+        raise ValueError(f"`max_steps` must be a positive integer; got {max_steps!r}.")
+    return int(max_steps)
+
+
 def _check_tolerance(name, value, dtype):
     v = float(value)
     if not (v > 0 and math.isfinite(v)):
@@ -223,19 +251,11 @@ def gradient_flow(
     rtol = _check_tolerance("rtol", rtol, theta.dtype)
     nrm = float(jnp.linalg.norm(theta))
     atol = _check_tolerance("atol", atol if atol is not None else 0.1 * rtol * max(nrm, 1e-300), theta.dtype)
-    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
-        raise ValueError(f"`max_steps` must be a positive integer; got {max_steps!r}.")
-    ts = log_times(t1, n_save) if ts is None else np.asarray(ts, dtype=float)
-    t1 = float(t1)
-    if not (t1 > 0 and math.isfinite(t1)):
-        raise ValueError(f"`t1` must be a finite time > 0; got {t1!r}.")
-    if ts.ndim != 1 or ts.size < 1 or np.any(np.diff(ts) <= 0) or ts[0] < 0 or ts[-1] > t1:
-        raise ValueError("`ts` must be increasing times in [0, t1].")
+    max_steps = check_max_steps(max_steps)
+    t1, ts = check_times(t1, ts, n_save)
     if time not in ("auto", "linear", "log"):
         raise ValueError(f"`time` must be 'auto', 'linear' or 'log'; got {time!r}.")
     log_time = time == "log" or (time == "auto" and t1 > 1e4)
-    if ts[0] != 0.0:
-        ts = np.concatenate([[0.0], ts])
     if isinstance(solver, str) and solver.lower() in _ENGINE:
         return _engine_flow(objective, theta, ts, t1, rtol, atol, solver.lower(), log_time, _check_events(events),
                             int(max_steps), pcoeff, icoeff)
@@ -403,18 +423,10 @@ def _batched_flows(model, data, thetas0, *, loss="square", t1, rtol=1e-8, atol=N
         atol = 0.1 * rtol * jnp.maximum(jnp.linalg.norm(thetas0, axis=1), 1e-300)
     else:
         atol = jnp.full((thetas0.shape[0],), _check_tolerance("atol", atol, theta.dtype), theta.dtype)
-    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
-        raise ValueError(f"`max_steps` must be a positive integer; got {max_steps!r}.")
-    t1 = float(t1)
-    if not (t1 > 0 and math.isfinite(t1)):
-        raise ValueError(f"`t1` must be a finite time > 0; got {t1!r}.")
-    ts = log_times(t1, n_save) if ts is None else np.asarray(ts, dtype=float)
-    if ts.ndim != 1 or ts.size < 1 or np.any(np.diff(ts) <= 0) or ts[0] < 0 or ts[-1] > t1:
-        raise ValueError("`ts` must be increasing times in [0, t1].")
+    max_steps = check_max_steps(max_steps)
+    t1, ts = check_times(t1, ts, n_save)
     if time not in ("auto", "linear", "log"):
         raise ValueError(f"`time` must be 'auto', 'linear' or 'log'; got {time!r}.")
-    if ts[0] != 0.0:
-        ts = np.concatenate([[0.0], ts])
     log_time = time == "log" or (time == "auto" and t1 > 1e4)
     return _engine_flow(objective, thetas0, ts, t1, rtol, atol, solver.lower(), log_time, _check_events(events),
                         int(max_steps), pcoeff, icoeff, options)
@@ -427,9 +439,7 @@ def _vmap_flows(model, data, thetas0, *, loss="square", t1, rtol=1e-8, atol=None
     rtol = _check_tolerance("rtol", rtol, theta.dtype)
     nrm = float(jnp.min(jnp.linalg.norm(thetas0, axis=1)))
     atol = _check_tolerance("atol", atol if atol is not None else 0.1 * rtol * max(nrm, 1e-300), theta.dtype)
-    ts = log_times(t1, n_save) if ts is None else np.asarray(ts, dtype=float)
-    if ts[0] != 0.0:
-        ts = np.concatenate([[0.0], ts])
+    t1, ts = check_times(t1, ts, n_save)
     log_time = time == "log" or (time == "auto" and t1 > 1e4)
     solver_obj, evals_per_step = _make_solver(solver)
     events = _check_events(events)
