@@ -20,12 +20,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import itertools
-import os
 import secrets
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .experiments._config import ConfigError, RunConfig, parse_config, set_dotted
+from .experiments._config import ConfigError, RunConfig, parse_config, read_toml, set_dotted
 
 __all__ = ["Sweep", "SweepResult", "load_sweep", "parse_sweep", "run_sweep", "run_grid_values", "BACKENDS"]
 
@@ -112,17 +111,7 @@ def parse_sweep(d: Mapping, *, quick: bool | None = None) -> Sweep:
 
 def load_sweep(path, *, quick: bool | None = None) -> Sweep:
     """Read and validate a sweep TOML file (see the module docstring)."""
-    import tomllib
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ConfigError("", f"sweep file not found: {path!r}.")
-    try:
-        with open(path, "rb") as f:
-            d = tomllib.load(f)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError("", f"{path!r} is not valid TOML: {e}.") from None
-    return parse_sweep(d, quick=quick)
+    return parse_sweep(read_toml(path, "sweep"), quick=quick)
 
 
 def _worker(cfg_dict: dict, root: str, sweep_id: str) -> dict:

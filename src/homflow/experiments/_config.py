@@ -292,17 +292,21 @@ def load_config(path: os.PathLike | str, *, quick: bool | None = None) -> RunCon
     Raises:
         ConfigError: if the file is missing, not valid TOML, or the config is bad.
     """
+    return parse_config(read_toml(path, "config"), quick=quick)
+
+
+def read_toml(path: os.PathLike | str, what: str = "config") -> dict:
+    """The table of a TOML file; a :class:`ConfigError` (not a traceback) if it is missing or not valid TOML."""
     import tomllib
 
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ConfigError("", f"config file not found: {path!r}.")
+        raise ConfigError("", f"{what} file not found: {path!r}.")
     try:
         with open(path, "rb") as f:
-            d = tomllib.load(f)
+            return tomllib.load(f)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError("", f"{path!r} is not valid TOML: {e}.") from None
-    return parse_config(d, quick=quick)
 
 
 def config_to_toml(cfg: RunConfig) -> str:
