@@ -42,7 +42,6 @@ def main():
     n_sep = args.separate or args.batch
     singles, w_s = timed(lambda: [gradient_flow(model, data, theta0=th, **kw) for th in thetas[:n_sep]])
     w_s *= args.batch / n_sep
-    from homflow.flow._batched import _engine  # noqa: F401  (stats of the last batched run below)
     batched_evals = _last_batched_evals(model, data, thetas, kw)
     w_raw = raw_grad_time(objective, jnp.asarray(thetas), batched_evals)
     per = sum(o.stats["grad_evals"] for o in out)
@@ -60,9 +59,6 @@ def main():
 
 def _last_batched_evals(model, data, thetas, kw):
     """Batched evaluations of one batched run (the engine's own count)."""
-    import dataclasses  # noqa: F401
-
-    from homflow.flow._ode import _engine_flow, _check_events  # noqa: F401
     from homflow.flow import make_objective
 
     objective, _ = make_objective(model, data, kw["loss"])

@@ -1,7 +1,6 @@
 """Gradient descent, SGD and Adam against hand-written loops; the loss-based step size."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -9,7 +9,7 @@ from homflow.activations import relu
 from homflow.data import Dataset
 from homflow.losses import (exponential, get_loss, log_loss, logistic, loss_value, margins, normalized_margin,
                             smoothed_margin, square)
-from homflow.models import MLP, TwoLayer, flatten, param_norm, rescale
+from homflow.models import MLP, TwoLayer, flatten, rescale
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 from ._config import ConfigError, _choice, _positive, spec_from_dict
 
