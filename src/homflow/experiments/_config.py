@@ -127,6 +127,11 @@ def _positive(key: str, v: float, *, allow_zero: bool = False) -> None:
         raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}; got {v!r}.")
 
 
+def _at_least(key: str, v: int, minimum: int, note: str = "") -> None:
+    if v < minimum:
+        raise ConfigError(key, f"must be an integer >= {minimum}{note}; got {v!r}.")
+
+
 def _choice(key: str, v: str, options) -> None:
     if v not in options:
         raise ConfigError(key, f"must be one of {tuple(options)}; got {v!r}.{_did_you_mean(v, options)}")

@@ -9,7 +9,7 @@ import math
 import os
 from typing import Any, Mapping
 
-from ._config import ConfigError, _choice, _positive, spec_from_dict
+from ._config import ConfigError, _at_least, _choice, _positive, spec_from_dict
 
 __all__ = ["DataSpec", "ModelSpec", "InitSpec", "FlowSpec", "CheckSpec", "FlowExperimentConfig", "FLOW_DEFAULTS",
            "DATA_KINDS", "MODEL_KINDS", "ACTIVATIONS", "LOSSES", "METHODS", "SOLVERS", "METRICS", "ANALYSES"]
@@ -46,14 +46,10 @@ class DataSpec:
     def __post_init__(self):
         P = self._path
         _choice(f"{P}.kind", self.kind, DATA_KINDS)
-        if self.n < 2:
-            raise ConfigError(f"{P}.n", f"must be an integer >= 2; got {self.n!r}.")
-        if self.d < 1:
-            raise ConfigError(f"{P}.d", f"must be an integer >= 1; got {self.d!r}.")
-        if self.teacher_width < 1:
-            raise ConfigError(f"{P}.teacher_width", f"must be an integer >= 1; got {self.teacher_width!r}.")
-        if self.p < 1:
-            raise ConfigError(f"{P}.p", f"must be an integer >= 1; got {self.p!r}.")
+        _at_least(f"{P}.n", self.n, 2)
+        _at_least(f"{P}.d", self.d, 1)
+        _at_least(f"{P}.teacher_width", self.teacher_width, 1)
+        _at_least(f"{P}.p", self.p, 1)
         _positive(f"{P}.noise", self.noise, allow_zero=True)
         allowed = {"teacher_student": ("sign", "value"), "sphere": ("random", "linear")}.get(self.kind)
         if allowed and self.labels not in allowed:
@@ -97,14 +93,11 @@ class ModelSpec:
         P = self._path
         _choice(f"{P}.kind", self.kind, MODEL_KINDS)
         _choice(f"{P}.activation", self.activation, ACTIVATIONS)
-        if self.width < 1:
-            raise ConfigError(f"{P}.width", f"must be an integer >= 1; got {self.width!r}.")
+        _at_least(f"{P}.width", self.width, 1)
         if any(w < 1 for w in self.widths):
             raise ConfigError(f"{P}.widths", f"must be positive integers; got {list(self.widths)}.")
-        if self.depth < 1:
-            raise ConfigError(f"{P}.depth", f"must be an integer >= 1; got {self.depth!r}.")
-        if self.p < 1:
-            raise ConfigError(f"{P}.p", f"must be an integer >= 1 (the activation's degree); got {self.p!r}.")
+        _at_least(f"{P}.depth", self.depth, 1)
+        _at_least(f"{P}.p", self.p, 1, " (the activation's degree)")
         if self.d_in < 0:
             raise ConfigError(f"{P}.d_in", f"must be >= 0 (0: the data's dimension); got {self.d_in!r}.")
         if self.kind == "cnn":
@@ -163,8 +156,7 @@ class FlowSpec:
         _positive(f"{P}.stop_loss", self.stop_loss, allow_zero=True)
         _positive(f"{P}.stop_norm", self.stop_norm, allow_zero=True)
         for k in ("segments", "n_save", "max_steps", "steps", "save_every"):
-            if getattr(self, k) < 1:
-                raise ConfigError(f"{P}.{k}", f"must be an integer >= 1; got {getattr(self, k)!r}.")
+            _at_least(f"{P}.{k}", getattr(self, k), 1)
         if self.n_save < 2:
             raise ConfigError(f"{P}.n_save", f"must be >= 2 (saved states per segment); got {self.n_save!r}.")
         if self.batch_size < 0:
