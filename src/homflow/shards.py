@@ -1,0 +1,337 @@
+"""Shards of work run in-process, in a pool of spawned processes or as Ray tasks; the driver gets their results back.
+
+A *shard* is one picklable call ``fn(payload) -> value`` (a sweep point, a batch of census directions). Workers
+return values (arrays, file contents); the driver alone writes the run store and its SQLite index, through the
+``on_result`` callback, as each shard finishes. So a worker that dies leaves nothing half-written: its shard is run
+again (at most ``max_retries`` more times) on a fresh worker, and the healthy workers go on undisturbed.
+
+Backends:
+
+* ``'local'`` with ``workers = 1``: in the driver's process.
+* ``'local'`` with ``workers > 1``: long-lived spawned processes (JAX does not survive ``fork``), one shard at a time
+  each. A worker watches its parent and exits when the parent dies, so killing the driver stops its workers.
+* ``'ray'``: Ray tasks with declared resources (``num_cpus``, ``num_gpus``), ``max_retries`` for a task whose worker
+  died, at most ``workers`` shards in flight; ``ray.init(address=...)`` gives up with a clear message after
+  ``connect_timeout_s`` when no cluster answers.
+
+All workers share JAX's persistent compilation cache (:func:`enable_compilation_cache`), so a program compiled once,
+by any worker or an earlier run, is loaded instead of compiled again.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+__all__ = ["ShardError", "run_shards", "enable_compilation_cache", "compilation_cache_dir", "worker_setup"]
+
+# a shard whose worker died is run again at most this many times (a deterministic crash must not loop forever)
+DEFAULT_MAX_RETRIES = 2
+# how long ``ray.init(address=...)`` may take before we say that no cluster answers
+DEFAULT_CONNECT_TIMEOUT_S = 30.0
+# how often a pool worker checks that its parent is alive
+PARENT_POLL_S = 0.5
+
+
+class ShardError(RuntimeError):
+    """A backend could not be used (no Ray installed, no cluster at the address): the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the persistent compilation cache
+def compilation_cache_dir() -> Path | None:
+    """Where JAX's persistent compilation cache lives: ``$HOMFLOW_JAX_CACHE`` (``off`` disables it), else
+    ``$XDG_CACHE_HOME/homflow/jax`` (default ``~/.cache/homflow/jax``)."""
+    env = os.environ.get("HOMFLOW_JAX_CACHE")
+    if env is not None:
+        return None if env.strip().lower() in ("", "off", "0", "none") else Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "homflow" / "jax"
+
+
+def enable_compilation_cache(path: os.PathLike | str | None = None, *, min_compile_time_s: float = 0.0) -> Path | None:
+    """Turn on JAX's persistent compilation cache in ``path`` (default :func:`compilation_cache_dir`) for every
+    program, however small (``min_compile_time_s = 0``, any entry size), so that worker processes and later runs
+    load compiled programs instead of compiling them. Returns the directory, or ``None`` if disabled or unusable."""
+    import jax
+
+    p = Path(path).expanduser() if path is not None else compilation_cache_dir()
+    if p is None:
+        return None
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None  # a read-only home: run without the cache rather than fail
+    jax.config.update("jax_compilation_cache_dir", str(p))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return p
+
+
+def worker_setup(cache_dir: str | None, parent_pid: int | None = None) -> None:
+    """What every worker does first: float64 on, the shared compilation cache, and (pool workers) exit when the
+    parent process is gone. Idempotent."""
+    from . import enable_x64
+
+    enable_x64()
+    if cache_dir:
+        enable_compilation_cache(cache_dir)
+    if parent_pid and not getattr(worker_setup, "_watching", False):
+        worker_setup._watching = True  # type: ignore[attr-defined]
+
+        def watch():
+            while True:
+                if os.getppid() != parent_pid:
+                    os._exit(70)  # the driver died: stop computing for nobody
+                time.sleep(PARENT_POLL_S)
+
+        threading.Thread(target=watch, daemon=True, name="homflow-parent-watch").start()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def run_shards(fn: Callable[[Any], Any], payloads: Mapping[Any, Any], *, on_result: Callable[[Any, Any], None],
+               on_failure: Callable[[Any, str], None], backend: str = "local", workers: int = 1,
+               max_retries: int = DEFAULT_MAX_RETRIES, address: str | None = None, num_cpus: float = 1.0,
+               num_gpus: float = 0.0, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+               cache_dir: str | None = None, progress: Callable[[float, str], None] | None = None) -> None:
+    """Run ``fn(payload)`` for every ``payloads[key]`` and hand each value to ``on_result(key, value)`` in the
+    driver as it arrives; a shard that raised, or whose worker died more than ``max_retries`` times, goes to
+    ``on_failure(key, reason)``.
+
+    Arguments:
+        fn: a module-level (picklable) function; it should catch its own errors and return them as values.
+        backend: ``'local'`` or ``'ray'``. workers: shards in flight at once (processes for ``'local'``).
+        max_retries: extra attempts for a shard whose worker died. num_cpus, num_gpus: Ray resources per shard.
+        address: Ray cluster address (``None``: start a local Ray with ``workers`` CPUs).
+        cache_dir: the compilation cache shared by the workers (see :func:`enable_compilation_cache`).
+
+    Raises:
+        ValueError: bad ``backend``, ``workers``, ``max_retries``, ``num_cpus``, ``num_gpus``.
+        ShardError: Ray requested but not installed, or no cluster answering at ``address``.
+    """
+    if backend not in ("local", "ray"):
+        raise ValueError(f"`backend` must be 'local' or 'ray'; got {backend!r}.")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"`workers` must be an integer >= 1; got {workers!r}.")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ValueError(f"`max_retries` must be an integer >= 0; got {max_retries!r}.")
+    if not num_cpus > 0 or not num_gpus >= 0:
+        raise ValueError(f"`num_cpus` must be > 0 and `num_gpus` >= 0; got {num_cpus!r}, {num_gpus!r}.")
+    progress = progress or (lambda f, m: None)
+    todo = dict(payloads)
+    if not todo:
+        return
+    if backend == "ray":
+        _run_ray(fn, todo, on_result, on_failure, workers, max_retries, address, num_cpus, num_gpus,
+                 connect_timeout_s, cache_dir, progress)
+    elif workers == 1:
+        for i, (k, p) in enumerate(todo.items()):
+            progress(i / len(todo), f"shard {i + 1}/{len(todo)}")
+            try:
+                v = fn(p)
+            except Exception as e:  # noqa: BLE001 - the shard failed; go on with the others
+                on_failure(k, f"{type(e).__name__}: {e}")
+                continue
+            on_result(k, v)
+        progress(1.0, "done")
+    else:
+        _run_pool(fn, todo, on_result, on_failure, workers, max_retries, cache_dir, progress)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the local pool
+def _pool_main(conn, cache_dir: str | None, parent_pid: int) -> None:  # pragma: no cover - runs in a child
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    worker_setup(cache_dir, parent_pid)
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        fn, key, payload = msg
+        try:
+            out = ("ok", fn(payload))
+        except Exception as e:  # noqa: BLE001
+            out = ("error", f"{type(e).__name__}: {e}")
+        conn.send((key, out))
+
+
+def _run_pool(fn, todo, on_result, on_failure, workers, max_retries, cache_dir, progress) -> None:
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+
+    ctx = mp.get_context("spawn")
+    queue = list(todo)
+    attempts = {k: 0 for k in queue}
+    n, done = len(queue), 0
+    procs: dict[int, tuple[Any, Any, Any]] = {}  # slot -> (process, connection, key in flight or None)
+
+    def start(slot: int) -> None:
+        a, b = ctx.Pipe()
+        p = ctx.Process(target=_pool_main, args=(b, cache_dir, os.getpid()), daemon=True,
+                        name=f"homflow-worker-{slot}")
+        p.start()
+        b.close()
+        procs[slot] = (p, a, None)
+
+    def feed(slot: int) -> None:
+        p, conn, _ = procs[slot]
+        if queue:
+            k = queue.pop(0)
+            attempts[k] += 1
+            conn.send((fn, k, todo[k]))
+            procs[slot] = (p, conn, k)
+        else:
+            procs[slot] = (p, conn, None)
+
+    try:
+        for slot in range(min(workers, n)):
+            start(slot)
+            feed(slot)
+        while any(k is not None for _, _, k in procs.values()):
+            ready = wait([c for _, c, k in procs.values() if k is not None]
+                         + [p.sentinel for p, _, k in procs.values() if k is not None])
+            for slot, (p, conn, k) in list(procs.items()):
+                if k is None:
+                    continue
+                if conn in ready or conn.poll():
+                    try:
+                        key, (kind, value) = conn.recv()
+                    except (EOFError, OSError):
+                        kind = None  # died while sending: treated as a dead worker below
+                    else:
+                        done += 1
+                        (on_result if kind == "ok" else on_failure)(key, value)
+                        progress(done / n, f"{done}/{n} done")
+                        feed(slot)
+                        continue
+                if p.sentinel in ready or not p.is_alive():
+                    p.join()
+                    conn.close()
+                    reason = f"its worker process died (exit code {p.exitcode})"
+                    if attempts[k] <= max_retries:
+                        queue.insert(0, k)
+                        progress(done / n, f"retrying a shard: {reason}")
+                    else:
+                        done += 1
+                        on_failure(k, f"{reason}, {attempts[k]} times")
+                    start(slot)
+                    feed(slot)
+    finally:
+        for p, conn, _ in procs.values():
+            try:
+                conn.send(None)
+            except (OSError, ValueError):
+                pass
+        deadline = time.time() + 5.0
+        for p, conn, k in procs.values():
+            if k is not None:  # interrupted mid-shard: no one will read its result
+                p.kill()
+            p.join(max(0.0, deadline - time.time()))
+            if p.is_alive():
+                p.kill()
+                p.join()
+            conn.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ray
+def _ray_shard(fn, payload, cache_dir):  # pragma: no cover - runs in a Ray worker
+    worker_setup(cache_dir)
+    return fn(payload)
+
+
+def ray_connect(address: str | None, *, num_cpus: int | None = None,
+                timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S):
+    """``ray.init`` that never waits forever: a TCP probe of ``host:port`` first, then ``ray.init`` in a thread that
+    must answer within ``timeout_s``. Returns the ``ray`` module.
+
+    Raises:
+        ShardError: Ray is not installed, or no cluster answers at ``address``.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise ShardError("`--backend ray` needs the ray package, which is not installed: pip install "
+                         "'homflow[ray]' (or use --backend local).") from None
+    if ray.is_initialized():
+        return ray
+    if address and address not in ("auto", "local") and not address.startswith("ray://"):
+        import socket
+
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=min(timeout_s, 5.0)).close()
+        except (OSError, ValueError) as e:
+            raise ShardError(f"no Ray cluster answers at --address {address!r} ({e}); start one with `ray start "
+                             f"--head --port=PORT` or leave out --address for a local Ray.") from None
+    box: dict[str, Any] = {}
+
+    def init():
+        try:
+            kw: dict[str, Any] = dict(address=address, ignore_reinit_error=True, log_to_driver=False,
+                                      include_dashboard=False)
+            if address is None:
+                kw["num_cpus"] = num_cpus
+            ray.init(**kw)
+            box["ok"] = True
+        except Exception as e:  # noqa: BLE001
+            box["error"] = e
+
+    t = threading.Thread(target=init, daemon=True, name="homflow-ray-init")
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        raise ShardError(f"no Ray cluster answered at --address {address!r} within {timeout_s:g} s; check that "
+                         f"`ray status --address {address}` works there, or leave out --address for a local Ray.")
+    if "error" in box:
+        e = box["error"]
+        raise ShardError(f"could not connect to Ray at {address or 'a new local cluster'!r}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return ray
+
+
+def _run_ray(fn, todo, on_result, on_failure, workers, max_retries, address, num_cpus, num_gpus, connect_timeout_s,
+             cache_dir, progress) -> None:
+    ray = ray_connect(address, num_cpus=workers, timeout_s=connect_timeout_s)
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
+                        retry_exceptions=False)(_ray_shard)
+    queue = list(todo)
+    n, done = len(queue), 0
+    inflight: dict[Any, Any] = {}  # ObjectRef -> key
+    fn_ref = ray.put(fn)
+    try:
+        while queue or inflight:
+            while queue and len(inflight) < workers:
+                k = queue.pop(0)
+                inflight[remote.remote(fn_ref, todo[k], cache_dir)] = k
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in ready:
+                k = inflight.pop(ref)
+                done += 1
+                try:
+                    value = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - the worker died more than max_retries times, or fn raised
+                    on_failure(k, f"Ray task failed after {max_retries} retries: {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}")
+                else:
+                    on_result(k, value)
+                progress(done / n, f"{done}/{n} done")
+    finally:
+        for ref in inflight:
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001, S110 - best effort on the way out
+                pass
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("homflow.shards is a library module")
