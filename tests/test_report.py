@@ -133,7 +133,7 @@ def test_html_report_holds_checks_table_and_images(tmp_path):
     assert [r[0] for r in rows] == ["loss small", "margin"]
     verdicts = [r[5].strip() for r in rows]
     assert verdicts == ["PASS", "FAIL"]
-    assert rows[0][4].strip() == "0.01"  # residual value / tolerance
+    assert rows[0][4].strip() == "0.01 x tol"  # value / tolerance
     assert len(p.imgs) == 1 and p.imgs[0].startswith("data:image/png;base64,")
     png = base64.b64decode(p.imgs[0].split(",", 1)[1])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -141,3 +141,101 @@ def test_html_report_holds_checks_table_and_images(tmp_path):
     assert "could not be drawn" in page  # the broken figure is reported, not fatal
     assert re.search(r"1 of 2 checks passed", page)
     assert "src=\"http" not in page and "<script" not in page  # self-contained
+
+
+# -- issue 13: honest figures, meaningful residuals, relative sweep links --------------------------------------------
+
+
+def test_value_vs_tolerance_column_is_meaningful_for_every_sign():
+    from homflow.report import residual
+
+    # a negative value of a '<=' check passes by a margin: a ratio (-3.44e6) would mean nothing
+    assert residual(check("excess", -3.44e-4, 1e-10).to_dict()) == "tol - 0.000344"
+    assert residual(check("lam_min", -0.0344, 0.0).to_dict()) == "tol - 0.0344"
+    assert residual(check("err", 2e-13, 1e-11).to_dict()) == "0.02 x tol"
+    assert residual(check("cos", 0.999, 0.99, ">=").to_dict()) == "1.01 x tol"
+    assert residual(check("reached", 1.0, 1.0, ">=").to_dict()) == "1 x tol"
+    assert residual({"value": "nan", "tolerance": 1.0}) == "-"
+    for v, tol in ((-5.0, 1e-10), (-1.0, 0.0), (3.0, -1.0), (0.0, 0.0)):
+        cell = residual(check("c", v, tol).to_dict())
+        assert "e+" not in cell  # never a huge meaningless ratio
+
+
+def test_exact_zeros_are_drawn_as_zeros_not_at_a_floor():
+    # an error that is exactly 0 before the first step, then ~1e-9: the axis must not reach down to 1e-300
+    t = np.concatenate([[0.0], np.geomspace(1e-3, 1e8, 30)])
+    err = np.where(t < 1.0, 0.0, 1e-9 * (1 + np.log1p(t)))
+    d = TrajectoryErrorDisplay(t, {"relative error": err}, tolerance=1e-6).plot(ax=_ax())
+    lo, hi = d.ax_.get_ylim()
+    assert lo == 0.0 and d.ax_.get_yscale() == "symlog"
+    assert hi < 1e-3  # the axis spans the data and the tolerance, not 1e6
+    ydata = d.ax_.get_lines()[0].get_ydata()
+    assert np.sum(ydata == 0.0) == np.sum((t > 0) & (t < 1.0))  # zeros are plotted at 0
+    # a KKT residual of 0 is a bar of height 0 labelled "0", not a bar up to some floor
+    k = KKTResidualDisplay(["stationarity", "feasibility", "slackness"], [0.17, 0.0, 0.011]).plot(ax=_ax())
+    heights = [p.get_height() for p in k.ax_.patches]
+    assert heights[1] == 0.0 and k.ax_.get_ylim()[0] == 0.0
+    assert "0" in [a.get_text() for a in k.ax_.texts]
+    # all zeros: a linear axis with the zeros on it
+    d = TrajectoryErrorDisplay(t, {"e": np.zeros_like(t)}).plot(ax=_ax())
+    assert d.ax_.get_yscale() == "linear"
+
+
+def test_log_axes_where_the_data_span_decades():
+    from homflow.report import wants_log
+
+    assert wants_log([1e-3, 1e-2, 1e-1]) and not wants_log([10, 20, 50, 100]) and not wants_log([-1e-3, 1.0])
+    arrays = {"scale": np.array([1e-3, 1e-2, 1e-1]), "err": np.array([1e-12, 1e-9, 1e-6]),
+              "lin": np.array([1.0, 2.0, 3.0])}
+    d = FigureSpecDisplay(Figure("f", "t", "scale", ("err",)), arrays).plot(ax=_ax())
+    assert d.ax_.get_xscale() == "log" and d.ax_.get_yscale() == "log"
+    d = FigureSpecDisplay(Figure("f", "t", "lin", ("lin",)), arrays).plot(ax=_ax())
+    assert d.ax_.get_xscale() == "linear" and d.ax_.get_yscale() == "linear"
+    d = FigureSpecDisplay(Figure("f", "t", "scale", ("err",), logx=False, logy=False), arrays).plot(ax=_ax())
+    assert d.ax_.get_xscale() == "linear"  # an explicit choice is kept
+
+
+def test_figures_fit_their_canvas_and_their_slot():
+    """Every text of a report figure (tick labels, the twin axis's label, legends) lies inside the PNG, and the page
+    shows each image at the width of its slot (no fixed pixel width narrower than the image)."""
+    from matplotlib.figure import Figure as MplFigure
+
+    from homflow.report._page import CSS, FIGURE_DPI, FIGURE_SIZE
+
+    t = np.concatenate([[0.0], np.geomspace(1e-3, 1e8, 40)])
+    displays = [LossNormDisplay(t, np.exp(-np.log1p(t)) * 20, 1e-3 * (1 + t)),
+                KKTResidualDisplay(["stationarity", "feasibility", "complementary slackness"], [0.17, 0.0, 0.011]),
+                MarginDisplay(t[1:], 0.007 - 1 / (1e3 + t[1:]), 0.0065 - 1 / (1e3 + t[1:]), target=0.0071)]
+    for disp in displays:
+        fig = MplFigure(figsize=FIGURE_SIZE, dpi=FIGURE_DPI, layout="constrained")
+        disp.plot(ax=fig.add_subplot(1, 1, 1))
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        r = canvas.get_renderer()
+        W, H = fig.bbox.width, fig.bbox.height
+        for ax in fig.axes:  # the twin axis of LossNormDisplay included
+            bb = ax.get_tightbbox(r)  # everything drawn: tick labels, axis labels, title, legend
+            assert bb.x0 >= -1 and bb.y0 >= -1 and bb.x1 <= W + 1 and bb.y1 <= H + 1, (type(disp).__name__, bb)
+    assert re.search(r"\.figs img \{[^}]*width: 100%", CSS) and "height: auto" in CSS
+    assert not re.search(r"figure \{[^}]*width: \d+px", CSS)  # no fixed slot narrower than the image
+
+
+def test_sweep_report_links_are_relative(tmp_path):
+    from homflow.report import relative_link, write_sweep_report
+
+    store = RunStore(tmp_path / "store")
+    for scale in (1e-3, 1e-2, 1e-1):
+        run = store.create("flow", name=f"s{scale:g}", sweep="sw")
+        run.write_text("config.toml", f'experiment = "flow"\n[init]\nscale = {scale!r}\n')
+        run.write_json("checks.json", [check("err", scale**2, 1.0).to_dict()])
+        run.write_text("report.html", "<html></html>")
+        store.finish(run.id, status="completed", checks=[check("err", scale**2, 1.0).to_dict()], duration_s=1.0)
+    path = write_sweep_report(store, "sw", {"init.scale": [1e-3, 1e-2, 1e-1]})
+    hrefs = re.findall(r'href="([^"]+)"', path.read_text())
+    assert len(hrefs) == 3
+    for h in hrefs:
+        assert not h.startswith(("file:", "/")), h
+        assert (path.parent / h).resolve().is_file()  # relative to the sweep report, resolves to the run's report
+    assert relative_link(tmp_path / "a b" / "r.html", tmp_path / "c") == "../a%20b/r.html"

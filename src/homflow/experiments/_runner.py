@@ -1,7 +1,9 @@
-"""The runner: config -> run directory -> experiment -> arrays, checks, figures, report -> index.
+"""The runner: config -> run directory -> experiment -> arrays, checks, figure specs, provenance -> index.
 
 ``execute(cfg, store)`` starts a run, ``resume(run_id, store)`` continues an interrupted one from its checkpoints (the
-experiment reads them through its :class:`Context`) and writes the same files an uninterrupted run would.
+experiment reads them through its :class:`Context`) and writes the same files an uninterrupted run would. The runner
+draws nothing: it hands the stored run to a ``report`` writer (by default :func:`homflow.report.write_run_report`).
+A run that raises is marked ``failed`` and the exception carries its :class:`RunResult` as ``exc.run_result``.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .._provenance import provenance
+from .._records import Outcome
 from ._config import RunConfig, config_to_toml, load_config
-from ._registry import Context, Outcome, get_experiment
+from ._registry import Context, get_experiment
 
 __all__ = ["RunResult", "execute", "resume", "result_of"]
 
@@ -60,7 +64,7 @@ def _check_outcome(out: Any, name: str) -> Outcome:
     return out
 
 
-def _run_in(store, run, cfg: RunConfig, progress, *, report: bool) -> RunResult:
+def _run_in(store, run, cfg: RunConfig, progress, *, report) -> RunResult:
     exp = get_experiment(cfg.experiment)
     t0 = time.time()
     prior = run.read_json("summary.json", {}) or {}
@@ -76,8 +80,13 @@ def _run_in(store, run, cfg: RunConfig, progress, *, report: bool) -> RunResult:
     except BaseException as e:
         dur = elapsed_before + time.time() - t0
         msg = f"{type(e).__name__}: {e}"
+        error = msg.splitlines()[0][:500] if msg else "failed"
         run.write_text("error.txt", traceback.format_exc())
-        store.finish(run.id, status="failed", error=msg.splitlines()[0][:500] if msg else "failed", duration_s=dur)
+        store.finish(run.id, status="failed", error=error, duration_s=dur)
+        try:
+            e.run_result = RunResult(run.id, str(run.path.resolve()), "failed", [], {}, None, dur, error)
+        except AttributeError:  # pragma: no cover - an exception type that takes no attributes
+            pass
         raise
     checks = [c.to_dict() for c in out.checks]
     run.save_arrays(out.arrays)
@@ -91,10 +100,11 @@ def _run_in(store, run, cfg: RunConfig, progress, *, report: bool) -> RunResult:
     if report:
         if progress:
             progress(0.97, "writing the report")
-        from ..report import write_run_report
+        if report is True:
+            from ..report import write_run_report as report
 
         try:
-            report_path = str(write_run_report(run))
+            report_path = str(report(run))
         except Exception as e:  # noqa: BLE001 - the results are stored; `homflow report` can retry
             summary["report_error"] = f"{type(e).__name__}: {e}"
             run.write_json("summary.json", summary)
@@ -124,19 +134,25 @@ def _jsonable(obj):
 
 
 def execute(cfg: RunConfig, store, *, progress: Callable[[float, str], None] | None = None, sweep: str | None = None,
-            report: bool = True) -> RunResult:
-    """Run ``cfg`` as a new run of ``store`` (its directory, config.toml, index row), then store its outcome and report.
+            report: bool | Callable = True) -> RunResult:
+    """Run ``cfg`` as a new run of ``store`` (its directory, config.toml, provenance.json, index row), then store its
+    outcome and write its report.
 
-    Raises whatever the experiment raises (the run is then marked ``failed`` with the reason; ``KeyboardInterrupt``
-    marks it ``interrupted``, resumable).
+    Arguments:
+        report: ``True`` for :func:`homflow.report.write_run_report`, ``False`` for none, or a callable
+            ``report(run) -> path``.
+
+    Raises whatever the experiment raises (the run is then marked ``failed`` with the reason and the exception gets
+    ``run_result``, the failed :class:`RunResult`; ``KeyboardInterrupt`` marks it ``interrupted``, resumable).
     """
     run = store.create(cfg.experiment, name=cfg.name, quick=cfg.quick, sweep=sweep)
     run.write_text("config.toml", config_to_toml(cfg))
+    run.write_json("provenance.json", provenance())
     return _run_in(store, run, cfg, progress, report=report)
 
 
 def resume(run_id: str, store, *, progress: Callable[[float, str], None] | None = None,
-           report: bool = True) -> RunResult:
+           report: bool | Callable = True) -> RunResult:
     """Continue the run ``run_id`` from its last checkpoint (any status but ``running`` with a live process).
 
     The experiment is called again with the stored config; it finds its checkpoints through the context and goes on
@@ -151,6 +167,9 @@ def resume(run_id: str, store, *, progress: Callable[[float, str], None] | None 
     run = store.open(rec.id)
     cfg = load_config(run.path / "config.toml")
     store.mark_running(rec.id)
+    prov = run.read_json("provenance.json", {}) or {}
+    prov.setdefault("resumed", []).append(provenance())
+    run.write_json("provenance.json", prov)
     return _run_in(store, run, cfg, progress, report=report)
 
 

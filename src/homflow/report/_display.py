@@ -20,6 +20,9 @@ __all__ = [
     "KKTResidualDisplay",
     "FigureSpecDisplay",
     "display_for",
+    "wants_log",
+    "set_log_scale",
+    "LOG_SPAN",
 ]
 
 
@@ -36,6 +39,54 @@ def _positive_x(t, *ys, logx=True):
     t = np.asarray(t, float)
     keep = t > 0 if logx else np.ones_like(t, bool)
     return (t[keep],) + tuple(np.asarray(y)[keep] for y in ys)
+
+
+LOG_SPAN = 30.0
+"""Ratio ``max / min`` of the positive values at or above which an automatic axis is logarithmic (1.5 decades: a grid
+1e-3, 1e-2, 1e-1 is drawn on a log axis, widths 10 .. 100 on a linear one)."""
+
+
+def wants_log(values, *, span: float = LOG_SPAN) -> bool:
+    """Whether an axis over ``values`` should be logarithmic: no negative value, and the positive ones span at least
+    ``span`` (max / min). Non-finite values are ignored; exact zeros are allowed (they are drawn as zeros, see
+    :func:`set_log_scale`).
+
+    >>> wants_log([1e-3, 1e-2, 1e-1]), wants_log([10, 20, 50, 100]), wants_log([0.0, 1e-9, 1e-3])
+    (True, False, True)
+    """
+    v = np.asarray(values, float).ravel()
+    v = v[np.isfinite(v)]
+    pos = v[v > 0]
+    if pos.size < 2 or np.any(v < 0):
+        return False
+    return bool(pos.max() / pos.min() >= span)
+
+
+def set_log_scale(ax, values, axis: str = "y", *, linscale: float = 0.5) -> str:
+    """Put a log scale on ``axis`` ('x' or 'y') of ``ax`` for ``values`` that may hold exact zeros; returns the scale.
+
+    Without zeros: 'log'. With exact zeros: 'symlog' whose linear part ends at the smallest positive value, so a zero
+    is drawn at 0 with a '0' tick (never at a floor such as 1e-300, which stretches the axis over 300 decades) and a
+    bar of height 0 has no height. Only zeros (no positive value): 'linear'.
+    """
+    v = np.asarray(values, float).ravel()
+    v = np.abs(v[np.isfinite(v)])
+    pos = v[v > 0]
+    setter = ax.set_xscale if axis == "x" else ax.set_yscale
+    if pos.size == 0:
+        setter("linear")
+        return "linear"
+    if np.any(v == 0):
+        setter("symlog", linthresh=float(pos.min()), linscale=linscale)
+        (ax.set_xlim if axis == "x" else ax.set_ylim)(0.0, None)  # the margins would reach below 0
+        return "symlog"
+    setter("log")
+    return "log"
+
+
+def _resolve(flag, values) -> bool:
+    """An axis flag of a figure spec: ``None`` means automatic (:func:`wants_log`)."""
+    return wants_log(values) if flag is None else bool(flag)
 
 
 class _Display:
@@ -89,10 +140,10 @@ class AlignmentDisplay(_Display):
     """Direction alignment: cosines ``cos(theta(t), reference)`` against log time, in [-1, 1], with 1 marked."""
 
     def __init__(self, t, cosines: Mapping[str, Sequence[float]], *, title: str = "direction alignment",
-                 logx: bool = True):
+                 logx: bool | None = True):
         self.t = np.asarray(t, float)
         self.cosines = {k: np.asarray(v, float) for k, v in cosines.items()}
-        self.title, self.logx = title, logx
+        self.title, self.logx = title, _resolve(logx, self.t)
 
     @classmethod
     def from_trajectory(cls, traj, reference=None, **kw) -> "AlignmentDisplay":
@@ -148,24 +199,28 @@ class TrajectoryErrorDisplay(_Display):
     an optional tolerance line."""
 
     def __init__(self, t, errors: Mapping[str, Sequence[float]], *, tolerance: float | None = None,
-                 title: str = "trajectory errors", logx: bool = True, xlabel: str = "t", ylabel: str = "error"):
+                 title: str = "trajectory errors", logx: bool | None = True, xlabel: str = "t",
+                 ylabel: str = "error"):
         self.t = np.asarray(t, float)
         self.errors = {k: np.asarray(v, float) for k, v in errors.items()}
-        self.tolerance, self.title, self.logx, self.xlabel, self.ylabel = tolerance, title, logx, xlabel, ylabel
+        self.tolerance, self.title, self.xlabel, self.ylabel = tolerance, title, xlabel, ylabel
+        self.logx = _resolve(logx, self.t)
 
     def plot(self, ax=None) -> "TrajectoryErrorDisplay":
+        """Draw ``|error|`` on a log axis; exact zeros (e.g. before the first step) are drawn at 0 (symlog axis)."""
         ax = self._start(ax)
+        drawn = []
         for label, e in self.errors.items():
             t, e = _positive_x(self.t, e, logx=self.logx)
-            cols = e.reshape(e.shape[0], -1)
+            cols = np.abs(e.reshape(e.shape[0], -1))
+            drawn.append(cols)
             for k in range(cols.shape[1]):
-                ax.plot(t, np.maximum(np.abs(cols[:, k]), 1e-300),
-                        label=label if cols.shape[1] == 1 else f"{label} {k}")
-        ax.set_yscale("log")
+                ax.plot(t, cols[:, k], label=label if cols.shape[1] == 1 else f"{label} {k}")
         if self.logx:
             ax.set_xscale("log")
         if self.tolerance is not None:
             ax.axhline(self.tolerance, color="r", ls="--", lw=0.8, label="tolerance")
+        set_log_scale(ax, np.concatenate([c.ravel() for c in drawn] + [np.ravel(self.tolerance or [])]))
         ax.set_xlabel(self.xlabel)
         ax.set_ylabel(self.ylabel)
         ax.set_title(self.title)
@@ -184,7 +239,9 @@ class SaddleDisplay(_Display):
     def plot(self, ax=None) -> "SaddleDisplay":
         ax = self._start(ax)
         t, loss = _positive_x(self.t, self.loss)
-        ax.loglog(t, np.maximum(loss, 1e-300), label="loss")
+        ax.plot(t, loss, label="loss")
+        ax.set_xscale("log")
+        set_log_scale(ax, loss)
         if self.saddle is not None:
             ax.axvspan(self.saddle[0], self.saddle[1], color="C2", alpha=0.2, label="saddle plateau")
         if self.escape is not None:
@@ -209,8 +266,8 @@ class SparsityDisplay(_Display):
 
     def plot(self, ax=None) -> "SparsityDisplay":
         ax = self._start(ax)
-        ax.bar(np.arange(self.norms.size), np.maximum(self.norms, 1e-300), color="C0")
-        ax.set_yscale("log")
+        ax.bar(np.arange(self.norms.size), self.norms, color="C0")
+        set_log_scale(ax, np.append(self.norms, self.threshold if self.threshold is not None else []))
         if self.threshold is not None:
             ax.axhline(self.threshold, color="r", ls="--", lw=0.8, label=f"threshold ({self.n_active} active)")
             ax.legend(fontsize=8)
@@ -239,16 +296,18 @@ class KKTResidualDisplay(_Display):
         ok = None if self.tolerances is None else self.values <= self.tolerances
         colors = ["C0" if ok is None else ("C2" if o else "C3") for o in (ok if ok is not None else [None] * x.size)]
         vals = np.abs(self.values)
-        pos = vals[vals > 0]
-        floor = max(float(pos.min()) / 100 if pos.size else 1e-18, 1e-300)  # exact zeros drawn at the floor
-        ax.bar(x, np.maximum(vals, floor), color=colors)
+        ax.bar(x, vals, color=colors)  # an exact zero is a bar of height 0 at 0 (symlog axis), labelled "0"
         for xi, v in zip(x, self.values):
-            ax.annotate(f"{v:.2g}", (xi, max(abs(v), floor)), ha="center", va="bottom", fontsize=8)
+            ax.annotate("0" if v == 0 else f"{v:.2g}", (xi, abs(v)), ha="center", va="bottom", fontsize=8)
         if self.tolerances is not None:
             ax.scatter(x, self.tolerances, marker="_", s=400, color="k", label="tolerance", zorder=3)
             ax.legend(fontsize=8)
-        ax.set_yscale("log")
-        ax.set_ylim(bottom=floor / 2)
+        scale = set_log_scale(ax, np.concatenate([vals, np.ravel(self.tolerances if self.tolerances is not None
+                                                                  else [])]))
+        if scale != "linear":  # room above the tallest bar for its label
+            top = float(np.nanmax(np.concatenate([vals, np.ravel(self.tolerances if self.tolerances is not None
+                                                                  else [])])))
+            ax.set_ylim(top=top * 10)
         ax.set_xticks(x)
         ax.set_xticklabels(self.names, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("residual")
@@ -273,33 +332,52 @@ class FigureSpecDisplay(_Display):
                                  f"{self.x.shape[0]}.")
             self.ys.append(y)
 
+    @property
+    def logx(self) -> bool:
+        """The x axis is logarithmic: the spec's ``logx``, or, when it is ``None``, :func:`wants_log` of the x data
+        (except for bars, whose x are positions)."""
+        s = self.spec
+        return bool(s.logx) if s.logx is not None or s.kind == "bar" else wants_log(self.x)
+
+    @property
+    def logy(self) -> bool:
+        """The y axis is logarithmic: the spec's ``logy``, or, when it is ``None``, :func:`wants_log` of the y data."""
+        s = self.spec
+        return bool(s.logy) if s.logy is not None else wants_log(np.concatenate([y.ravel() for y in self.ys]))
+
     def plot(self, ax=None) -> "FigureSpecDisplay":
+        """Draw the spec; on a log y axis exact zeros are drawn at 0 (symlog) and negative values are left out."""
         ax = self._start(ax)
         s = self.spec
+        logx, logy = self.logx, self.logy
         labels = list(s.labels) + [None] * (len(s.ys) + 8)
         li = 0
         width = 0.8 / max(len(self.ys), 1)
+        drawn = []
         for j, y in enumerate(self.ys):
             cols = y.reshape(y.shape[0], -1).T
             for c in cols:
                 x = self.x
-                if s.logx:
+                if logx:
                     keep = x > 0
                     x, c = x[keep], c[keep]
+                if logy:
+                    c = np.where(c >= 0, c, np.nan)
+                drawn.append(c)
                 lab = labels[li] if li < len(s.labels) else (s.ys[j] if len(cols) == 1 else None)
                 li += 1
                 if s.kind == "scatter":
                     ax.scatter(x, c, s=12, label=lab)
                 elif s.kind == "bar":
-                    ax.bar(x + j * width, c if not s.logy else np.maximum(np.abs(c), 1e-300), width=width, label=lab)
+                    ax.bar(x + j * width, c, width=width, label=lab)
                 else:
-                    ax.plot(x, c if not s.logy else np.where(c > 0, c, np.nan), label=lab)
+                    ax.plot(x, c, label=lab)
         for h in s.hlines:
             ax.axhline(h, color="gray", ls="--", lw=0.8)
-        if s.logx:
+        if logx:
             ax.set_xscale("log")
-        if s.logy:
-            ax.set_yscale("log")
+        if logy:
+            set_log_scale(ax, np.concatenate([c.ravel() for c in drawn] + [np.asarray(s.hlines, float)]))
         ax.set_xlabel(s.xlabel or s.x)
         ax.set_ylabel(s.ylabel)
         ax.set_title(s.title)
@@ -318,13 +396,13 @@ def display_for(spec, arrays: Mapping[str, np.ndarray]):
     if kind == "loss_norm" and len(ys) >= 2:
         return LossNormDisplay(x, ys[0], ys[1], title=spec.title)
     if kind == "alignment":
-        return AlignmentDisplay(x, dict(zip(labels, ys)), title=spec.title, logx=spec.logx)
+        return AlignmentDisplay(x, dict(zip(labels, ys)), title=spec.title, logx=generic.logx)
     if kind == "margins":
         return MarginDisplay(x, ys[0], ys[1] if len(ys) > 1 else None,
                              target=spec.hlines[0] if spec.hlines else None, title=spec.title)
     if kind == "errors":
         return TrajectoryErrorDisplay(x, dict(zip(labels, ys)), tolerance=spec.hlines[0] if spec.hlines else None,
-                                      title=spec.title, logx=spec.logx, xlabel=spec.xlabel or "t",
+                                      title=spec.title, logx=generic.logx, xlabel=spec.xlabel or "t",
                                       ylabel=spec.ylabel or "error")
     if kind == "saddle":
         sad = (spec.hlines[0], spec.hlines[1]) if len(spec.hlines) >= 2 else None
