@@ -185,7 +185,8 @@ def test_bad_configs_exit_2_one_line(env, patch, needle):
     assert res.exit_code == 2
     err = res.stderr.strip()
     assert needle in err and "Traceback" not in err and len(err.splitlines()) == 1
-    assert res.stdout.strip() == ""
+    obj = _json(res)  # --json: one JSON object on stdout, errors included
+    assert obj["exit_code"] == 2 and needle in obj["error"] and obj["run"] is None
 
 
 def test_missing_file_and_unknown_run(env):
