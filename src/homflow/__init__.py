@@ -23,6 +23,25 @@ def float64_enabled() -> bool:
     return jnp.result_type(float) == jnp.float64
 
 
-from . import activations, data, flow, losses, models  # noqa: E402
+# Submodules and the run helpers are imported on first use (``homflow.flow``, ``homflow.load_run``), so that
+# ``import homflow`` and ``homflow --help`` do not start JAX.
+_SUBMODULES = ("activations", "data", "flow", "losses", "models")
+_RUN_HELPERS = ("load_run", "runs")
 
-__all__ = ["activations", "data", "flow", "losses", "models", "enable_x64", "float64_enabled", "__version__"]
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _RUN_HELPERS:
+        return getattr(importlib.import_module(".runs", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SUBMODULES) | set(_RUN_HELPERS))
+
+
+__all__ = ["activations", "data", "flow", "losses", "models", "load_run", "runs", "enable_x64", "float64_enabled",
+           "__version__"]
