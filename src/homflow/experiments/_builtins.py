@@ -2,7 +2,7 @@
 
 import importlib
 
-_MODULES = ("flow", "embedding", "phases", "maxmargin", "demo")
+_MODULES = ("flow", "embedding", "phases", "maxmargin", "demo", "census")
 
 for _m in _MODULES:
     try:

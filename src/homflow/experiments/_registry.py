@@ -29,6 +29,8 @@ class Context:
     save_checkpoint: Callable[[str, dict], None] = lambda name, arrays: None
     load_checkpoint: Callable[[str], dict | None] = lambda name: None
     quick: bool = False
+    # ``write_text(name, text)``: a file of the run's directory written atomically (e.g. a census table as CSV)
+    write_text: Callable[[str, str], Any] = lambda name, text: None
 
 
 @dataclasses.dataclass(frozen=True)

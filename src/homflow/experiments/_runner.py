@@ -50,7 +50,7 @@ class RunResult:
 
 def _context(run, cfg: RunConfig, progress: Callable[[float, str], None] | None) -> Context:
     return Context(progress=progress or (lambda f, m: None), save_checkpoint=run.save_checkpoint,
-                   load_checkpoint=run.load_checkpoint, quick=cfg.quick)
+                   load_checkpoint=run.load_checkpoint, quick=cfg.quick, write_text=run.write_text)
 
 
 def _check_outcome(out: Any, name: str) -> Outcome:
