@@ -32,6 +32,10 @@ class Dataset(eqx.Module):
             raise ValueError(f"`y` must be a 1-D array of length n = {Xn.shape[0]} (rows of X); got shape {yn.shape}.")
         if Xn.shape[0] == 0:
             raise ValueError("`X` must hold at least one sample; got n = 0.")
+        for nm, a in (("X", Xn), ("y", yn)):
+            if np.iscomplexobj(a):
+                raise ValueError(f"`{nm}` must be real numbers; got the complex dtype {a.dtype} (its imaginary part "
+                                 "would be dropped).")
         if not np.issubdtype(Xn.dtype, np.number) or not np.all(np.isfinite(Xn)):
             raise ValueError("`X` must be finite real numbers; it holds NaN, inf or non-numeric entries.")
         if not np.issubdtype(yn.dtype, np.number) or not np.all(np.isfinite(yn)):
@@ -160,15 +164,23 @@ def digits(classes=(3, 5), *, n: int | None = None, normalize: bool = True, seed
 
 def load(path, *, label_column: int = -1) -> Dataset:
     """Load a data set from ``.npz`` (arrays ``X`` and ``y``) or ``.csv`` (numbers; the label in ``label_column``)."""
+    import stat
+    import zipfile
+
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ValueError(f"`path` does not exist: {path!r}.")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"`path` must be a regular file; {path!r} is a directory, FIFO or device.")
     if path.endswith(".npz"):
-        with np.load(path) as f:
-            missing = {"X", "y"} - set(f.files)
-            if missing:
-                raise ValueError(f"`{path}` must hold arrays 'X' and 'y'; missing {sorted(missing)}.")
-            return Dataset(f["X"], f["y"])
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                missing = {"X", "y"} - set(f.files)
+                if missing:
+                    raise ValueError(f"`{path}` must hold arrays 'X' and 'y'; missing {sorted(missing)}.")
+                return Dataset(f["X"], f["y"])
+        except (OSError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"`path` {path!r} is not a readable .npz archive ({type(e).__name__}: {e}).") from None
     if path.endswith(".csv"):
         try:
             arr = np.loadtxt(path, delimiter=",", ndmin=2)
