@@ -35,7 +35,7 @@ def __getattr__(name: str):
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     if name in _RUN_HELPERS:
-        return getattr(importlib.import_module(".runs", __name__), name)
+        return getattr(importlib.import_module("._runs", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

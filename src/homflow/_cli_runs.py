@@ -1,6 +1,6 @@
 """The ``homflow`` commands that find, show, filter, export and delete stored runs (registered on the app of
 :mod:`homflow.cli`). A ``RUN`` is a run id, ``latest``, a name or an experiment (its newest run), or an id prefix
-(:func:`homflow.runs.find_run`). None of them imports JAX."""
+(:func:`homflow._runs.find_run`). None of them imports JAX."""
 
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def list_(store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt,
 
 
 def _find(st, ref: str, experiment: str | None = None):
-    from .runs import find_run
+    from ._runs import find_run
 
     return find_run(st, ref, experiment=experiment)
 
@@ -180,7 +180,7 @@ def delete(run_ids: List[str] = typer.Argument(..., metavar="RUN...", help="Runs
            yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask (needed when not at a terminal)."),
            store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt) -> None:
     """Delete runs: their directories and index rows (a running run is refused)."""
-    from .runs import delete_run
+    from ._runs import delete_run
 
     st = _store(store)
     recs = [_find(st, r) for r in run_ids]
@@ -206,7 +206,7 @@ def export(run_id: Optional[str] = typer.Argument(None, metavar="[RUN]", help="A
                                                                  "of the trajectory's length)."),
            store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt) -> None:
     """Export the run index, or a run's checks or arrays, as CSV or Parquet (pandas)."""
-    from .runs import StoredRun, runs
+    from ._runs import StoredRun, runs
 
     if (csv is None) == (parquet is None):
         raise BadInput("give exactly one of `--csv PATH` and `--parquet PATH`.")

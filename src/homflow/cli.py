@@ -354,7 +354,7 @@ def report(run_id: str = typer.Argument(..., metavar="RUN", help="A run id, 'lat
     """(Re)write the self-contained HTML report of a completed run and print its path."""
     from .experiments import result_of
     from .report import write_run_report
-    from .runs import find_run
+    from ._runs import find_run
 
     st = _store(store)
     rec = find_run(st, run_id)
@@ -376,7 +376,7 @@ def resume(run_id: str = typer.Argument(..., metavar="RUN", help="An interrupted
            store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt) -> None:
     """Continue an interrupted run from its last checkpoint (same final numbers as an uninterrupted run)."""
     from .experiments import resume as _resume
-    from .runs import find_run
+    from ._runs import find_run
 
     st = _store(store)
     rec = find_run(st, run_id)
