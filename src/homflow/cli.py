@@ -312,16 +312,10 @@ def run(config: Path = typer.Argument(..., help="A TOML config (see examples/)."
         set_: List[str] = typer.Option([], "--set", help="Override a key: --set init.scale=1e-3 (repeatable)."),
         store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt) -> None:
     """Run the experiment a TOML config describes, store it, write its report, print its checks."""
-    import tomllib
+    from .experiments import parse_config
+    from .experiments._config import read_toml
 
-    from .experiments import ConfigError, parse_config
-
-    if not config.is_file():
-        raise BadInput(f"config file not found: {str(config)!r}.")
-    try:
-        d = tomllib.loads(config.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError("", f"{str(config)!r} is not valid TOML: {e}.") from None
+    d = read_toml(config, "config")
     if "sweep" in d:
         raise BadInput(f"{str(config)!r} holds a [sweep] table: run it with `homflow sweep {config}`.")
     d = _merge(d, _parse_sets(set_))

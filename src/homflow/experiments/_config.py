@@ -38,6 +38,10 @@ __all__ = [
     "validate_params",
     "set_dotted",
     "RESERVED_KEYS",
+    "SIZE_LIMITS",
+    "check_data_file",
+    "check_memory",
+    "estimate_memory",
 ]
 
 RESERVED_KEYS = ("experiment", "name", "quick")
@@ -45,6 +49,22 @@ RESERVED_KEYS = ("experiment", "name", "quick")
 # keys that, in any experiment's parameters, must be finite and > 0 (the initial scale delta, times, tolerances)
 POSITIVE_KEYS = frozenset({"delta", "scale", "t1", "rtol", "lr", "t_escape", "eps", "level", "t_late", "tmax",
                            "t_max", "deltas"})
+
+# sane upper bounds of integer sizes, by the last part of the key (``model.width``, ``data.n`` ...): far above any
+# problem a gradient flow in float64 can integrate on one machine, low enough that a typo fails here and not after
+# minutes of allocation (or with an abort inside XLA)
+SIZE_LIMITS = {"width": 100_000, "widths": 100_000, "teacher_width": 100_000, "n": 10_000_000, "d": 1_000_000,
+               "d_in": 1_000_000, "channels": 100_000, "kernel": 10_000, "depth": 1_000, "segments": 10_000,
+               "n_save": 100_000, "max_steps": 10**9, "steps": 10**9, "save_every": 10**9, "n_directions": 10**7,
+               "restarts": 100_000, "n_deltas": 10_000, "n_points": 1_000_000, "n_times": 1_000_000}
+SEED_KEYS = frozenset({"seed", "seeds"})
+SEED_MAX = 2**32 - 1  # NumPy and JAX seeds are unsigned 32-bit
+# the largest estimated working memory of a run (bytes); ``$HOMFLOW_MAX_MEMORY_GB`` overrides it
+MAX_MEMORY_BYTES = 16 * 2**30
+# the most saved states of one flow (``segments * n_save``)
+MAX_SAVED_STATES = 1_000_000
+# the largest data file read at validation time
+MAX_DATA_FILE_BYTES = 2 * 2**30
 
 
 class ConfigError(ValueError):
@@ -93,6 +113,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(key, f"must be an integer; got {_describe(value)}.")
+        _int_bounds(key, value)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -104,6 +125,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(key, f"must be a string; got {_describe(value)}.")
+        if _leaf(key) == "path" and value:
+            check_data_file(key, value)
         return value
     if origin is tuple:
         args = typing.get_args(tp)
@@ -116,6 +139,51 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     raise TypeError(f"unsupported annotation {tp!r} for {key}")  # pragma: no cover - programming error
+
+
+def _leaf(key: str) -> str:
+    return key.rsplit(".", 1)[-1].split("[")[0]
+
+
+def _int_bounds(key: str, v: int) -> None:
+    """Seeds in ``[0, 2**32)``; sizes (``SIZE_LIMITS``, by the key's last part) at most their limit."""
+    leaf = _leaf(key)
+    if leaf in SEED_KEYS and not 0 <= v <= SEED_MAX:
+        raise ConfigError(key, f"must be a seed in [0, {SEED_MAX}]; got {v!r}.")
+    limit = SIZE_LIMITS.get(leaf)
+    if limit is not None and v > limit:
+        raise ConfigError(key, f"must be at most {limit:,} (the size limit of `{leaf}`); got {v!r}.")
+
+
+def check_data_file(key: str, path: str) -> None:
+    """A data file named in a config must be a regular, non-empty file of at most ``MAX_DATA_FILE_BYTES`` that
+    :func:`homflow.data.load` reads (real, finite arrays): checked before a run exists.
+
+    Raises:
+        ConfigError: naming the key, the path and what is wrong (a FIFO or directory is never opened).
+    """
+    import stat
+
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ConfigError(key, f"no such file: {path!r} ({e.strerror}).") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(key, f"must be a regular file; {path!r} is a "
+                               f"{'directory' if stat.S_ISDIR(st.st_mode) else 'FIFO, socket or device'}.")
+    if st.st_size == 0:
+        raise ConfigError(key, f"{path!r} is empty (0 bytes).")
+    if st.st_size > MAX_DATA_FILE_BYTES:
+        raise ConfigError(key, f"{path!r} has {st.st_size:,} bytes; at most {MAX_DATA_FILE_BYTES:,} are read.")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(key, f"{path!r} is not readable.")
+    if path.endswith((".npz", ".csv")):
+        from ..data import load
+
+        try:
+            load(path)
+        except (ValueError, OSError, IndexError) as e:
+            raise ConfigError(key, str(e)) from None
 
 
 def _tname(tp) -> str:
@@ -201,6 +269,10 @@ def _check_like(v: Any, default: Any, key: str) -> Any:
         return type(default)(v) if isinstance(default, tuple) else list(v)
     if leaf in POSITIVE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool):
         _positive(key, v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        _int_bounds(key, v)
+    if leaf == "path" and isinstance(v, str) and v:
+        check_data_file(key, v)
     return v
 
 
@@ -278,9 +350,12 @@ def parse_config(d: Mapping, *, quick: bool | None = None) -> RunConfig:
     q = d.get("quick", False) if quick is None else quick
     if not isinstance(q, bool):
         raise ConfigError("quick", f"must be true or false; got {_describe(q)}.")
+    if name is not None and (len(name) > 200 or any(not (c.isprintable() or c == " ") for c in name)):
+        raise ConfigError("name", f"must be one line of at most 200 printable characters; got {name!r}.")
     raw = {k: v for k, v in d.items() if k not in RESERVED_KEYS}
     base = exp.params(None, quick=q)
     params = validate_params(raw, base)
+    check_memory(params)
     if exp.validate is not None:
         try:
             exp.validate(params)
@@ -289,6 +364,57 @@ def parse_config(d: Mapping, *, quick: bool | None = None) -> RunConfig:
         except ValueError as e:
             raise ConfigError("", str(e)) from None
     return RunConfig(exp_name, types.MappingProxyType(params), name, q)
+
+
+def _get(d: Mapping, dotted: str, default=None):
+    cur: Any = d
+    for part in dotted.split("."):
+        if not isinstance(cur, Mapping) or part not in cur:
+            return default
+        cur = cur[part]
+    return cur
+
+
+def _num(v, default: int = 0) -> int:
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
+
+
+def estimate_memory(params: Mapping) -> int:
+    """A rough working-memory estimate (bytes, float64) of a run with ``params``: the data ``n * d``, the hidden
+    activations ``n * sum(widths)`` (a few copies for the gradient), the parameters ``P ~ sum(width * fan-in)`` and the
+    saved states ``segments * n_save * P``. Keys that an experiment does not have count as 0 (or 1)."""
+    n = _num(_get(params, "data.n"), 0)
+    d = _num(_get(params, "data.d"), 0) or _num(_get(params, "model.d_in"), 0)
+    widths = _get(params, "model.widths") or ()
+    ws = [_num(w, 0) for w in widths] if isinstance(widths, (list, tuple)) and widths else \
+        [_num(_get(params, "model.width"), 0)]
+    fan = [max(d, 1)] + ws
+    p = sum(w * f for w, f in zip(ws, fan)) + (ws[-1] if ws else 0)
+    saved = max(_num(_get(params, "flow.segments"), 1), 1) * max(_num(_get(params, "flow.n_save"), 1), 1)
+    return 8 * (n * max(d, 1) + 4 * n * sum(ws) + 8 * p + saved * p)
+
+
+def check_memory(params: Mapping) -> None:
+    """Refuse a run whose :func:`estimate_memory` exceeds ``MAX_MEMORY_BYTES`` (``$HOMFLOW_MAX_MEMORY_GB``) or whose
+    saved states exceed ``MAX_SAVED_STATES``, naming the limit.
+
+    Raises:
+        ConfigError: the estimate, the limit, and how to raise it.
+    """
+    saved = max(_num(_get(params, "flow.segments"), 1), 1) * max(_num(_get(params, "flow.n_save"), 1), 1)
+    if saved > MAX_SAVED_STATES:
+        raise ConfigError("flow.n_save", f"segments * n_save = {saved:,} saved states; at most "
+                                         f"{MAX_SAVED_STATES:,} are allowed.")
+    env = os.environ.get("HOMFLOW_MAX_MEMORY_GB")
+    try:
+        limit = int(float(env) * 2**30) if env else MAX_MEMORY_BYTES
+    except ValueError:
+        limit = MAX_MEMORY_BYTES
+    need = estimate_memory(params)
+    if need > limit:
+        raise ConfigError("", f"the run would need about {need / 2**30:.3g} GiB of memory (data n x d, widths, saved "
+                              f"states); the limit is {limit / 2**30:.3g} GiB (set $HOMFLOW_MAX_MEMORY_GB to change "
+                              f"it).")
 
 
 def load_config(path: os.PathLike | str, *, quick: bool | None = None) -> RunConfig:
@@ -305,13 +431,21 @@ def read_toml(path: os.PathLike | str, what: str = "config") -> dict:
     import tomllib
 
     path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ConfigError("", f"the {what} file {path!r} is not a regular file (a directory, FIFO or device).")
     if not os.path.isfile(path):
         raise ConfigError("", f"{what} file not found: {path!r}.")
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            d = tomllib.load(f)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError("", f"{path!r} is not valid TOML: {e}.") from None
+    except OSError as e:
+        raise ConfigError("", f"cannot read the {what} file {path!r}: {e.strerror or e}.") from None
+    if not d:
+        raise ConfigError("", f"the {what} file {path!r} is empty; a config names at least its experiment "
+                              f"(experiment = \"flow\", see examples/).")
+    return d
 
 
 def config_to_toml(cfg: RunConfig) -> str:
