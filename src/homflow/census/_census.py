@@ -14,7 +14,8 @@ member:
 - **first saddle**: the first plateau of the saved loss curve after the escape (:func:`homflow.phases.segment_plateaus`:
   ``|dL/d log t| <= slope_tol L`` over ``min_points`` saved points; a cheap stand-in for
   :func:`homflow.phases.first_saddle`, which polishes the saddle and measures its Hessian), its loss and the neurons
-  active there (group norm above ``sparse_rtol`` times the largest);
+  active there (group norm above ``sqrt(delta * largest)``, the geometric middle between the ``O(delta)`` neurons
+  that stayed behind and the ``O(1)`` ones that escaped);
 - **sparsity kept**: the largest norm, up to the saddle, of the neurons that are exactly zero at the member's KKT point,
   in units of ``delta`` (2502.15952: they stay ``O(delta)`` until the saddle);
 - **end**: loss, norm and normalised margin ``min_i y_i Phi(x_i) / ||theta||^L`` (labels +-1) at the member's end.
@@ -60,7 +61,6 @@ class CensusOptions:
         cluster_cos: cosine within which canonical escape directions share a cluster (each cluster is certified once).
         align_cos: the stated cosine: every escaped member must be within it of a certified point.
         slope_tol, min_points: plateau detection (:func:`homflow.phases.segment_plateaus`).
-        sparse_rtol: a neuron is active at the saddle if its group norm exceeds ``sparse_rtol`` times the largest.
         sparse_factor: sparsity kept: the neurons zero at the KKT point stay below ``sparse_factor * delta`` up to the
             saddle (default half the escape factor: they stay well below the escaping neurons). Their size is
             ``O(delta)`` with a constant that grows as a second neuron's NCF blow-up time approaches the first's, so
@@ -86,7 +86,6 @@ class CensusOptions:
     align_cos: float = 0.99
     slope_tol: float = 1e-3
     min_points: int = 3
-    sparse_rtol: float = 1e-3
     sparse_factor: float = 50.0
     sparse_slope_atol: float = 0.25
     law_rtol: float = 0.05
@@ -113,7 +112,7 @@ class CensusOptions:
             object.__setattr__(self, "t_after", None)  # t1 given: it wins over the default t_after
         if self.t1 is None and self.t_after is None:
             raise ValueError("give `t1` (absolute end time) or `t_after` (duration after the escape).")
-        for name in ("t1", "t_after", "t_escape_max", "rtol", "sparse_rtol", "sparse_factor", "sparse_slope_atol", "law_rtol", "law_atol",
+        for name in ("t1", "t_after", "t_escape_max", "rtol", "sparse_factor", "sparse_slope_atol", "law_rtol", "law_atol",
                      "slope_tol"):
             v = getattr(self, name)
             if v is not None and not (v > 0 and math.isfinite(v)):
@@ -268,7 +267,7 @@ def _table(objective, options, res: DriverResult, pts: CertifiedPoints, canon: C
         if j is not None:
             s_t[i], s_loss[i] = ts[j], ls[j]
             g = gs[j]
-            act = np.flatnonzero(g > options.sparse_rtol * g.max()) if g.size else np.zeros(0, int)
+            act = np.flatnonzero(g > math.sqrt(delta[i] * g.max())) if g.size else np.zeros(0, int)
             s_active[i] = act.size
             s_pattern[i] = "-".join(str(int(a)) for a in act)
         m = pts.match[i]
