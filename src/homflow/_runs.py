@@ -1,11 +1,13 @@
 """Open stored runs from Python: :func:`load_run` gives one run (config, summary, checks, arrays, trajectory,
 provenance, figures as Display objects that re-plot), :func:`runs` the whole index as a pandas DataFrame.
 
->>> import homflow                                                   # doctest: +SKIP
->>> run = homflow.load_run("latest")                                 # or an id, a prefix, a name, a built-in's name
->>> run.checks_frame()                                               # the checks as a DataFrame
->>> run.figures["loss_norm"].plot()                                  # the report's figure, on your own axes
->>> homflow.runs().query("experiment == 'demo' and passed")         # every run of the store
+Example::
+
+    import homflow
+    run = homflow.load_run("latest")           # or an id, a prefix, a name, a built-in's name
+    run.checks_frame()                         # the checks as a DataFrame
+    run.figures["loss_norm"].plot()            # the report's figure, on your own axes
+    homflow.runs().query("experiment == 'demo' and passed")   # every run of the store
 
 A reference to a run (``ref``) is, in this order: a run id; ``latest`` (the newest run); the name or the experiment
 of runs (the newest of them: ``max-margin`` after ``homflow reproduce max-margin``); a unique prefix of an id; or the

@@ -47,18 +47,24 @@ LOG_SPAN = 30.0
 
 
 def wants_log(values, *, span: float = LOG_SPAN) -> bool:
-    """Whether an axis over ``values`` should be logarithmic: no negative value, and the positive ones span at least
-    ``span`` (max / min). Non-finite values are ignored; exact zeros are allowed (they are drawn as zeros, see
-    :func:`set_log_scale`).
+    """Whether an axis over ``values`` should be logarithmic: no negative value, not an evenly spaced grid, and the
+    positive values span at least ``span`` (max / min). Non-finite values are ignored; exact zeros are allowed (they
+    are drawn as zeros, see :func:`set_log_scale`).
 
     >>> wants_log([1e-3, 1e-2, 1e-1]), wants_log([10, 20, 50, 100]), wants_log([0.0, 1e-9, 1e-3])
     (True, False, True)
+    >>> wants_log([0.0, 50.0, 100.0, 150.0])  # evenly spaced times
+    False
     """
     v = np.asarray(values, float).ravel()
     v = v[np.isfinite(v)]
     pos = v[v > 0]
     if pos.size < 2 or np.any(v < 0):
         return False
+    if v.size >= 3:  # an evenly spaced grid (0, 2, 4, ... 150) is meant to be read on a linear axis
+        d = np.diff(np.sort(v))
+        if np.all(d > 0) and d.max() <= 1.05 * d.min():
+            return False
     return bool(pos.max() / pos.min() >= span)
 
 
