@@ -6,7 +6,8 @@ MATH.md sections 3 and 5; arXiv 2402.09226, 2403.08121 (NCF) and 1906.05890 (max
 from ._ascent import sphere_ascent
 from ._ncf import NCF, Unflatten, make_ncf, ncf, ncf_grad, ncf_kkt_residual, tangent_gradient, unflattener
 from ._late import MarginPath, margin_along
-from ._margin import MarginKKT, MarginProblem, make_margin_problem, margin_multipliers, max_margin_kkt
+from ._clarke import DEFAULT_KINK_TOL, DEFAULT_MAX_PATTERNS, KinkStructure, clarke_supported, gated_output, kink_structure
+from ._margin import REASONS, MarginKKT, MarginProblem, make_margin_problem, margin_multipliers, max_margin_kkt
 from ._polish import NCFPoint, default_residual_rtol, polish_ncf, polish_ncf_theta
 from ._second_order import SecondOrder, classify, riemannian_hessian_eigenvalues, tangent_basis
 from ._solve_ncf import NCFSolution, solve_ncf
@@ -37,6 +38,13 @@ __all__ = [
     "margin_multipliers",
     "max_margin_kkt",
     "solve_max_margin",
+    "REASONS",
+    "DEFAULT_KINK_TOL",
+    "DEFAULT_MAX_PATTERNS",
+    "KinkStructure",
+    "clarke_supported",
+    "gated_output",
+    "kink_structure",
     "SecondOrder",
     "classify",
     "riemannian_hessian_eigenvalues",

@@ -18,7 +18,19 @@ import numpy as np
 from scipy.optimize import minimize
 
 from ..models import AbstractHomogeneousModel, flatten
-from ._margin import MarginKKT, MarginProblem, _kkt_from_theta, _margins_jac, make_margin_problem
+from ._clarke import DEFAULT_KINK_TOL, DEFAULT_MAX_PATTERNS
+from ._kink_newton import kink_newton
+from ._margin import (
+    DEFAULT_FEAS_TOL,
+    MARGIN_COLLAPSED,
+    TOO_FAR,
+    MarginKKT,
+    MarginProblem,
+    _kkt_from_theta,
+    _margins_jac,
+    make_margin_problem,
+    resolve_clarke,
+)
 
 __all__ = ["solve_max_margin"]
 
@@ -108,20 +120,33 @@ def _direction_distance(a, b) -> float:
     return float(np.linalg.norm(a / np.linalg.norm(a) - b / np.linalg.norm(b)))
 
 
-def _candidate_sets(prob, unflatten, th, thresholds, ridge):
-    """Distinct initial supports: the NNLS support over ``q_i <= 1 + tau`` for each ``tau`` (increasing)."""
+def _candidate_sets(prob, unflatten, th, thresholds, ridge, kink_tols=(None,), max_patterns=DEFAULT_MAX_PATTERNS):
+    """Distinct initial ``(support, kinks)``: the NNLS support over ``q_i <= 1 + tau`` for each ``tau`` (increasing),
+    with (Clarke) the kinks of the support's samples within each ``kink_tol`` and the slopes the certificate chose."""
     seen, out = set(), []
-    for tau in thresholds:
-        r = _kkt_from_theta(prob, th, unflatten, active_tol=tau, ridge=ridge, rescale=False)
-        S = r.support if r.support.size else r.active
-        key = tuple(int(i) for i in S)
-        if key and key not in seen:
-            seen.add(key)
-            out.append((float(tau), S, r.multipliers[S]))
+    for kt in kink_tols:
+        for tau in thresholds:
+            r = _kkt_from_theta(prob, th, unflatten, active_tol=tau, ridge=ridge, rescale=False, kink_tol=kt,
+                                max_patterns=max_patterns)
+            S = r.support if r.support.size else r.active
+            kinks, slopes = [], []
+            if r.kinks is not None:
+                for i in S:
+                    for k, j in r.kinked_units(int(i)):
+                        s = r.slopes[k][i, j]
+                        kinks.append((int(i), k, j))
+                        slopes.append(float(s) if np.isfinite(s) else 0.5 * (1.0 + prob.unflatten(
+                            jnp.asarray(th)).activation.alpha))
+            key = (tuple(int(i) for i in S), tuple(kinks))
+            if key[0] and key not in seen:
+                seen.add(key)
+                out.append((float(tau), kt, S, r.multipliers[S], kinks, slopes))
     return out
 
 
 LOCAL_THRESHOLDS = (1e-6, 1e-3, 1e-2, 3e-2, 0.1, 0.3)
+POLISH_KINK_TOLS = (1e-6, 1e-4, 1e-3, 1e-2, 3e-2)
+"""Kink tolerances whose kink sets seed the Clarke polish (a long-GD point wobbles around its kinks by ~1e-3)."""
 
 
 def solve_max_margin(
@@ -138,20 +163,38 @@ def solve_max_margin(
     active_tol: float | None = None,
     ridge: float = 1e-13,
     local_thresholds: tuple[float, ...] = LOCAL_THRESHOLDS,
+    clarke: bool | None = None,
+    kink_tol: float = DEFAULT_KINK_TOL,
+    polish_kink_tols: tuple[float, ...] = POLISH_KINK_TOLS,
+    max_patterns: int = DEFAULT_MAX_PATTERNS,
+    max_distance: float = 1.0,
+    min_margin_ratio: float = 0.5,
+    feas_tol: float = DEFAULT_FEAS_TOL,
 ) -> MarginKKT:
     """Polish ``model`` into a KKT point of ``min 1/2 ||theta||^2`` s.t. ``y_i Phi(theta; x_i) >= 1``.
 
     By default the polish is *local*: it stays near the start (for instance a late-phase flow direction) and does not
     jump to another, possibly better, KKT point. From the start rescaled to ``q_min = 1``, for each threshold ``tau``
     in ``local_thresholds`` the NNLS support over the constraints with ``q_i <= 1 + tau`` seeds a damped active-set
-    Newton method on the KKT system (module docstring); of the runs that converge, the one whose direction is
-    nearest the start's is returned. Only if none converges does ``presolve='auto'`` fall back to an SLSQP presolve
-    (a global-ish move that may land on a different KKT point; the result's ``distance`` says how far it went).
+    Newton method on the KKT system (module docstring); of the runs that are certified, the one whose direction is
+    nearest the start's is returned. Only if none is does ``presolve='auto'`` fall back to an SLSQP presolve (a
+    global-ish move that may land on a different KKT point; the result's ``distance`` says how far it went).
+
+    ReLU-type networks (``clarke``, see :func:`max_margin_kkt`): the seeds also carry the kinks of the support samples
+    (pre-activations within each of ``polish_kink_tols`` of zero), and the Newton method holds those at zero with their
+    slopes as unknowns (:mod:`homflow.kkt._kink_newton`); the result is certified with Clarke subgradients at
+    ``kink_tol``.
+
+    Whatever the route, a result is ``converged`` only if it is certified *and* it stays near the start: its direction
+    within ``max_distance`` of the start's and its normalized margin at least ``min_margin_ratio`` times the start's
+    (a KKT point far away, or one whose normalized margin collapsed, is reported as a failure with ``reason``
+    ``'too_far'`` / ``'margin_collapsed'``).
 
     Arguments:
         model: a start with positive minimum margin (only its direction matters; it is rescaled to ``q_min = 1``).
         data: a ``Dataset`` with labels +-1.
-        tol: certify when the re-computed relative stationarity ``eps / ||theta||`` is ``<= tol`` (float64: 1e-8).
+        tol: certify when the re-computed relative stationarity ``eps / ||theta||`` (and ``|slackness|``) is
+            ``<= tol`` (float64: 1e-8).
         presolve: ``'auto'`` (local Newton polish first; SLSQP then Newton only if it fails and ``P <= 3000``),
             ``'none'`` (local Newton polish only) or ``'slsqp'`` (SLSQP from the start, then Newton).
         newton_tol: Newton's own stopping tolerance (default ``tol / 100``, at least ``100 eps``).
@@ -160,12 +203,18 @@ def solve_max_margin(
         active_tol: near-active tolerance of the final certificate (default ``max(1e3 * newton_tol, 1e-9)``).
         ridge: see :func:`max_margin_kkt`.
         local_thresholds: the thresholds ``tau`` of the local polish's candidate initial supports.
+        clarke, kink_tol, max_patterns: the certificate's Clarke options (see :func:`max_margin_kkt`).
+        polish_kink_tols: kink tolerances of the Clarke polish's candidate kink sets.
+        max_distance: largest accepted ``||theta/||theta|| - theta_0/||theta_0||||`` (in ``[0, 2]``; default 1.0,
+            about 60 degrees).
+        min_margin_ratio: smallest accepted ratio of the result's normalized margin to the start's (default 0.5).
+        feas_tol: feasibility tolerance of the certificate (default 1e-9).
 
     Returns:
-        A :class:`MarginKKT` with ``converged`` (stationarity ``<= tol``, feasibility ``<= 1e-9`` and every multiplier
-        on a constraint active to ``active_tol``), ``message`` (why not, if not, and which route was taken),
-        ``iterations``, ``distance`` (``||theta/||theta|| - theta_0/||theta_0||||``, from the start's direction) and
-        ``start_normalized_margin``.
+        A :class:`MarginKKT` with ``converged`` (certified and within the guards), ``reason`` (``'certified'`` or why
+        not: ``'not_stationary'``, ``'infeasible'``, ``'slackness'``, ``'too_far'``, ``'margin_collapsed'``),
+        ``message`` (the route taken and what went wrong), ``iterations``, ``distance`` (from the start's direction),
+        ``start_normalized_margin`` and the certificate's kinks, slopes and ``smooth_stationarity``.
 
     Raises:
         ValueError: if the start's minimum margin is not positive or an argument is out of range.
@@ -177,40 +226,80 @@ def solve_max_margin(
     local_thresholds = tuple(float(t) for t in local_thresholds)
     if not all(t >= 0 and math.isfinite(t) for t in local_thresholds):
         raise ValueError(f"`local_thresholds` must be finite numbers >= 0; got {local_thresholds!r}.")
+    polish_kink_tols = tuple(float(t) for t in polish_kink_tols)
+    if not all(t >= 0 and math.isfinite(t) for t in polish_kink_tols):
+        raise ValueError(f"`polish_kink_tols` must be finite numbers >= 0; got {polish_kink_tols!r}.")
+    if not (0 <= max_distance and math.isfinite(max_distance)):
+        raise ValueError(f"`max_distance` must be a finite number >= 0 (directions differ by at most 2); "
+                         f"got {max_distance!r}.")
+    if not (0 <= min_margin_ratio and math.isfinite(min_margin_ratio)):
+        raise ValueError(f"`min_margin_ratio` must be a finite number >= 0; got {min_margin_ratio!r}.")
+    kt = resolve_clarke(model, clarke, kink_tol, max_patterns)
     prob, theta = make_margin_problem(model, data)
     unflatten = flatten(model)[1]
     eps64 = float(jnp.finfo(theta.dtype).eps)
     newton_tol = max(tol / 100.0, 100 * eps64) if newton_tol is None else float(newton_tol)
     active_tol = max(1e3 * newton_tol, 1e-9) if active_tol is None else float(active_tol)
-    start = _kkt_from_theta(prob, theta, unflatten, active_tol=1e-2, ridge=ridge)
+    cert = dict(kink_tol=kt, max_patterns=int(max_patterns), tol=tol, feas_tol=feas_tol, ridge=ridge)
+    start = _kkt_from_theta(prob, theta, unflatten, active_tol=1e-2, **cert)
     th0 = start.theta
     P = th0.size
     newton = dict(tol=newton_tol, max_iter=max_iter, max_rounds=max_rounds, feas_tol=1e-12)
 
     def finish(th, its, messages):
-        out = _kkt_from_theta(prob, th, unflatten, active_tol=active_tol, ridge=ridge)
-        ok = out.stationarity <= tol and out.feasibility <= 1e-9
-        return out, ok, its, messages
+        out = _kkt_from_theta(prob, th, unflatten, active_tol=active_tol, **cert)
+        return out, out.certified, its, messages
 
     def report(res):
         out, ok, its, messages = res
-        if not ok:
+        dist = _direction_distance(out.theta, th0)
+        reason = out.reason
+        if ok and dist > max_distance:
+            ok, reason = False, TOO_FAR
+            messages = messages + [f"the KKT point found is {dist:.3g} from the start's direction "
+                                   f"(max_distance {max_distance:g})"]
+        elif ok and out.normalized_margin < min_margin_ratio * start.normalized_margin:
+            ok, reason = False, MARGIN_COLLAPSED
+            messages = messages + [f"its normalized margin {out.normalized_margin:.3g} is below {min_margin_ratio:g} "
+                                   f"times the start's {start.normalized_margin:.3g}"]
+        elif not ok:
             messages = messages + [f"stationarity {out.stationarity:.2e} (target {tol:.0e}), "
-                                   f"feasibility {out.feasibility:.1e}"]
-        return out.replace(converged=bool(ok), message="; ".join(m for m in messages if m), iterations=int(its),
-                           distance=_direction_distance(out.theta, th0),
+                                   f"feasibility {out.feasibility:.1e}, slackness {out.slackness:.1e}"]
+            if dist > max_distance:
+                messages.append(f"it is {dist:.3g} from the start's direction")
+            if out.normalized_margin < min_margin_ratio * start.normalized_margin:
+                messages.append(f"its normalized margin {out.normalized_margin:.3g} collapsed from the start's "
+                                f"{start.normalized_margin:.3g}")
+        return out.replace(converged=bool(ok), certified=bool(ok), reason=reason,
+                           message="; ".join(m for m in messages if m), iterations=int(its), distance=dist,
                            start_normalized_margin=start.normalized_margin)
+
+    def acceptable(res):
+        out = res[0]
+        return (res[1] and _direction_distance(out.theta, th0) <= max_distance
+                and out.normalized_margin >= min_margin_ratio * start.normalized_margin)
 
     best, tried = None, []
     if presolve in ("auto", "none"):
         total = 0
-        for tau, S, lam_S in _candidate_sets(prob, unflatten, th0, local_thresholds, ridge):
-            th, its, msg = _active_set_newton(prob, th0, S, lam_S, **newton)
+        kink_seeds = (None,) if kt is None else polish_kink_tols
+        for tau, ktau, S, lam_S, kinks, slopes in _candidate_sets(prob, unflatten, th0, local_thresholds, ridge,
+                                                                  kink_seeds, int(max_patterns)):
+            if kt is None:
+                th, its, msg = _active_set_newton(prob, th0, S, lam_S, **newton)
+                route = f"local polish (support from q_i <= 1 + {tau:g})"
+            else:
+                th, its, msg = kink_newton(prob, th0, S, lam_S, kinks, slopes, kink_tol=ktau, **newton)
+                route = (f"local polish with kinks (support from q_i <= 1 + {tau:g}, {len(kinks)} kinks held within "
+                         f"{ktau:g})")
             total += its
-            res = finish(th, total, [f"local polish (support from q_i <= 1 + {tau:g})", msg])
+            q = np.asarray(_margins_jac(prob, jnp.asarray(th))[0])
+            if not q.min() > 0:
+                continue
+            res = finish(th, total, [route, msg])
             tried.append(res)
-            if res[1] and (best is None or _direction_distance(res[0].theta, th0)
-                           < _direction_distance(best[0].theta, th0)):
+            if acceptable(res) and (best is None or _direction_distance(res[0].theta, th0)
+                                    < _direction_distance(best[0].theta, th0)):
                 best = res
         if best is not None:
             return report((best[0], True, total, best[3]))
@@ -218,14 +307,14 @@ def solve_max_margin(
             if not tried:
                 return report(finish(th0, 0, ["no near-active constraint to start the local polish from"]))
             closest = min(tried, key=lambda r: r[0].stationarity)
-            return report((closest[0], False, total, closest[3] + ["the local polish did not converge"]))
+            return report((closest[0], closest[1], total, closest[3] + ["the local polish did not converge"]))
     th, res = _slsqp(prob, th0, slsqp_maxiter)
     slsqp_note = "" if res.success else f"SLSQP: {res.message}"
     q = np.asarray(_margins_jac(prob, jnp.asarray(th))[0])
     if not q.min() > 0:
         raise ValueError("the SLSQP presolve left a non-positive margin; try presolve='none'.")
     th = th / q.min() ** (1.0 / prob.degree)
-    mid = _kkt_from_theta(prob, th, unflatten, active_tol=support_tol, ridge=ridge)
+    mid = _kkt_from_theta(prob, th, unflatten, active_tol=support_tol, **cert)
     S = mid.support if mid.support.size else mid.active
     th, its, msg = _active_set_newton(prob, th, S, mid.multipliers[S], **newton)
     route = "SLSQP presolve then Newton" + (" (the local polish did not converge)" if tried else "")
