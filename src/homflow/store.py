@@ -169,6 +169,14 @@ def _load_npz(path: Path, hint: str) -> dict[str, np.ndarray]:
             from None
 
 
+def _writable(path: Path) -> bool:
+    """Writable by us and not marked read-only (no write bit: a read-only store even for root)."""
+    try:
+        return os.access(path, os.W_OK) and bool(os.stat(path).st_mode & 0o222)
+    except OSError:
+        return False
+
+
 def _pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -422,11 +430,14 @@ class RunStore:
     def _connect(self) -> Iterator[sqlite3.Connection]:
         if self.readonly:
             uri = self.index_path.resolve().as_uri()
-            try:
-                con = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30.0, isolation_level=None)
-                con.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            except sqlite3.OperationalError:
-                # a WAL index in a directory we cannot write: read the file as it is (no -shm to create)
+            con = None
+            if _writable(self.root) and _writable(self.index_path):
+                try:  # read-only, but seeing a concurrent writer's WAL
+                    con = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30.0, isolation_level=None)
+                    con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                except sqlite3.OperationalError:
+                    con = None
+            if con is None:  # a read-only directory or file: read the file as it is (no -wal/-shm to create)
                 con = sqlite3.connect(f"{uri}?immutable=1", uri=True, timeout=30.0, isolation_level=None)
             try:
                 yield con
