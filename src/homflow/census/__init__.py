@@ -4,7 +4,7 @@ certified NCF KKT point each flow aligns with, the first saddle and the sparsity
 
 from ._census import Census, CensusOptions, census, random_directions
 from ._cluster import Canonicaliser, CertifiedPoints, certify_and_match, cluster_directions
-from ._driver import DriverOptions, DriverResult, default_batch_size, run_members
+from ._driver import DriverOptions, DriverResult, default_batch_size, precompile, run_members
 from ._law import CensusLaw, fit_escape_law, within_slope
 from ._table import CensusTable, read_table
 
@@ -21,6 +21,7 @@ __all__ = [
     "DriverResult",
     "default_batch_size",
     "run_members",
+    "precompile",
     "CensusLaw",
     "fit_escape_law",
     "within_slope",

@@ -29,7 +29,7 @@ from ..flow import EngineOptions, ode_batch
 from ..flow._objective import Objective
 from ..models import safe_norm
 
-__all__ = ["DriverOptions", "DriverResult", "run_members", "default_batch_size"]
+__all__ = ["DriverOptions", "DriverResult", "run_members", "default_batch_size", "precompile"]
 
 _KAPPA = 2.0**-100  # exact power-of-two scale of the constant components (level, time left)
 ESCAPE, AFTER, DONE = 0, 1, 2
@@ -239,13 +239,15 @@ def run_members(objective: Objective, thetas0, *, levels, horizons, ends=None, t
         sizes.append(B)
         batched += int(sol.stats["batched_evals"])
         slot += B * int(sol.stats["batched_evals"])
-        ys = sol.ys[:n, 1:, :P]
-        ok_rows = np.all(np.isfinite(ys), axis=-1)
-        if ok_rows.any():
-            ll = np.full(ok_rows.shape, np.nan)
-            ll[ok_rows] = np.asarray(_diagnostics(objective, jnp.asarray(ys[ok_rows])))
+        ys_all = sol.ys[:, 1:, :P]
+        ok_all = np.all(np.isfinite(ys_all), axis=-1)
+        # losses of every slot's saves and end in one fixed shape (B * (S + 1), P): compiled once per batch size
+        flat = np.concatenate([np.where(ok_all[..., None], ys_all, 0.0).reshape(-1, P), sol.y_end[:, :P]])
+        ll_all = np.asarray(_diagnostics(objective, jnp.asarray(flat)))
+        ll = ll_all[: B * len(save_ts)].reshape(B, len(save_ts))[:n]
+        ll_end = ll_all[B * len(save_ts):][:n]
+        ys, ok_rows = ys_all[:n], ok_all[:n]
         y_end = sol.y_end[:n, :P]
-        ll_end = np.asarray(_diagnostics(objective, jnp.asarray(y_end)))
         g_saves, g_end = gnorms(ys), gnorms(y_end)
         keep = []
         for k, i in enumerate(active):
@@ -284,6 +286,35 @@ def run_members(objective: Objective, thetas0, *, levels, horizons, ends=None, t
     return DriverResult(t_esc, th_esc, clock.copy(), state, outcome, reason, [np.asarray(c) for c in curve_t],
                         [np.exp(np.asarray(c)) for c in curve_l], [np.asarray(c) for c in curve_g], evals, steps,
                         batched, slot, calls, tuple(sizes))
+
+
+def _sizes(B_full: int, options: DriverOptions) -> list[int]:
+    sizes, B = [B_full], B_full
+    while options.refill and B > options.min_batch:
+        B //= 2
+        sizes.append(B)
+    return sizes
+
+
+def precompile(objective: Objective, n_members: int, n_params: int, options: DriverOptions = DriverOptions()
+               ) -> list[int]:
+    """Compile the engine for every batch size :func:`run_members` may use on ``n_members`` members of ``n_params``
+    parameters (the full batch and, with refill, each compacted size), so that timings of a later run exclude
+    compilation. Returns the sizes."""
+    B_full = options.batch_size or default_batch_size(n_members, n_params, n_saves=options.n_saves)
+    B_full = int(min(B_full, 2 ** int(math.ceil(math.log2(max(n_members, 1))))))
+    sizes = _sizes(B_full, options)
+    for B in sizes:
+        y0 = np.zeros((B, n_params + 2))
+        y0[:, n_params + 1] = 1e-6 * _KAPPA
+        save_ts = np.arange(1, options.n_saves + 1) * 1e-3
+        ode_batch(_field, y0, float(save_ts[-1]) * 2, args=objective, ts=np.concatenate([[0.0], save_ts]), rtol=1e-8,
+                  atol=np.ones(B), event=_event,
+                  max_steps=int(options.chunk_steps if options.refill else options.max_steps), options=options.engine,
+                  method=options.engine.method)
+        _diagnostics(objective, jnp.zeros((B * (options.n_saves + 1), n_params)))
+    _diagnostics(objective, jnp.zeros((n_members, n_params)))
+    return sizes
 
 
 class GroupNorms:
