@@ -239,3 +239,18 @@ def test_sweep_report_links_are_relative(tmp_path):
         assert not h.startswith(("file:", "/")), h
         assert (path.parent / h).resolve().is_file()  # relative to the sweep report, resolves to the run's report
     assert relative_link(tmp_path / "a b" / "r.html", tmp_path / "c") == "../a%20b/r.html"
+
+
+def test_sweep_plot_uses_a_log_axis_for_a_grid_over_decades():
+    from homflow.report._sweep import plot_check
+
+    grid = {"init.scale": [1e-3, 1e-2, 1e-1], "init.seed": [0, 1]}
+    grid_of = {i: {"init.scale": s, "init.seed": k} for i, (s, k) in
+               enumerate((s, k) for s in grid["init.scale"] for k in grid["init.seed"])}
+    vals = {i: g["init.scale"] ** 2 for i, g in grid_of.items()}
+    ax = plot_check(_ax(), "err", vals, grid_of, grid)
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log" and len(ax.get_lines()) == 2  # one line per seed
+    grid = {"model.width": [10, 20, 30]}
+    grid_of = {i: {"model.width": w} for i, w in enumerate(grid["model.width"])}
+    ax = plot_check(_ax(), "err", {0: 1.0, 1: 2.0, 2: 3.0}, grid_of, grid)
+    assert ax.get_xscale() == "linear" and ax.get_yscale() == "linear"

@@ -18,7 +18,7 @@ from ..store import atomic_write_text
 from ._display import set_log_scale, wants_log
 from ._page import figure_block, fmt, kv_table, page
 
-__all__ = ["write_sweep_report", "grid_values", "relative_link"]
+__all__ = ["write_sweep_report", "grid_values", "relative_link", "plot_check"]
 
 
 def grid_values(run, keys) -> dict[str, Any]:
@@ -46,13 +46,24 @@ def _numeric(xs) -> bool:
     return all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
 
 
-def _check_figure(name: str, vals: dict[int, float], grid_of: dict[int, dict], grid: dict[str, list]):
+def _check_figure(name: str, vals: dict[int, float], grid_of: dict[int, dict], grid: dict[str, list]) -> bytes:
+    import io
+
     from matplotlib.figure import Figure as MplFigure
 
     from ._page import FIGURE_DPI, FIGURE_SIZE
 
     fig = MplFigure(figsize=FIGURE_SIZE, dpi=FIGURE_DPI, layout="constrained")
-    ax = fig.add_subplot(1, 1, 1)
+    plot_check(fig.add_subplot(1, 1, 1), name, vals, grid_of, grid)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def plot_check(ax, name: str, vals: dict[int, float], grid_of: dict[int, dict], grid: dict[str, list]):
+    """Draw one check's value across a sweep on ``ax``: against the first grid key that varies (one line per value
+    of the other varying keys), on a log axis where the grid or the values span decades; against the run number when
+    that key is not numeric. ``vals`` and ``grid_of`` map a run's row number to its value and its grid values."""
     idx = np.array(sorted(vals))
     v = np.array([vals[i] for i in idx])
     varying = [k for k in grid if len(grid[k]) > 1]
@@ -79,11 +90,7 @@ def _check_figure(name: str, vals: dict[int, float], grid_of: dict[int, dict], g
         set_log_scale(ax, v)
     ax.set_ylabel("value")
     ax.set_title(name)
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return ax
 
 
 def write_sweep_report(store, sweep: str, grid: dict[str, list], path: Path | str | None = None) -> Path:
