@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install bench clean
+.PHONY: demo test test-fast install bench clean docs browser-deps
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -27,5 +27,14 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/flow_cost.py
 
+# The docs site (warnings are errors); tests/test_docs.py builds it too and executes the tutorials.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# Debian's Chromium for tests/test_browser.py (the reports rendered in a real browser), if it is missing.
+browser-deps:
+	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache site
