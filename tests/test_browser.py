@@ -143,6 +143,7 @@ def browser():
         b.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("viewport", list(VIEWPORTS))
 @pytest.mark.parametrize("which", ["demo", "sweep"])
 def test_report_renders_cleanly_in_chromium(browser, pages, which, viewport):
