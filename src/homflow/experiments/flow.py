@@ -70,7 +70,7 @@ def trajectory_metrics(cfg: FlowExperimentConfig, model, data, traj) -> tuple[di
     L = traj.degree
     dirs = thetas / np.maximum(np.linalg.norm(thetas, axis=1, keepdims=True), 1e-300)
     arrays = {"t": np.asarray(traj.ts, float), "loss": np.asarray(traj.loss), "log_loss": np.asarray(traj.log_loss),
-              "norm": np.asarray(traj.norm), "theta_final": thetas[-1]}
+              "norm": np.asarray(traj.norm), "theta_final": thetas[-1], "thetas": thetas}
     arrays["alignment_final_dir"] = dirs @ dirs[-1]
     arrays["alignment_init_dir"] = dirs @ dirs[0]
     m = {
