@@ -94,6 +94,8 @@ def test_list_piped_prints_full_ids_filters_and_params(store):
     exps = {e["name"]: e for e in json.loads(res.stdout)["experiments"]}
     assert exps["test-user-ok"]["defaults"] == {"x": 1.0, "tag": "a"}  # the built-ins' parameters
     assert "n_save" in exps["demo"]["defaults"]
+    res = _invoke(["list", "--json"], st.root.parent / "no-store-yet")  # before the first run: the built-ins
+    assert res.exit_code == 0 and json.loads(res.stdout)["runs"] == [] and not (st.root.parent / "no-store-yet").exists()
     res = _invoke(["list", "--status", "bogus"], st.root)
     assert res.exit_code == 2 and "--status" in res.stderr
 

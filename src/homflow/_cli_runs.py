@@ -62,15 +62,21 @@ def list_(store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt,
         raise BadInput(f"`--status` must be one of {STATUSES}; got {status!r}.")
     if failed and passed:
         raise BadInput("`--failed` and `--passed` exclude each other; give one.")
-    st = _store(store, readonly=True)
-    recs = _filtered(st, experiment=experiment, status=status, failed=failed, passed=passed, sweep=sweep, name=name,
-                     limit=limit)
+    from .store import default_root
+
+    root = Path(store) if store is not None else default_root()
+    if root.exists():
+        st = _store(store, readonly=True)
+        recs = _filtered(st, experiment=experiment, status=status, failed=failed, passed=passed, sweep=sweep,
+                         name=name, limit=limit)
+    else:  # no run yet: the built-ins are still worth listing
+        st, recs = None, []
     filtering = any((experiment, status, failed, passed, sweep, name, ids))
     if as_json:
         from .experiments import REGISTRY, get_experiment
 
         get_experiment("flow")  # fills the registry
-        obj = {"run": None, "path": str(st.root.resolve()), "checks": [],
+        obj = {"run": None, "path": str(root.resolve()), "checks": [],
                "experiments": [{"name": e.name, "description": e.description, "defaults": e.defaults,
                                 "quick": e.quick} for e in REGISTRY.values()],
                "runs": [r.to_dict() for r in recs]}
@@ -104,7 +110,7 @@ def list_(store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt,
             t.add_row(Text(_plain(e.name)), Text(_plain(e.description)),
                       Text(_plain(_params(e.defaults) + (f"; quick: {_params(e.quick)}" if e.quick else ""))))
         con.print(t)
-    t = Table(title=Text(_plain(f"runs in {st.root}")))
+    t = Table(title=Text(_plain(f"runs in {root}" if st is not None else f"no runs yet in {root}")))
     t.add_column("run", no_wrap=True, overflow="fold")
     for c in ("experiment", "status", "checks", "duration (s)", "created"):
         t.add_column(c)
