@@ -278,7 +278,7 @@ def ray_connect(address: str | None, *, num_cpus: int | None = None,
     def init():
         try:
             kw: dict[str, Any] = dict(address=address, ignore_reinit_error=True, log_to_driver=False,
-                                      include_dashboard=False)
+                                      include_dashboard=False, logging_level="ERROR")
             if address is None:
                 kw["num_cpus"] = num_cpus
             ray.init(**kw)
