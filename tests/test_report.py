@@ -90,7 +90,7 @@ class _Collect(HTMLParser):
         a = dict(attrs)
         if tag == "img":
             self.imgs.append(a.get("src", ""))
-        if tag == "table" and a.get("class") == "checks":
+        if tag == "table" and "checks" in (a.get("class") or "").split():
             self.tables += 1
         if tag == "tr":
             self._row = []

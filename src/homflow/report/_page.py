@@ -28,19 +28,29 @@ FIGURE_DPI = 100
 CSS = """
 * { box-sizing: border-box; }
 body { font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; margin: 1em auto; padding: 0 1em;
-       max-width: 1400px; color: #222; overflow-wrap: anywhere; }
+       max-width: 1400px; color: #222; overflow-wrap: break-word; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.15em; border-bottom: 1px solid #ddd; padding-bottom: .2em; }
+code, table.kv td { overflow-wrap: anywhere; }
 .scroll { max-width: 100%; overflow-x: auto; }
 table { border-collapse: collapse; margin: .5em 0 1em; font-size: .9em; max-width: 100%; }
 th, td { border: 1px solid #ccc; padding: .25em .5em; text-align: left; vertical-align: top; }
 th { background: #f4f4f4; } td.num { text-align: right; font-family: monospace; white-space: nowrap; }
 tr.pass td.verdict { color: #0a7d2c; font-weight: bold; } tr.fail td.verdict { color: #b00020; font-weight: bold; }
-pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .85em; white-space: pre-wrap; }
+pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .85em; white-space: pre-wrap;
+      overflow-wrap: anywhere; }
 .figs { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(100%, 440px), 1fr)); gap: 1em; }
 .figs figure { margin: 0; min-width: 0; }
 .figs img { display: block; width: 100%; height: auto; }
 figcaption { font-size: .85em; color: #555; } .banner { padding: .5em 1em; border-radius: 4px; }
 .banner.pass { background: #e3f6e8; } .banner.fail { background: #fde7ea; }
+@media (max-width: 700px) {
+  table.rows tr.head { display: none; }
+  table.rows, table.rows tbody, table.rows tr, table.rows td { display: block; width: 100%; }
+  table.rows tr { border: 1px solid #ccc; margin-bottom: .6em; }
+  table.rows td { border: none; padding: .1em .5em; }
+  table.rows td.num { text-align: left; white-space: normal; }
+  table.rows td[data-label]::before { content: attr(data-label) ": "; color: #666; font-family: sans-serif; }
+}
 """
 
 
@@ -125,13 +135,18 @@ def checks_table(checks: list[dict]) -> str:
     rows = []
     for c in checks:
         cls = "pass" if c["passed"] else "fail"
+        desc = str(c.get("description", ""))
         rows.append(
-            f'<tr class="{cls}"><td>{html.escape(str(c["name"]))}</td><td class="num">{fmt(c["value"])}</td>'
-            f'<td>{html.escape(c.get("relation", "<="))}</td><td class="num">{fmt(c["tolerance"])}</td>'
-            f'<td class="num">{html.escape(residual(c))}</td><td class="verdict">{"PASS" if c["passed"] else "FAIL"}'
-            f'</td><td>{html.escape(str(c.get("description", "")))}</td></tr>')
-    return ('<div class="scroll"><table class="checks"><tr><th>check</th><th>value</th><th></th><th>tolerance</th>'
-            '<th>value vs tolerance</th><th>verdict</th><th>description</th></tr>' + "".join(rows) + "</table></div>")
+            f'<tr class="{cls}"><td class="name">{html.escape(str(c["name"]))}</td>'
+            f'<td class="num" data-label="value">{fmt(c["value"])}</td>'
+            f'<td data-label="passes when">{html.escape(c.get("relation", "<="))}</td>'
+            f'<td class="num" data-label="tolerance">{fmt(c["tolerance"])}</td>'
+            f'<td class="num" data-label="value vs tolerance">{html.escape(residual(c))}</td>'
+            f'<td class="verdict">{"PASS" if c["passed"] else "FAIL"}</td>'
+            f'<td{" data-label=" + chr(34) + "description" + chr(34) if desc else ""}>{html.escape(desc)}</td></tr>')
+    return ('<div class="scroll"><table class="checks rows"><tr class="head"><th>check</th><th>value</th><th></th>'
+            '<th>tolerance</th><th>value vs tolerance</th><th>verdict</th><th>description</th></tr>' + "".join(rows)
+            + "</table></div>")
 
 
 def kv_table(d: dict) -> str:
@@ -141,7 +156,7 @@ def kv_table(d: dict) -> str:
         if isinstance(v, (dict, list)):
             v = json.dumps(v, default=str)
         rows.append(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(fmt(v))}</td></tr>")
-    return '<div class="scroll"><table>' + "".join(rows) + "</table></div>"
+    return '<div class="scroll"><table class="kv">' + "".join(rows) + "</table></div>"
 
 
 def page(title: str, body: str) -> str:

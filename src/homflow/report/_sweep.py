@@ -114,10 +114,12 @@ def write_sweep_report(store, sweep: str, grid: dict[str, list], path: Path | st
         report = Path(rec.path) / "report.html"
         link = (f'<a href="{html.escape(relative_link(report, path.parent))}">{html.escape(rec.id)}</a>'
                 if report.exists() else html.escape(rec.id))
-        rows.append(f'<tr class="{cls}"><td class="num">{i}</td><td>{link}</td>'
-                    + "".join(f"<td>{html.escape(fmt(gv.get(k)))}</td>" for k in keys)
-                    + f'<td>{html.escape(rec.status)}</td><td class="num">{rec.n_passed}/{rec.n_checks}</td>'
-                      f'<td class="verdict">{verdict}</td><td class="num">{fmt(rec.duration_s or 0.0)}</td></tr>')
+        rows.append(f'<tr class="{cls}"><td class="num" data-label="#">{i}</td><td data-label="run">{link}</td>'
+                    + "".join(f'<td data-label="{html.escape(k)}">{html.escape(fmt(gv.get(k)))}</td>' for k in keys)
+                    + f'<td data-label="status">{html.escape(rec.status)}</td>'
+                      f'<td class="num" data-label="checks passed">{rec.n_passed}/{rec.n_checks}</td>'
+                      f'<td class="verdict">{verdict}</td>'
+                      f'<td class="num" data-label="duration (s)">{fmt(rec.duration_s or 0.0)}</td></tr>')
     figs = []
     for name, vals in values.items():
         try:
@@ -128,7 +130,7 @@ def write_sweep_report(store, sweep: str, grid: dict[str, list], path: Path | st
     body = f"""<h1>homflow sweep <code>{html.escape(sweep)}</code></h1>
 <p class="banner {'pass' if n_ok == len(recs) else 'fail'}">{n_ok} of {len(recs)} runs passed every check.</p>
 <h2>Grid</h2>{kv_table({k: json.dumps(v) for k, v in grid.items()})}
-<h2>Runs</h2><div class="scroll"><table class="checks"><tr><th>#</th><th>run</th>
+<h2>Runs</h2><div class="scroll"><table class="checks rows"><tr class="head"><th>#</th><th>run</th>
 {''.join(f'<th>{html.escape(k)}</th>' for k in keys)}
 <th>status</th><th>checks passed</th><th>verdict</th><th>duration (s)</th></tr>{''.join(rows)}</table></div>
 <h2>Check values across the sweep</h2><div class="figs">{''.join(figs)}</div>"""
