@@ -33,10 +33,11 @@ LATEST = ("latest", "last")
 
 
 def _store(store):
+    """A store opened read-only (no directory or index is created by looking)."""
     from .store import RunStore
 
     if store is None or isinstance(store, (str, Path)):
-        return RunStore(store)
+        return RunStore(store, readonly=True)
     return store
 
 
