@@ -75,7 +75,7 @@ def reference(t1: float, index: int = 0, *, rtol: float = 1e-12):
     model, data, _, th = problem(index + 1)
     tr = gradient_flow(model, data, loss="square", t1=t1, rtol=rtol, atol=rtol * DELTA * 1e-5, solver="tsit5",
                        theta0=th[index], ts=[0.0, t1], max_steps=20_000_000)
-    if not tr.result.success:
+    if not tr.success:
         raise RuntimeError(f"reference failed: {tr.result}")
     np.save(path, tr.thetas[-1])
     return tr.thetas[-1]

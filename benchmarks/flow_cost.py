@@ -39,7 +39,7 @@ def homflow_row(model, data, th0, ref, t1, solver, rtol, **kw):
     label = f"homflow {solver} rtol {rtol:g}" + (f" atol {kw['atol']:g}" if "atol" in kw else "")
     return {"method": label, "grad_evals": tr.stats["grad_evals"],
             "grad-eq": tr.stats["grad_evals"], "wall_s": wall, "error": rel_err(tr.thetas[-1], ref),
-            "steps": tr.stats["num_steps"], "note": tr.result.reason if not tr.result.success else
+            "steps": tr.stats["num_steps"], "note": tr.reason if not tr.success else
             (f"stiff steps {tr.stats.get('num_stiff_steps', '-')}" if "num_stiff_steps" in tr.stats else "")}
 
 

@@ -30,7 +30,7 @@ def main():
                                         theta0=th0, ts=[0.0, 250.0], max_steps=args.kvaerno_steps), repeats=1)
     t_end = float(tr.ts[-1])
     rows.append({"method": "diffrax Kvaerno5 rtol 1e-08", "grad_evals": None, "grad-eq": None, "wall_s": w,
-                 "error": rel_err(tr.thetas[-1], reference(250.0)) if tr.result.success else None,
+                 "error": rel_err(tr.thetas[-1], reference(250.0)) if tr.success else None,
                  "steps": tr.stats["num_steps"],
                  "note": f"capped: reached t = {t_end:.3g} in {w:.3g} s (projected {w * 250 / max(t_end, 1e-9):.3g} s)"})
     if args.torchdiffeq and torch_available():

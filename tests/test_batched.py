@@ -68,11 +68,11 @@ def test_each_member_stops_at_its_own_event():
     thetas0 *= np.array([1e-2, 3e-2, 2.0])[:, None] / np.linalg.norm(thetas0, axis=1, keepdims=True)
     out = gradient_flow_batch(model, data, thetas0, method="batched", loss="square", t1=200.0, rtol=1e-8,
                               events=NormAbove(1.0), n_save=30)
-    assert [o.result.event for o in out[:2]] == ["norm_above_1", "norm_above_1"]
+    assert [o.event for o in out[:2]] == ["norm_above_1", "norm_above_1"]
     assert out[0].ts[-1] > out[1].ts[-1]  # the smaller start escapes later
     for o in out[:2]:
         assert o.norm[-1] == pytest.approx(1.0, rel=1e-8)
-    assert out[2].result.event is None and out[2].ts[-1] == pytest.approx(200.0)  # started above the level
+    assert out[2].event is None and out[2].ts[-1] == pytest.approx(200.0)  # started above the level
 
 
 def test_bad_arguments_are_named():

@@ -1,5 +1,6 @@
 """Gradient flow: conserved quantities, an independent SciPy reference, events, the log-time late phase, batches."""
 
+import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +9,8 @@ from scipy.integrate import solve_ivp
 
 from homflow.activations import relu, relu_power
 from homflow.data import Dataset, gaussian_toy
-from homflow.flow import (LossBelow, NormAbove, NormBelow, gradient_flow, gradient_flow_batch, log_times,
-                          make_objective)
+from homflow.flow import (RESULTS, Diffrax, LossBelow, NormAbove, NormBelow, SolverError, gradient_flow, gradient_flow_batch,
+                          log_times, make_problem)
 from homflow.losses import smoothed_margin
 from homflow.models import MLP, TwoLayer, flatten
 
@@ -27,7 +28,7 @@ def test_balance_is_conserved_along_the_flow(p):
     data = small_problem()
     model = TwoLayer(3, 5, relu_power(p), key=jax.random.PRNGKey(1), scale=0.5)
     tr = gradient_flow(model, data, loss="square", t1=30.0, rtol=1e-10)
-    assert tr.result.success
+    assert tr.success
     balance = np.array([p * tr.model_at(i).a ** 2 - np.sum(tr.model_at(i).W ** 2, axis=1) for i in range(len(tr))])
     drift = np.max(np.abs(balance - balance[0]))
     scale = np.max(tr.norm) ** 2
@@ -38,14 +39,14 @@ def test_balance_is_conserved_along_the_flow(p):
 def test_flow_agrees_with_scipy_dop853_reference():
     data = small_problem(seed=2)
     model = TwoLayer(3, 5, relu_power(2), key=jax.random.PRNGKey(2), scale=0.3)
-    objective, theta0 = make_objective(model, data, "square")
+    objective, theta0 = make_problem(model, data, "square")
     grad = jax.jit(lambda th: objective.grad(th))
     ts = np.array([0.0, 1.0, 5.0, 20.0, 40.0])
     ref = solve_ivp(lambda t, y: -np.asarray(grad(jnp.asarray(y))), (0, 40.0), np.asarray(theta0), method="DOP853",
                     rtol=1e-12, atol=1e-14, t_eval=ts)
     for solver in ("auto", "tsit5", "dopri8"):
         tr = gradient_flow(model, data, loss="square", t1=40.0, ts=ts, rtol=1e-10, solver=solver)
-        assert tr.result.success, tr.result
+        assert tr.success, tr.result
         np.testing.assert_allclose(tr.ts, ts)
         err = np.linalg.norm(tr.thetas - ref.y.T, axis=1) / np.linalg.norm(ref.y.T, axis=1)
         assert err.max() < 1e-6, (solver, err)
@@ -58,11 +59,11 @@ def test_events_stop_where_asked():
     data = small_problem(seed=3)
     model = TwoLayer(3, 5, relu_power(2), key=jax.random.PRNGKey(3), scale=1e-2)
     tr = gradient_flow(model, data, loss="square", t1=1e4, events=NormAbove(0.1))
-    assert tr.result.success and tr.result.event == "norm_above_0.1"
+    assert tr.success and tr.event == "norm_above_0.1"
     assert tr.norm[-1] == pytest.approx(0.1, rel=1e-8)
     assert np.all(tr.norm[:-1] < 0.1)
     tr2 = gradient_flow(model, data, loss="square", t1=1e4, events=[NormBelow(1e-5), LossBelow(4.0)])
-    assert tr2.result.event == "loss_below_4"
+    assert tr2.event == "loss_below_4"
     assert tr2.loss[-1] == pytest.approx(4.0, rel=1e-8)
 
 
@@ -72,7 +73,7 @@ def test_late_phase_in_log_time_reaches_t_1e12():
     data = gaussian_toy(40, seed=0)
     model = TwoLayer(2, 4, relu, key=jax.random.PRNGKey(0), scale=1.0)
     tr = gradient_flow(model, data, loss="exponential", t1=1e12, rtol=1e-9, n_save=60)
-    assert tr.result.success and tr.stats["log_time"]
+    assert tr.success and tr.stats["log_time"]
     assert tr.stats["num_steps"] < 5000
     assert np.all(np.isfinite(tr.log_loss))
     # L ~ 1/(c t) late: log L + log t tends to a constant
@@ -96,9 +97,12 @@ def test_stiff_flow_is_diagnosed_not_silently_slow():
     X = rng.standard_normal((20, 4)) * np.array([100.0, 1.0, 0.1, 0.01])
     data = Dataset(X, rng.standard_normal(20))
     model = MLP(4, (), None, key=jax.random.PRNGKey(0))
-    tr = gradient_flow(model, data, loss="square", t1=1e3, max_steps=2000, solver="tsit5")
-    assert not tr.result.success
-    assert "stiff" in tr.result.reason and "max_steps" in tr.result.reason
+    tr = gradient_flow(model, data, loss="square", t1=1e3, max_steps=2000, solver="tsit5", throw=False)
+    assert not tr.success and tr.result == RESULTS.stiff_limit
+    assert "stiff" in tr.reason and "max_steps" in tr.reason
+    with pytest.raises(SolverError, match="stiff") as info:  # throw=True (the default) raises, not a ValueError
+        gradient_flow(model, data, loss="square", t1=1e3, max_steps=2000, solver="tsit5")
+    assert not isinstance(info.value, ValueError) and info.value.result == RESULTS.stiff_limit
     assert len(tr.ts) >= 2 and tr.ts[-1] < 1e3  # what was computed is kept
 
 
@@ -126,15 +130,15 @@ def test_batch_of_initial_conditions_matches_single_calls():
     def rel(a, b):
         return (np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)).max()
 
-    for solver, methods in (("tsit5", ("map", "vmap")), ("auto", ("map", "batched"))):
+    for solver, methods in ((Diffrax(diffrax.Tsit5(), batch="vmap"), ("map", "batched")), ("auto", ("map", "batched"))):
         singles = [gradient_flow(model, data, theta0=th, solver=solver, **kw) for th in thetas0]
         for s, ref in zip(singles, refs):
-            assert s.result.success and rel(s.thetas, ref) < 1e-6, (solver, rel(s.thetas, ref))
+            assert s.success and rel(s.thetas, ref) < 1e-6, (solver, rel(s.thetas, ref))
         for method in methods:
             batch = gradient_flow_batch(model, data, thetas0, method=method, solver=solver, **kw)
             for s, b, ref in zip(singles, batch, refs):
                 np.testing.assert_allclose(b.ts, s.ts)
-                assert b.result.success and rel(b.thetas, ref) < 1e-6, (solver, method, rel(b.thetas, ref))
+                assert b.success and rel(b.thetas, ref) < 1e-6, (solver, method, rel(b.thetas, ref))
                 if method == "map":
                     np.testing.assert_allclose(b.thetas, s.thetas, rtol=1e-12, atol=1e-15)
                 else:

@@ -100,7 +100,7 @@ def test_auto_switches_on_a_stiff_flow_and_matches_the_analytic_solution():
     theta0 = np.asarray(model.weights[0]).ravel()
     ts = np.array([0.0, 0.01, 1.0, 10.0, 100.0, 300.0])
     tr = gradient_flow(model, data, loss="square", t1=300.0, ts=ts, rtol=1e-8)
-    assert tr.result.success
+    assert tr.success
     assert tr.stats["t_switch"] is not None and tr.stats["num_stiff_steps"] > 0
     np.testing.assert_allclose(tr.ts, ts)
     exact = _linear_solution(data, theta0, ts)
@@ -125,7 +125,7 @@ def test_stiff_solver_agrees_with_scipy_on_a_small_net_near_a_minimum():
     # RKC is second order: its global error is a larger multiple of rtol than DOPRI5's (docs/performance.md)
     for solver, rtol, tol in (("auto", 1e-9, 1e-6), ("stiff", 1e-10, 1e-5)):
         tr = gradient_flow(model, data, loss="square", t1=30.0, ts=ts, rtol=rtol, solver=solver)
-        assert tr.result.success
+        assert tr.success
         err = np.linalg.norm(tr.thetas - ref.y.T, axis=1) / np.linalg.norm(ref.y.T, axis=1)
         assert err.max() < tol, (solver, err)
         # balance p a_j^2 - ||w_j||^2 is conserved along the flow
@@ -141,7 +141,7 @@ def test_events_and_saving_in_the_stiff_phase():
     loss_inf = float(objective.value(jnp.asarray(_linear_solution(data, theta0, [1e9])[0])))
     target = loss_inf * (1 + 1e-3)
     tr = gradient_flow(model, data, loss="square", t1=1e3, rtol=1e-8, events=LossBelow(target), n_save=50)
-    assert tr.result.success and tr.result.event == LossBelow(target).name
+    assert tr.success and tr.event == LossBelow(target).name
     assert tr.stats["num_stiff_steps"] > 0  # the event was found while RKC was stepping
     assert tr.loss[-1] == pytest.approx(target, rel=1e-8)
     assert np.all(tr.loss[:-1] > target)

@@ -4,7 +4,7 @@ certificates come from :mod:`homflow.kkt`; the gradient flows of a narrow and a 
 (:func:`joint_flow`) so that ``eta(t) = T theta(t)`` is checked to rounding."""
 
 from ._coeffs import DEFAULT_COEFF_TOL, check_coeffs, output_preserving_out_coeffs, split_properties
-from ._joint import ERROR_NORMS, JOINT_SOLVERS, joint_flow
+from ._joint import ERROR_NORMS, JointField, joint_flow
 from ._split import AbstractSplit, ComposedSplit, NeuronSplit, compose, split, split_channel, split_every
 from ._verify import (
     DEFAULT_TRAJECTORIES,
@@ -34,6 +34,6 @@ __all__ = [
     "DEFAULT_TRAJECTORIES",
     "NEGATIVE_CONTROLS",
     "joint_flow",
-    "JOINT_SOLVERS",
+    "JointField",
     "ERROR_NORMS",
 ]

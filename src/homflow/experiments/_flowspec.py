@@ -9,6 +9,7 @@ import math
 import os
 from typing import Any, Mapping
 
+from ..flow import SOLVERS as _FLOW_SOLVERS
 from ._config import ConfigError, _at_least, _choice, _positive, spec_from_dict
 
 __all__ = ["DataSpec", "ModelSpec", "InitSpec", "FlowSpec", "CheckSpec", "FlowExperimentConfig", "FLOW_DEFAULTS",
@@ -20,7 +21,7 @@ MODEL_KINDS = ("two_layer", "mlp", "diagonal_linear", "cnn")
 ACTIVATIONS = ("relu", "leaky_relu", "relu_power", "leaky_relu_power", "linear")
 LOSSES = ("square", "logistic", "exponential")
 METHODS = ("flow", "gd", "sgd", "adam")
-SOLVERS = ("tsit5", "dopri5", "dopri8", "bosh3")
+SOLVERS = tuple(_FLOW_SOLVERS)  # the one table of solver names (homflow.flow.SOLVERS); "auto" is the default
 METRICS = ("loss_final", "log_loss_final", "norm_final", "balance_drift", "normalized_margin_final",
            "smoothed_margin_final", "min_margin_final", "alignment_final", "success", "num_steps", "escape_time")
 ANALYSES = ("loss_norm", "alignment", "margins", "balance", "neurons")
@@ -123,13 +124,14 @@ class InitSpec:
 @dataclasses.dataclass(frozen=True)
 class FlowSpec:
     """How to train: the exact flow (``method = 'flow'``, integrated in ``segments`` equal segments with a checkpoint
-    after each) or a discrete method (``gd``, ``sgd``, ``adam`` with ``lr`` and ``steps``)."""
+    after each, by ``solver``: a name of :data:`homflow.flow.SOLVERS`, default ``'auto'``, homflow's stiff-aware
+    engine) or a discrete method (``gd``, ``sgd``, ``adam`` with ``lr`` and ``steps``)."""
 
     method: str = "flow"
     t1: float = 100.0
     rtol: float = 1e-8
     atol: float = 0.0
-    solver: str = "tsit5"
+    solver: str = "auto"
     time: str = "auto"
     segments: int = 4
     n_save: int = 25

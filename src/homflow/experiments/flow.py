@@ -77,7 +77,7 @@ def trajectory_metrics(cfg: FlowExperimentConfig, model, data, traj) -> tuple[di
         "loss_final": float(traj.loss[-1]),
         "log_loss_final": float(traj.log_loss[-1]),
         "norm_final": float(traj.norm[-1]),
-        "success": 1.0 if traj.result.success else 0.0,
+        "success": 1.0 if traj.success else 0.0,
         "num_steps": float(traj.stats.get("num_steps") or 0),
         "alignment_final": float(dirs[-1] @ dirs[-2]) if len(dirs) > 1 else 1.0,
     }
@@ -178,7 +178,7 @@ def run_flow_config(cfg: FlowExperimentConfig, ctx: Context) -> Outcome:
     metrics, arrays = trajectory_metrics(cfg, model, data, traj)
     specs = cfg.checks or _default_checks(cfg)
     checks = [check(c.label, metrics[c.metric], c.tolerance, c.relation, f"metric {c.metric}") for c in specs]
-    summary = {"reason": traj.result.reason, **{k: v for k, v in metrics.items() if math.isfinite(v)},
+    summary = {"reason": traj.reason, **{k: v for k, v in metrics.items() if math.isfinite(v)},
                "stats": {k: v for k, v in traj.stats.items() if v is not None}, "degree": int(traj.degree),
                "n_params": int(arrays["theta_final"].size), "n_data": int(data.n)}
     return Outcome(checks=checks, arrays=arrays, figures=_figures(cfg, arrays), summary=summary)

@@ -98,10 +98,10 @@ def late_phase(model, data, *, loss: str, t1: float, segments: int, n_save: int,
               f"{prefix}theta_final": np.asarray(traj.thetas[-1])}
     for k, a in path.arrays(prefix + "margin_").items():
         arrays[k] = np.asarray(a, dtype=float)
-    checks, summary = [], {"reason": traj.result.reason, "t_final": float(traj.ts[-1]),
+    checks, summary = [], {"reason": traj.reason, "t_final": float(traj.ts[-1]),
                            "log_loss_final": float(traj.log_loss[-1]), "valid_points": int(v.sum())}
-    checks.append(check(f"{tag}flow reached t1", 1.0 if traj.result.success else 0.0, 1.0, ">=",
-                        traj.result.reason))
+    checks.append(check(f"{tag}flow reached t1", 1.0 if traj.success else 0.0, 1.0, ">=",
+                        traj.reason))
     if v.sum() >= 2:
         s = path.smoothed[v]
         q = path.normalized[v]

@@ -1,4 +1,5 @@
-"""The result of a flow or of a discrete method: saved states, diagnostics, statistics and a readable outcome."""
+"""The one solution type of a flow or of a discrete method: saved states, diagnostics, ``result`` (a :class:`RESULTS`
+item), ``stats``, a one-line ``reason``."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import numpy as np
 
+from ._results import RESULTS, is_success, result_name
+
 __all__ = ["Trajectory", "FlowResult"]
 
 
 @dataclasses.dataclass(frozen=True)
 class FlowResult:
-    """Outcome of an integration: ``success`` (reached ``t1`` or stopped at a requested event), which ``event`` fired
-    (or ``None``), and a readable ``reason``."""
+    """Transition form of an outcome (``success``, ``reason``, ``event``) accepted by :class:`Trajectory` for code not
+    yet written against :class:`RESULTS`; a trajectory stores it as ``result`` / ``reason`` / ``event``."""
 
     success: bool
     reason: str
@@ -32,8 +35,12 @@ class Trajectory:
         ts: times ``t`` (flow time; for discrete methods the cumulative step size ``sum lr``), shape (T,).
         thetas: flat parameter vectors, shape (T, P).
         loss, log_loss, norm: ``L``, ``log L`` and ``||theta||`` at the saved times.
-        stats: dict with ``num_steps``, ``num_accepted_steps``, ``num_rejected_steps``, ``grad_evals`` (and more).
-        result: a :class:`FlowResult`.
+        stats: dict with ``solver``, ``num_steps``, ``num_accepted_steps``, ``num_rejected_steps``, ``grad_evals``
+            (and solver-specific counts, e.g. ``num_stiff_steps``, ``t_switch``).
+        result: a :class:`RESULTS` item (``successful``, ``event_occurred``, ``max_steps_reached``, ``stiff_limit``,
+            ``sliding_mode``, ``nonfinite``, ...); ``success`` is True for the first two.
+        reason: one line: where the flow stopped, why, and what to do about it.
+        event: the name of the event that stopped the flow, or ``None``.
         unflatten: ``theta -> model``.
         steps: step index of each saved state for discrete methods (``None`` for the flow).
         extras: method-specific arrays (e.g. SGD batches).
@@ -45,11 +52,31 @@ class Trajectory:
     log_loss: np.ndarray
     norm: np.ndarray
     stats: dict
-    result: FlowResult
+    result: Any
     unflatten: Callable
     degree: int
     steps: np.ndarray | None = None
     extras: dict = dataclasses.field(default_factory=dict)
+    reason: str = ""
+    event: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.result, FlowResult):  # transition form
+            r = self.result
+            object.__setattr__(self, "reason", self.reason or r.reason)
+            object.__setattr__(self, "event", self.event or r.event)
+            code = (RESULTS.event_occurred if r.event else RESULTS.successful) if r.success else RESULTS.internal_error
+            object.__setattr__(self, "result", code)
+
+    @property
+    def success(self) -> bool:
+        """Reached ``t1`` or stopped at a requested event."""
+        return is_success(self.result)
+
+    @property
+    def result_name(self) -> str:
+        """The name of :attr:`result`, e.g. ``'successful'`` or ``'stiff_limit'``."""
+        return result_name(self.result)
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -86,6 +113,7 @@ class Trajectory:
             "norm_final": float(self.norm[-1]),
             "saved": int(len(self.ts)),
             **{k: (int(v) if isinstance(v, (int, np.integer)) else v) for k, v in self.stats.items()},
-            "success": self.result.success,
-            "reason": self.result.reason,
+            "success": self.success,
+            "result": self.result_name,
+            "reason": self.reason,
         }

@@ -4,7 +4,7 @@ MATH.md sections 3 and 5; arXiv 2402.09226, 2403.08121 (NCF) and 1906.05890 (max
 """
 
 from ._ascent import sphere_ascent
-from ._ncf import NCF, Unflatten, make_ncf, ncf, ncf_grad, ncf_kkt_residual, tangent_gradient, unflattener
+from ._ncf import NCF, Unflatten, as_problem, make_ncf, ncf, ncf_grad, ncf_kkt_residual, tangent_gradient, unflattener
 from ._late import MarginPath, margin_along
 from ._clarke import DEFAULT_KINK_TOL, DEFAULT_MAX_PATTERNS, KinkStructure, clarke_supported, gated_output, kink_structure
 from ._margin import REASONS, MarginKKT, MarginProblem, make_margin_problem, margin_multipliers, max_margin_kkt
@@ -19,6 +19,7 @@ __all__ = [
     "Unflatten",
     "unflattener",
     "make_ncf",
+    "as_problem",
     "ncf",
     "ncf_grad",
     "ncf_kkt_residual",

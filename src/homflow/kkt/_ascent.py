@@ -12,6 +12,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from ..flow import Problem
 from ._ncf import NCF
 
 __all__ = ["sphere_ascent"]
@@ -26,10 +27,11 @@ def sphere_ascent(ncf: NCF, U, steps: int, eta0=None, armijo: float = 1e-4):
     """Run ``steps`` ascent steps from each row of ``U`` (B, P); returns ``(U, values, tangential residuals)``.
 
     Arguments:
-        ncf: from :func:`make_ncf`; U: starting directions (normalised here); steps: number of iterations (static).
+        ncf: a :class:`homflow.flow.Problem` or its :class:`NCF` view (:func:`make_ncf`); U: starting directions (normalised here); steps: number of iterations (static).
         eta0: initial step (scalar or (B,)); default ``0.1 / ||grad N(u_0)||`` per start.
         armijo: sufficient-increase constant.
     """
+    ncf = NCF(ncf) if isinstance(ncf, Problem) else ncf
     U = jax.vmap(_normalise)(U)
 
     def init(u):

@@ -8,67 +8,78 @@ the normalised point ``u = theta / ||theta||``.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ..losses import get_loss
-from ..models import AbstractHomogeneousModel, flatten, safe_norm
+from ..flow import Problem, make_problem, tangent_gradient
+from ..models import AbstractHomogeneousModel, safe_norm
 
-__all__ = ["NCF", "Unflatten", "unflattener", "make_ncf", "ncf", "ncf_grad", "ncf_kkt_residual", "tangent_gradient"]
-
-
-def tangent_gradient(u: Float[Array, " P"], g: Float[Array, " P"]) -> Float[Array, " P"]:
-    """Projection ``g - <u, g> u`` of ``g`` onto the tangent space of the unit sphere at the unit vector ``u``."""
-    return g - jnp.dot(u, g) * u
+__all__ = ["NCF", "as_problem", "Unflatten", "unflattener", "make_ncf", "ncf", "ncf_grad", "ncf_kkt_residual",
+           "tangent_gradient"]
 
 
 class NCF(eqx.Module):
-    """``theta -> N(theta) = sum_i ytilde_i Phi(theta; x_i)`` on flat parameter vectors (jit and vmap friendly).
+    """The NCF of a :class:`homflow.flow.Problem` under its historical method names: ``value`` is ``N``, ``grad`` is
+    ``grad N`` (the problem object's ``ncf``, ``ncf_grad``, ...; the NCF is written once, in the problem). Build one
+    with :func:`make_ncf`; new code uses the :class:`homflow.flow.Problem` directly (every function of this package
+    accepts either)."""
 
-    Build one with :func:`make_ncf`. ``N`` is positively homogeneous of order ``degree`` like the network.
-    """
+    problem: Problem
 
-    X: Float[Array, "n d"]
-    ytilde: Float[Array, " n"]
-    unflatten: Callable = eqx.field(static=True)
-    degree: int = eqx.field(static=True)
+    @property
+    def X(self):
+        return self.problem.X
+
+    @property
+    def ytilde(self):
+        return self.problem.ytilde
+
+    @property
+    def unflatten(self):
+        return self.problem.unflatten
+
+    @property
+    def degree(self) -> int:
+        return self.problem.degree
 
     def outputs(self, theta, X=None):
         """Network outputs ``Phi(theta; x_i)`` on the data (or on ``X``)."""
-        model = self.unflatten(theta)
-        return jax.vmap(model)(self.X if X is None else X)
+        return self.problem.outputs(theta, X)
 
     def value(self, theta):
         """``N(theta)``."""
-        return jnp.dot(self.ytilde, self.outputs(theta))
+        return self.problem.ncf(theta)
 
     def grad(self, theta):
         """``grad N(theta)``."""
-        return jax.grad(self.value)(theta)
+        return self.problem.ncf_grad(theta)
 
     def value_and_grad(self, theta):
-        return jax.value_and_grad(self.value)(theta)
+        return self.problem.ncf_value_and_grad(theta)
 
     def hessian(self, theta):
-        """Dense Hessian ``Hess N(theta)`` (P x P; forward over reverse). For ReLU-type activations (``p = 1``) it is
-        the Hessian of the polynomial piece selected by the current activation pattern."""
-        return jax.jacfwd(jax.grad(self.value))(theta)
+        """Dense ``Hess N(theta)``."""
+        return self.problem.ncf_hessian(theta)
 
     def hvp(self, theta, v):
         """``Hess N(theta) v``."""
-        return jax.jvp(jax.grad(self.value), (theta,), (v,))[1]
+        return self.problem.ncf_hvp(theta, v)
 
     def residual(self, theta):
-        """``(residual, lam, value)`` at ``u = theta / ||theta||``: the tangential gradient norm, ``lam = <u, grad N(u)>``
-        (which equals ``L N(u)`` by Euler's identity) and ``N(u)``."""
-        u = theta / safe_norm(theta)
-        val, g = self.value_and_grad(u)
-        return safe_norm(tangent_gradient(u, g)), jnp.dot(u, g), val
+        """``(residual, lam, value)`` at ``u = theta / ||theta||`` (:meth:`homflow.flow.Problem.ncf_residual`)."""
+        return self.problem.ncf_residual(theta)
+
+
+def as_problem(obj) -> Problem:
+    """The :class:`homflow.flow.Problem` of a problem or an :class:`NCF` view."""
+    if isinstance(obj, NCF):
+        return obj.problem
+    if isinstance(obj, Problem):
+        return obj
+    raise ValueError(f"expected a homflow.flow.Problem (make_problem) or a kkt.NCF (make_ncf); got {type(obj).__name__}.")
 
 
 class Unflatten(eqx.Module):
@@ -96,21 +107,16 @@ def unflattener(model: AbstractHomogeneousModel) -> Unflatten:
 
 
 def make_ncf(model: AbstractHomogeneousModel, data, loss) -> tuple[NCF, Float[Array, " P"]]:
-    """The NCF of ``model``'s architecture on ``data`` with the effective labels of ``loss``, and ``model``'s vector.
+    """The NCF of ``model``'s architecture on ``data`` with the effective labels of ``loss`` (an :class:`NCF` view of
+    :func:`homflow.flow.make_problem`), and ``model``'s vector.
 
     ``ytilde_i = -dl/dPhi(0, y_i)``: ``y`` for the square and exponential losses, ``y / 2`` for the logistic loss.
 
     Raises:
         ValueError: if the data's dimension does not match the model or a classification loss meets labels not +-1.
     """
-    loss = get_loss(loss)
-    data.check_model(model)
-    data.check_for(loss)
-    theta, _ = flatten(model)
-    unflatten = unflattener(model)
-    X = jnp.asarray(data.X, dtype=theta.dtype)
-    ytilde = jnp.asarray(loss.ncf_labels(jnp.asarray(data.y, dtype=theta.dtype)), dtype=theta.dtype)
-    return NCF(X, ytilde, unflatten, model.degree), theta
+    problem, theta = make_problem(model, data, loss)
+    return NCF(problem), theta
 
 
 def _unit(theta, name="model"):
@@ -138,19 +144,19 @@ def ncf(model: AbstractHomogeneousModel, data, *, loss, normalize: bool = False)
     >>> round(float(ncf(m, Dataset(jnp.eye(2), jnp.array([1.0, 1.0])), loss="square", normalize=True)), 6)
     1.4
     """
-    obj, theta = make_ncf(model, data, loss)
+    problem, theta = make_problem(model, data, loss)
     if normalize:
         theta = _unit(theta)
-    return obj.value(theta)
+    return problem.ncf(theta)
 
 
 def ncf_grad(model: AbstractHomogeneousModel, data, *, loss, normalize: bool = False) -> Float[Array, " P"]:
     """The flat gradient ``grad N(theta)`` (parameter order of :func:`homflow.models.flatten`), or at ``u`` if
     ``normalize``. Use ``unflatten_like(model, g)`` for the pytree form."""
-    obj, theta = make_ncf(model, data, loss)
+    problem, theta = make_problem(model, data, loss)
     if normalize:
         theta = _unit(theta)
-    return obj.grad(theta)
+    return problem.ncf_grad(theta)
 
 
 def ncf_kkt_residual(model: AbstractHomogeneousModel, data, *, loss) -> tuple[Float[Array, ""], Float[Array, ""]]:
@@ -162,6 +168,6 @@ def ncf_kkt_residual(model: AbstractHomogeneousModel, data, *, loss) -> tuple[Fl
     Raises:
         ValueError: if every parameter is zero (no direction), or the data do not fit the model / loss.
     """
-    obj, theta = make_ncf(model, data, loss)
-    res, lam, _ = obj.residual(_unit(theta))
+    problem, theta = make_problem(model, data, loss)
+    res, lam, _ = problem.ncf_residual(_unit(theta))
     return res, lam

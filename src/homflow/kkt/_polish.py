@@ -21,6 +21,7 @@ import numpy as np
 
 from ..models import AbstractHomogeneousModel, flatten
 from ._ascent import sphere_ascent
+from ..flow import Problem
 from ._ncf import NCF, make_ncf
 from ._second_order import SecondOrder, classify, riemannian_hessian_eigenvalues
 from ._structure import group_norms, singular_values, zero_preserving_groups
@@ -173,8 +174,10 @@ def polish_ncf_theta(
     refine_rounds: int = 3,
     refine_steps: int = 300,
 ) -> NCFPoint:
-    """Flat-vector form of :func:`polish_ncf`: ``ncf`` from :func:`make_ncf`, ``theta`` a non-zero parameter vector,
+    """Flat-vector form of :func:`polish_ncf`: ``ncf`` a :class:`homflow.flow.Problem` or its :class:`NCF` view
+    (:func:`make_ncf`), ``theta`` a non-zero parameter vector,
     ``groups`` from :func:`zero_preserving_groups`, ``unflatten`` to build ``.model`` (default ``ncf.unflatten``)."""
+    ncf = NCF(ncf) if isinstance(ncf, Problem) else ncf
     theta = jnp.asarray(theta)
     nrm = float(jnp.linalg.norm(theta))
     if not (nrm > 0 and math.isfinite(nrm)):

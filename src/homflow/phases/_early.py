@@ -16,26 +16,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..models import AbstractHomogeneousModel
-from ._solve import Problem, _bucket, integrate, make_problem, ncf_gradient, ncf_value
+from ._solve import Problem, _bucket, integrate, make_problem
 
 __all__ = ["NCFFlow", "EarlyPhase", "ncf_flow", "early_phase", "escape_time", "direction_residual"]
 
 
 @eqx.filter_jit
 def _residuals(problem: Problem, us):
-    return jax.vmap(lambda v: _residual(problem.objective, v))(us)
+    return jax.vmap(lambda v: _residual(problem, v))(us)
 
 
 def _residual(objective, u):
     uh = u / jnp.linalg.norm(u)
-    g = ncf_gradient(objective, uh)
+    g = objective.ncf_grad(uh)
     tang = g - jnp.dot(uh, g) * uh
     return jnp.linalg.norm(tang) / jnp.maximum(jnp.linalg.norm(g), jnp.finfo(u.dtype).tiny)
 
 
 @eqx.filter_jit
 def _ncf_values_jit(problem: Problem, us):
-    return jax.vmap(lambda v: ncf_value(problem.objective, v))(us)
+    return jax.vmap(lambda v: problem.ncf(v))(us)
 
 
 def _padded(fn, problem, us):

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from ..flow import SolverError
 from ..kkt import group_norms, polish_ncf, zero_preserving_groups
 from ..models import AbstractHomogeneousModel
 from ._saddles import analyse_plateaus, hessian_extremes, polish_critical_point, relative_gradient_norm, \
@@ -47,7 +48,8 @@ def _shifted(problem, theta0, level, taus, t_max, rtol, max_steps):
     sol = integrate(problem, hit.theta_end, t1=float(taus[-1]), level=_NEVER, ts=taus, rtol=rtol,
                     atol=rtol * level, max_steps=max_steps)
     if sol.thetas.shape[0] < taus.size:
-        raise ValueError(f"the shifted flow stopped at tau = {sol.t_end:.4g} before {taus[-1]:g} (code {sol.code}).")
+        raise SolverError(f"the shifted flow stopped at tau = {sol.t_end:.4g} before {taus[-1]:g}: {sol.reason}",
+                          sol.result)
     return sol.thetas, np.exp(sol.values)
 
 
@@ -176,7 +178,7 @@ def first_saddle(model: AbstractHomogeneousModel, data, *, loss="square", factor
         rp, rth = make_problem(small, data, loss)
         red_r = relative_gradient_norm(rp, rth)[1]
         red_lo = hessian_extremes(rp, rth)[0]
-    return FirstSaddle(sol.ts, thetas, losses, t_esc, pls, th, float(problem.objective.value(th)), g, r, lo, hi, kind,
+    return FirstSaddle(sol.ts, thetas, losses, t_esc, pls, th, float(problem.value(th)), g, r, lo, hi, kind,
                        u_star, float(pt.relative_residual), bool(pt.certified), zero, track, smax, s_sad, red_r,
                        red_lo)
 

@@ -24,12 +24,12 @@ DENSE_MAX = 64
 
 @eqx.filter_jit
 def _hvp(problem: Problem, theta, v):
-    return problem.objective.hvp(theta, v)
+    return problem.hvp(theta, v)
 
 
 @eqx.filter_jit
 def _hvp_cols(problem: Problem, theta, V):
-    return jax.vmap(lambda v: problem.objective.hvp(theta, v))(V)
+    return jax.vmap(lambda v: problem.hvp(theta, v))(V)
 
 
 def hessian_extremes(problem: Problem, theta, *, tol: float = 1e-10) -> tuple[float, float]:
@@ -57,7 +57,7 @@ def hessian_extremes(problem: Problem, theta, *, tol: float = 1e-10) -> tuple[fl
 
 @eqx.filter_jit
 def _rel_grad(problem: Problem, theta):
-    obj = problem.objective
+    obj = problem
     out = obj.outputs(theta)
     J = jax.jacrev(obj.outputs)(theta)
     g = jax.grad(lambda o: obj.loss.log_value(o, obj.y) if obj.loss.classification else obj.loss.value(o, obj.y))(out)
@@ -140,7 +140,7 @@ def analyse_plateaus(model: AbstractHomogeneousModel, data, ts, thetas, *, loss=
     """
     problem, _ = make_problem(model, data, loss)
     thetas = np.asarray(thetas, float)
-    obj = problem.objective
+    obj = problem
     losses = np.asarray(jax.vmap(obj.value)(jnp.asarray(thetas)))
     norms = np.linalg.norm(thetas, axis=1)
     origin_norm = 10 * norms[0] if origin_norm is None else float(origin_norm)
@@ -165,7 +165,7 @@ def polish_critical_point(problem: Problem, theta, *, rtol: float = 1e-13, atol:
         ``(theta, grad_norm, rel_grad_norm)`` at the polished point (see :func:`relative_gradient_norm`).
     """
     th0 = jnp.asarray(theta, dtype=problem.X.dtype)
-    sol = optx.least_squares(lambda th, p: p.objective.grad(th), optx.LevenbergMarquardt(rtol=rtol, atol=atol),
+    sol = optx.least_squares(lambda th, p: p.grad(th), optx.LevenbergMarquardt(rtol=rtol, atol=atol),
                              th0, args=problem, max_steps=max_steps, throw=False)
     th = np.asarray(sol.value)
     a, r = relative_gradient_norm(problem, th)
