@@ -15,6 +15,13 @@ difference of the end states against the single calls.
 
     python benchmarks/census.py                       # 1,024 directions (long on a small CPU)
     python benchmarks/census.py --n 64 --singles 16   # a subset
+    python benchmarks/census.py --ray --n 512         # a local Ray cluster: 2 shards in flight vs 1
+
+``--ray``: a census's flows on the small problem of ``homflow reproduce census --quick`` (two-layer ReLU^2, d = 4,
+width 8, n = 20; delta 1e-3, to 100 after the escape) as ``--shards`` shards through
+:func:`homflow.shards.run_shards` on one local Ray cluster (``--address``, default a new local one with 2 CPUs),
+with 1 and then 2 shards in flight; a warm-up pass first (Ray reuses its worker processes, which load compiled programs
+from the shared persistent compilation cache).
 """
 
 from __future__ import annotations
@@ -31,6 +38,96 @@ from homflow.flow import gradient_flow  # noqa: E402
 from homflow.kkt import zero_preserving_groups  # noqa: E402
 
 
+def ray_main(args):
+    import functools
+
+    import jax
+
+    from homflow.activations import relu_power
+    from homflow.census import run_members_sharded
+    from homflow.data import Dataset
+    from homflow.models import TwoLayer
+    from homflow.shards import compilation_cache_dir, run_shards
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((20, 4))
+    data = Dataset(X, np.sign(X[:, 0] * X[:, 1] + 0.3))
+    model = TwoLayer(4, 8, relu_power(2), key=jax.random.PRNGKey(1))
+    U = rng.standard_normal((args.n, 8 + 32))
+    U /= np.linalg.norm(U, axis=1, keepdims=True)
+    delta = 1e-3
+    kw = dict(levels=100 * delta, horizons=1e6, t_after=args.t_after, rtol=args.rtol,
+              groups=zero_preserving_groups(model), save_dt=args.t_after / 100,
+              options=DriverOptions(batch_size=args.batch, chunk_steps=args.chunk))
+    cache = str(compilation_cache_dir()) if compilation_cache_dir() else None
+    head = None
+    if args.address is None:  # a local two-CPU cluster on 127.0.0.1, stopped at the end (its own process group)
+        head, args.address = _start_head()
+    try:
+        _ray_rows(args, model, data, U, delta, kw, cache, run_members_sharded, run_shards, functools)
+    finally:
+        if head is not None:
+            import os
+            import signal
+
+            try:
+                import ray
+
+                ray.shutdown()
+            finally:
+                os.killpg(head.pid, signal.SIGTERM)
+                head.wait(60)
+
+
+def _start_head():
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmp = tempfile.mkdtemp(prefix="hfray", dir="/tmp")  # Ray's socket paths must stay short
+    ray_bin = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}",
+                             "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false",
+                             "--disable-usage-stats", f"--temp-dir={tmp}"],
+                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return head, f"127.0.0.1:{port}"
+        except OSError:
+            if head.poll() is not None:
+                raise RuntimeError("`ray start --head` exited")
+            time.sleep(0.5)
+    raise RuntimeError("the Ray head did not answer within 180 s")
+
+
+def _ray_rows(args, model, data, U, delta, kw, cache, run_members_sharded, run_shards, functools):
+    rows = []
+    for workers in (2, 1, 2):  # the first pass warms the workers and the cache
+        runner = functools.partial(run_shards, backend="ray", workers=workers, address=args.address, cache_dir=cache,
+                                   connect_timeout_s=300.0)
+        warm = not rows  # the warm-up: every member gives up at t = 1 (compiles and loads, integrates little)
+        th = delta * U
+        t = time.perf_counter()
+        r = run_members_sharded(model, data, "square", th, n_shards=args.shards, runner=runner,
+                                **{**kw, "horizons": 1.0} if warm else kw)
+        w = time.perf_counter() - t
+        rows.append({"in_flight": workers, "members": th.shape[0], "shards": args.shards,
+                     "member_evals": int(r.grad_evals.sum()), "utilisation": r.utilisation, "wall_s": w})
+    rows = rows[1:]
+    print(f"\nsmall problem census through Ray ({args.address or 'new local cluster'}), {args.n} directions")
+    table(rows, ["in_flight", "members", "shards", "member_evals", "utilisation", "wall_s"])
+    print(f"2 shards in flight: {rows[0]['wall_s'] / rows[1]['wall_s']:.2f}x the speed of 1")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1024, help="directions")
@@ -40,7 +137,14 @@ def main():
     ap.add_argument("--t1", type=float, default=250.0)
     ap.add_argument("--rtol", type=float, default=1e-8)
     ap.add_argument("--smoke", action="store_true", help="4 directions to t1 = 20 (any machine, seconds)")
+    ap.add_argument("--ray", action="store_true", help="Ray: 2 shards in flight vs 1 (see the module docstring)")
+    ap.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--t-after", type=float, default=100.0)
     args = ap.parse_args()
+    if args.ray:
+        print(device_line())
+        return ray_main(args)
     if args.smoke:
         args.n, args.singles, args.batch, args.t1, args.chunk = 4, 2, 2, 20.0, 50
     singles = args.n if args.singles is None else min(args.singles, args.n)

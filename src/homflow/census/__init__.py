@@ -6,6 +6,7 @@ from ._census import Census, CensusOptions, census, random_directions
 from ._cluster import Canonicaliser, CertifiedPoints, certify_and_match, cluster_directions
 from ._driver import DriverOptions, DriverResult, default_batch_size, precompile, run_members
 from ._law import CensusLaw, fit_escape_law, within_slope
+from ._shard import census_shard, run_members_sharded
 from ._table import CensusTable, read_table
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "CensusLaw",
     "fit_escape_law",
     "within_slope",
+    "run_members_sharded",
+    "census_shard",
     "CensusTable",
     "read_table",
 ]

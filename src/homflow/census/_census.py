@@ -39,6 +39,7 @@ from ..phases import segment_plateaus
 from ._cluster import Canonicaliser, CertifiedPoints, certify_and_match
 from ._driver import DriverOptions, DriverResult, run_members
 from ._law import CensusLaw, fit_escape_law
+from ._shard import run_members_sharded
 from ._table import CensusTable
 
 __all__ = ["CensusOptions", "Census", "census", "random_directions"]
@@ -167,7 +168,7 @@ def random_directions(n: int, P: int, seed: int = 0) -> np.ndarray:
 
 
 def census(model: AbstractHomogeneousModel, data, options: CensusOptions = CensusOptions(), *, loss="square",
-           directions=None, progress=None) -> Census:
+           directions=None, progress=None, runner=None, n_shards: int | None = None) -> Census:
     """Run a census of gradient flows of ``model``'s architecture on ``data``.
 
     Arguments:
@@ -176,6 +177,9 @@ def census(model: AbstractHomogeneousModel, data, options: CensusOptions = Censu
         options: :class:`CensusOptions`.
         directions: (K, P) initial directions (normalised here); default ``options.n_directions`` random ones.
         progress: optional ``progress(fraction, message)``.
+        runner, n_shards: distribute the flows as ``n_shards`` shards of members through ``runner`` (e.g.
+            ``functools.partial(homflow.shards.run_shards, backend='ray', workers=2)``; see
+            :func:`run_members_sharded`); default: in this process.
 
     Returns:
         A :class:`Census`.
@@ -210,10 +214,14 @@ def census(model: AbstractHomogeneousModel, data, options: CensusOptions = Censu
     span = options.t1 if options.t1 is not None else options.t_after
     canon = Canonicaliser(model)
     t0 = time.perf_counter()
-    res = run_members(objective, thetas0, levels=levels, horizons=horizons,
-                      ends=None if options.t1 is None else np.full(delta.size, options.t1), t_after=options.t_after,
-                      rtol=options.rtol, groups=canon.groups, save_dt=span / options.n_save, options=options.driver,
-                      progress=(lambda f, m: progress(0.85 * f, m)) if progress else None)
+    kw = dict(levels=levels, horizons=horizons, ends=None if options.t1 is None else np.full(delta.size, options.t1),
+              t_after=options.t_after, rtol=options.rtol, groups=canon.groups, save_dt=span / options.n_save,
+              options=options.driver)
+    if runner is None:
+        res = run_members(objective, thetas0, progress=(lambda f, m: progress(0.85 * f, m)) if progress else None,
+                          **kw)
+    else:
+        res = run_members_sharded(model, data, loss, thetas0, n_shards=n_shards or 1, runner=runner, **kw)
     t_flow = time.perf_counter() - t0
     if progress:
         progress(0.86, "clustering and certifying the escape directions")
