@@ -113,8 +113,8 @@ class CensusOptions:
             object.__setattr__(self, "t_after", None)  # t1 given: it wins over the default t_after
         if self.t1 is None and self.t_after is None:
             raise ValueError("give `t1` (absolute end time) or `t_after` (duration after the escape).")
-        for name in ("t1", "t_after", "t_escape_max", "rtol", "sparse_factor", "sparse_slope_atol", "law_rtol", "law_atol",
-                     "slope_tol"):
+        for name in ("t1", "t_after", "t_escape_max", "rtol", "sparse_factor", "sparse_slope_atol", "law_rtol",
+                     "law_atol", "slope_tol"):
             v = getattr(self, name)
             if v is not None and not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"`{name}` must be a finite number > 0; got {v!r}.")

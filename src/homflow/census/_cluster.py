@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from ..kkt import NCFPoint, polish_ncf_theta, zero_preserving_groups
+from ..kkt import polish_ncf_theta, zero_preserving_groups
 from ..models import MLP, AbstractHomogeneousModel, TwoLayer, flatten
 
 __all__ = ["Canonicaliser", "cluster_directions", "CertifiedPoints", "certify_and_match"]
@@ -45,7 +45,7 @@ class Canonicaliser:
         self.layers = [np.stack([self.groups[g] for g in ls]) for ls in self.layer_ids]
 
     def original_groups(self, theta, canonical_ids) -> np.ndarray:
-        """The group ids of ``theta`` (one vector) that land at the group ids ``canonical_ids`` of its canonical form."""
+        """The group ids of ``theta`` (one vector) that land at ``canonical_ids`` in its canonical form."""
         th = np.asarray(theta, dtype=float)
         where = {}
         for ids, idx in zip(self.layer_ids, self.layers):
@@ -105,7 +105,7 @@ class CertifiedPoints:
     """Certified KKT points of a census and every member's match.
 
     Attributes:
-        points: the distinct :class:`homflow.kkt.NCFPoint` s (canonical form), numbered by how many members match.
+        points: the distinct :class:`homflow.kkt.NCFPoint` objects (canonical form), numbered by how many members match.
         canonical: their canonical unit vectors (K, P).
         match: per member, the index of the point of largest cosine (-1 for a member without a direction).
         cos: that cosine (canonical forms).
@@ -182,5 +182,3 @@ def certify_and_match(ncf, model: AbstractHomogeneousModel, directions, *, clust
     pts = tuple(points[j].replace(count=int(counts[j])) for j in order)
     return CertifiedPoints(pts, K[order] if len(points) else K, match, cos, labels, merge_cos)
 
-
-_ = NCFPoint

@@ -97,7 +97,7 @@ class DriverResult:
 
     Attributes:
         t_escape: time the norm reached the member's level (``inf``: not by its horizon); theta_escape: the state then.
-        t_end, theta_end: where the member stopped; outcome: ``'ok'``, ``'no_escape'`` or ``'failed'`` (with ``reason``).
+        t_end, theta_end: where the member stopped; outcome: ``'ok'``, ``'no_escape'`` or ``'failed'`` (``reason``).
         curve_t, curve_loss, curve_groups: per member, the saved times, losses and zero-preserving group norms.
         grad_evals: per member, its own gradient evaluations; steps: its engine steps.
         batched_evals: evaluations of the batched gradient, summed over calls; slot_evals: the same times the batch
