@@ -111,7 +111,10 @@ class PursuitStep:
         widths: hidden widths after this iteration.
         point: the KKT point used (iteration 0: of the width-one network's NCF; later: of the residual NCF of the new
             neuron, parameters ``(a, b)``), an :class:`homflow.kkt.NCFPoint` with ``value``, ``residual``,
-            ``relative_residual`` and ``certified``.
+            ``relative_residual`` and ``certified`` (the residual is the smallest over the Clarke subdifferential
+            where samples sit on a ReLU kink).
+        certificate: ``autodiff_residual`` (slope ``alpha`` at kinks), ``clarke_residual``, ``ties`` (samples on a
+            kink) and ``second_order`` (class of the Riemannian Hessian).
         layer_values: best ``N_r`` found in each candidate layer.
         loss_before: mean training loss at the saddle, before the addition (iteration 0: at the origin).
         loss_inserted: mean training loss right after inserting the neuron at ``add_scale``.
@@ -126,6 +129,7 @@ class PursuitStep:
     layer: int | None
     widths: tuple[int, ...]
     point: NCFPoint
+    certificate: dict
     layer_values: dict
     loss_before: float
     loss_inserted: float
@@ -186,43 +190,44 @@ def train(model: MLP, data: Dataset, *, loss="square", lr: float, steps: int, sa
     """Gradient descent on the mean loss with step ``lr`` (run as the sum loss with step ``lr / n``); returns
     ``(model, mean-loss curve, step indices, gradient evaluations)``."""
     tr = gradient_descent(model, data, loss=loss, lr=lr / data.n, steps=int(steps), save_every=save_every)
-    if not tr.result.success:
-        raise RuntimeError(f"gradient descent failed ({tr.result.reason}); lower `lr`.")
+    ok = tr.success if hasattr(tr, "success") else tr.result.success  # RESULTS-era and earlier trajectories
+    if not ok:
+        reason = getattr(tr, "reason", "") or getattr(tr.result, "reason", "")
+        raise RuntimeError(f"gradient descent failed ({reason}); lower `lr`.")
     return tr.final, np.asarray(tr.loss) / data.n, np.asarray(tr.steps), int(tr.stats["grad_evals"])
 
 
-def initial_network(data: Dataset, opts: PursuitOptions, key) -> tuple[MLP, NCFPoint, int]:
+def initial_network(data: Dataset, opts: PursuitOptions, key):
     """Step 0: the width-one network at ``init_scale`` times the best KKT point of its constrained NCF of ``y``.
-    Returns ``(model, point, NCF evaluations)``."""
+    Returns ``(model, point, certificate, NCF evaluations)``."""
     act = get_activation(opts.activation)
     template = MLP(data.d, (1,) * (opts.depth - 1), act, key=jax.random.PRNGKey(0), dtype=data.X.dtype)
-    pt = width_one_kkt(template, data, opts.loss, key=key, n_starts=opts.n_starts, ascent_steps=opts.ascent_steps,
+    pt, cert = width_one_kkt(template, data, opts.loss, key=key, n_starts=opts.n_starts, ascent_steps=opts.ascent_steps,
                        rtol=opts.kkt_rtol)
     if not pt.value > 0:
         raise RuntimeError("the width-one network's NCF has no positive KKT point: the labels are uncorrelated with "
                            "every width-one network, so gradient flow from a small initialisation does not escape.")
-    return with_norm(pt.model, opts.init_scale), pt, opts.n_starts * opts.ascent_steps
+    return with_norm(pt.model, opts.init_scale), pt, cert, opts.n_starts * opts.ascent_steps
 
 
 def best_neuron(model: MLP, data: Dataset, opts: PursuitOptions, key):
-    """Step 1: the new neuron. Returns ``(layer, point, values by layer, NCF evaluations, threshold)``, where
+    """Step 1: the new neuron. Returns ``(layer, point, certificate, values by layer, NCF evaluations, threshold)``,
+    where
     ``point`` holds ``(a, b)`` concatenated and ``threshold`` is the ``N_r`` below which no neuron helps."""
     layers = hidden_layers(model) if opts.layer == "best" else (int(opts.layer),)
     best, values, evals, thr = None, {}, 0, 0.0
     for layer in layers:
         key, sub = jax.random.split(key)
         template, lifted = increment_ncf_data(model, data, layer, opts.loss)
-        pt, _ = increment_kkt(template, lifted, key=sub, n_starts=opts.n_starts, ascent_steps=opts.ascent_steps,
+        (pt, cert), _ = increment_kkt(template, lifted, key=sub, n_starts=opts.n_starts, ascent_steps=opts.ascent_steps,
                               rtol=opts.kkt_rtol)
         evals += opts.n_starts * opts.ascent_steps
         scale = float(jnp.sum(jnp.abs(lifted.y)) * jnp.max(jnp.linalg.norm(lifted.X, axis=1)) ** template.degree)
         thr = max(thr, opts.ncf_rtol * scale)
         values[layer] = pt.value
         if best is None or pt.value > best[1].value:
-            best = (layer, pt)
-    if best is None:
-        return None, None, values, evals, thr
-    return best[0], best[1], values, evals, thr
+            best = (layer, pt, cert)
+    return best[0], best[1], best[2], values, evals, thr
 
 
 def neuron_pursuit(data: Dataset, options: PursuitOptions | None = None, *, progress=None, **overrides) -> PursuitResult:
@@ -259,12 +264,12 @@ def neuron_pursuit(data: Dataset, options: PursuitOptions | None = None, *, prog
     prog(0.0, "iteration 0: KKT point of the width-one network's NCF")
     key, sub = jax.random.split(key)
     t0 = time.perf_counter()
-    model, pt, nev = initial_network(data, opts, sub)
+    model, pt, cert, nev = initial_network(data, opts, sub)
     t1 = time.perf_counter()
     l0 = float(loss.value(jnp.zeros(data.n, data.X.dtype), jnp.asarray(data.y))) / data.n
     lin = _mean_loss(loss, model, data)
     model, curve, cs, gev = train(model, data, loss=loss, lr=opts.lr, steps=opts.steps)
-    steps = [PursuitStep(0, None, model.widths, pt, {}, l0, lin, float(curve[-1]), curve, cs, gev, nev, model,
+    steps = [PursuitStep(0, None, model.widths, pt, cert, {}, l0, lin, float(curve[-1]), curve, cs, gev, nev, model,
                          {"kkt": t1 - t0, "descent": time.perf_counter() - t1})]
     reason = f"added max_neurons = {opts.max_neurons} neurons"
     for it in range(1, total + 1):
@@ -276,9 +281,9 @@ def neuron_pursuit(data: Dataset, options: PursuitOptions | None = None, *, prog
         prog(it / total, f"iteration {it}: KKT points of the residual NCF of a new neuron")
         key, sub = jax.random.split(key)
         t0 = time.perf_counter()
-        layer, pt, values, nev, thr = best_neuron(model, data, opts, sub)
+        layer, pt, cert, values, nev, thr = best_neuron(model, data, opts, sub)
         t1 = time.perf_counter()
-        if pt is None or not pt.value > thr:
+        if not pt.value > thr:
             reason = (f"no positive KKT point of the residual NCF (best N_r = "
                       f"{max(values.values()) if values else float('nan'):.3g} <= {thr:.3g}): a saddle-free point")
             break
@@ -288,7 +293,7 @@ def neuron_pursuit(data: Dataset, options: PursuitOptions | None = None, *, prog
         model = add_neuron(model, layer, opts.add_scale * u[:m], opts.add_scale * u[m:])
         lin = _mean_loss(loss, model, data)
         model, curve, cs, gev = train(model, data, loss=loss, lr=opts.lr, steps=opts.steps)
-        steps.append(PursuitStep(it, layer, model.widths, pt, values, before, lin, float(curve[-1]), curve, cs, gev,
+        steps.append(PursuitStep(it, layer, model.widths, pt, cert, values, before, lin, float(curve[-1]), curve, cs, gev,
                                  nev, model, {"kkt": t1 - t0, "descent": time.perf_counter() - t1}))
     prog(1.0, f"neuron pursuit stopped: {reason}")
     return PursuitResult(tuple(steps), reason, opts)

@@ -3,25 +3,28 @@
 MATH.md section 4 (arXiv 2509.12154, building on 2502.15952). Let ``H(w; x)`` be a bias-free MLP
 ``W_K sigma(... sigma(W_1 x))`` at a point ``w`` (a saddle reached by training) and add one neuron to hidden layer
 ``l`` (``1 <= l < K``): a new row ``a`` of ``W_l`` (in-weights, length ``h_{l-1}``) and a new column ``b`` of
-``W_{l+1}`` (out-weights, length ``h_{l+1}``; ``h_K = 1``). The output changes by, to first order in ``b``,
+``W_{l+1}`` (out-weights, length ``h_{l+1}``; ``h_K = 1``). The pre-activations of layer ``l + 1`` move by
+``b sigma(a . f_{l-1}(x))`` (``f_{l-1}``: the post-activations feeding layer ``l``, ``f_0 = x``), and the output by, to
+first order in ``b`` (a one-sided directional derivative where a unit of layer ``l + 1`` sits exactly on its kink),
 
-    ``dH(x) = (b . g_{l+1}(x)) sigma(a . f_{l-1}(x))``,
+    ``dH(x) = sigma(a . f_{l-1}(x)) (b . g_{l+1}(x) + relu(b) . h_{l+1}(x))``,
 
-with ``f_{l-1}(x)`` the post-activations feeding layer ``l`` (``f_0 = x``) and ``g_{l+1}(x) = dH / dz_{l+1}`` the
-gradient of the output with respect to the pre-activations of layer ``l + 1`` (``g_K = 1``). Near ``(w, 0)`` the small
-weights ``z = (a, b)`` follow ``dz/dt ~ grad_z N_r(z)`` with the *residual NCF*
+with ``g_{l+1}(x) = dH/dz_{l+1}`` (autodiff; slope 0 at a ReLU kink) and ``h_{l+1,k}(x) = dH/d(post-activation of
+unit k)`` on the units whose pre-activation is exactly 0 (else 0). The kink term is exact for ReLU (``relu(c t) =
+relu(c) t`` for ``t = sigma(.) >= 0``); it matters at a saddle of a narrow network, where whole layers are off on
+many samples (a width-one layer: on every sample its neuron does not fire). For ``p >= 2`` the kink term vanishes;
+for leaky ReLU (``alpha != 0``) it is not separable and is left out (the autodiff slope ``alpha`` is used): an
+approximation, documented in ``docs/pursuit.md``. Near ``(w, 0)`` the small weights ``z = (a, b)`` follow
+``dz/dt ~ grad_z N_r(z)`` with the *residual NCF*
 
-    ``N_r(a, b) = sum_i r_i (b . g_{l+1}(x_i)) sigma(a . f_{l-1}(x_i))``,   ``r_i = -dl/dPhi(H(w; x_i), y_i)``
+    ``N_r(a, b) = sum_i r_i dH(x_i)``,   ``r_i = -dl/dPhi(H(w; x_i), y_i)``   (``r = y - H`` for the square loss),
 
-(``r = y - H`` for the square loss), positively homogeneous of order ``p + 1`` in ``z``; so they converge in direction
-to a KKT point of ``max N_r(z)`` s.t. ``||z|| = 1``. Neuron pursuit adds the neuron along such a point.
+positively homogeneous of order ``p + 1`` in ``z``; so they converge in direction to a KKT point of ``max N_r(z)``
+s.t. ``||z|| = 1``. Neuron pursuit adds the neuron along such a point.
 
-``N_r`` is the NCF (``sum_i ytilde_i Phi(z; x~_i)``) of the two-factor model :class:`NeuronIncrement`
-``Phi(z; x~) = sigma(a . x~[:m]) (b . x~[m:])`` on the *lifted inputs* ``x~_i = (f_{l-1}(x_i), g_{l+1}(x_i))`` with labels
-``ytilde = r``, so :func:`homflow.kkt.solve_ncf` finds and certifies its KKT points unchanged.
-
-Kinks (``p = 1``): ``g`` is computed by autodiff, which takes ``sigma'(0) = alpha`` (0 for ReLU) at a pre-activation
-that is exactly zero; for ``p = 1`` the true change of ``H`` is then only one-sided linear in ``b`` on such samples.
+``N_r`` is the NCF (``sum_i ytilde_i Phi(z; x~_i)``) of the model :class:`NeuronIncrement` on the *lifted inputs*
+``x~_i = (f_{l-1}(x_i), g_{l+1}(x_i), h_{l+1}(x_i))`` with labels ``ytilde = r``, so the kkt package's NCF machinery
+(residuals, Hessians, ascent) applies unchanged.
 """
 
 from __future__ import annotations
@@ -61,15 +64,16 @@ def _check_layer(model: MLP, layer) -> int:
 
 
 class NeuronIncrement(AbstractHomogeneousModel):
-    """``Phi(z; x~) = sigma(a . x~[:m]) * (b . x~[m:])``: a new neuron's first-order change of the output, on lifted
-    inputs ``x~ = (f_{l-1}(x), g_{l+1}(x))`` (see the module docstring). Order ``p + 1`` in ``z = (a, b)``.
+    """``Phi(z; x~) = sigma(a . f) (b . g + relu(b) . h)`` with ``x~ = (f, g, h)`` of lengths ``(m, k, k)``: a new
+    neuron's first-order change of the output on lifted inputs (see the module docstring). Order ``p + 1`` in
+    ``z = (a, b)``.
 
     Fields: ``a`` (m,), ``b`` (k,), ``activation`` (static).
 
     >>> import jax.numpy as jnp
     >>> from homflow.activations import relu
     >>> inc = NeuronIncrement(jnp.array([1.0, -1.0]), jnp.array([2.0]), relu)
-    >>> float(inc(jnp.array([3.0, 1.0, 0.5])))  # relu(3 - 1) * (2 * 0.5)
+    >>> float(inc(jnp.array([3.0, 1.0, 0.5, 0.0])))  # relu(3 - 1) * (2 * 0.5 + relu(2) * 0)
     2.0
     """
 
@@ -83,15 +87,17 @@ class NeuronIncrement(AbstractHomogeneousModel):
 
     @property
     def d_in(self) -> int:
-        return self.a.shape[0] + self.b.shape[0]
+        return self.a.shape[0] + 2 * self.b.shape[0]
 
     def __call__(self, x):
-        m = self.a.shape[0]
-        return self.activation(jnp.dot(self.a, x[:m])) * jnp.dot(self.b, x[m:])
+        m, k = self.a.shape[0], self.b.shape[0]
+        out = jnp.dot(self.b, x[m : m + k]) + jnp.dot(jnp.where(self.b > 0, self.b, 0.0), x[m + k :])
+        return self.activation(jnp.dot(self.a, x[:m])) * out
 
 
-def _forward_with_shift(model: MLP, x, layer: int, e):
-    """Output of ``model`` at ``x`` with ``e`` added to the pre-activations of layer ``layer + 1`` (1-based)."""
+def _forward_with_shift(model: MLP, x, layer: int, e, post=None):
+    """Output of ``model`` at ``x`` with ``e`` added to the pre-activations of layer ``layer + 1`` (1-based) and
+    ``post`` (if given) to its post-activations."""
     h = x
     K = len(model.weights)
     for k, W in enumerate(model.weights, start=1):
@@ -99,14 +105,17 @@ def _forward_with_shift(model: MLP, x, layer: int, e):
         if k == layer + 1:
             z = z + e
         h = model.activation(z) if k < K else z
+        if k == layer + 1 and post is not None and k < K:
+            h = h + post
     return h[0]
 
 
-def lifted_inputs(model: MLP, X: Float[Array, "n d"], layer: int) -> Float[Array, "n m+k"]:
-    """Rows ``x~_i = (f_{l-1}(x_i), g_{l+1}(x_i))`` for a new neuron in hidden layer ``layer`` of ``model``.
+def lifted_inputs(model: MLP, X: Float[Array, "n d"], layer: int) -> Float[Array, "n m+2k"]:
+    """Rows ``x~_i = (f_{l-1}(x_i), g_{l+1}(x_i), h_{l+1}(x_i))`` for a new neuron in hidden layer ``layer``.
 
-    ``f_{l-1}``: post-activations entering layer ``l`` (``f_0 = x``); ``g_{l+1} = dH/dz_{l+1}`` by reverse-mode
-    autodiff (``g_K = 1``).
+    ``f_{l-1}``: post-activations entering layer ``l`` (``f_0 = x``); ``g_{l+1} = dH/dz_{l+1}`` (reverse-mode
+    autodiff, ``g_K = 1``); ``h_{l+1}``: ``dH/d(post-activation)`` on the units of layer ``l + 1`` whose pre-activation
+    is exactly 0 (ReLU only; zero elsewhere and for other activations). See the module docstring.
 
     Raises:
         ValueError: if ``model`` is not an MLP with a hidden layer ``layer``.
@@ -114,14 +123,24 @@ def lifted_inputs(model: MLP, X: Float[Array, "n d"], layer: int) -> Float[Array
     model = _check_mlp(model)
     layer = _check_layer(model, layer)
     X = jnp.asarray(X, dtype=model.weights[0].dtype)
+    K = len(model.weights)
+    act = model.activation
+    kinked = layer + 1 < K and act.degree == 1 and float(act.alpha) == 0.0
 
     def feats(x):
         h = x
         for W in model.weights[: layer - 1]:
-            h = model.activation(W @ h)
-        e0 = jnp.zeros((model.weights[layer].shape[0],), x.dtype)
+            h = act(W @ h)
+        k = model.weights[layer].shape[0]
+        e0 = jnp.zeros((k,), x.dtype)
         g = jax.grad(lambda e: _forward_with_shift(model, x, layer, e))(e0)
-        return jnp.concatenate([h, g])
+        if kinked:
+            hk = jax.grad(lambda q: _forward_with_shift(model, x, layer, e0, q))(e0)
+            z = model.weights[layer] @ act(model.weights[layer - 1] @ h)
+            hk = jnp.where(z == 0, hk, 0.0)
+        else:
+            hk = jnp.zeros_like(g)
+        return jnp.concatenate([h, g, hk])
 
     return jax.vmap(feats)(X)
 

@@ -18,6 +18,7 @@ closed form). Other activations (``p >= 2``, smooth) use :func:`homflow.kkt.poli
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,19 +30,41 @@ from ..models import flatten
 __all__ = ["certify", "increment_kkt", "width_one_kkt"]
 
 
-def certify(ncf, u, *, unflatten, rtol: float, second_order: bool = True) -> NCFPoint:
-    """The :class:`homflow.kkt.NCFPoint` of the unit vector ``u`` with its residual computed by ``ncf`` (autodiff)."""
-    u = jnp.asarray(u) / jnp.linalg.norm(jnp.asarray(u))
+@eqx.filter_jit
+def _derivatives(ncf, u):
     res, lam, val = ncf.residual(u)
-    gn = float(jnp.linalg.norm(ncf.grad(u)))
-    rel = float(res) / max(gn, float(jnp.finfo(u.dtype).tiny))
-    so = None
-    if second_order:
-        so = classify(np.asarray(riemannian_hessian_eigenvalues(ncf.hessian(u), u, lam)))
-    model = unflatten(u)
-    return NCFPoint(model=model, theta=np.asarray(u), value=float(val), lam=float(lam), residual=float(res),
-                    relative_residual=rel, certified=bool(rel <= rtol), rtol=rtol, vanishing=(), second_order=so,
-                    singular_values=())
+    g = ncf.grad(u)
+    return res, lam, val, g, riemannian_hessian_eigenvalues(ncf.hessian(u), u, lam)
+
+
+def certify(ncf, u, *, unflatten, rtol: float, kink=None) -> tuple[NCFPoint, dict]:
+    """The :class:`homflow.kkt.NCFPoint` of the unit vector ``u`` with its certificate.
+
+    ``residual`` is the tangential residual of the autodiff gradient of ``ncf`` (:meth:`homflow.kkt.NCF.residual`),
+    or, where ``kink = (C, lower, upper)`` describes samples on a kink, the smallest one over the Clarke
+    subdifferential (:func:`clarke_residual`); the dict holds both, the number of ties and the second-order class.
+    """
+    u = jnp.asarray(u) / jnp.linalg.norm(jnp.asarray(u))
+    res, lam, val, g, eigs = _derivatives(ncf, u)
+    gn = max(float(jnp.linalg.norm(g)), float(jnp.finfo(u.dtype).tiny))
+    info = {"autodiff_residual": float(res), "ties": 0}
+    cres = float(res)
+    if kink is not None and kink[0].shape[0]:
+        cres, t = clarke_residual(np.asarray(u), np.asarray(g), *kink)
+        cres = min(cres, float(res))
+        info["ties"] = int(kink[0].shape[0])
+    info["clarke_residual"] = cres
+    rel = cres / gn
+    so = classify(np.asarray(eigs))
+    info["second_order"] = so.kind
+    pt = NCFPoint(model=unflatten(u), theta=np.asarray(u), value=float(val), lam=float(lam), residual=cres,
+                  relative_residual=rel, certified=bool(rel <= rtol), rtol=rtol, vanishing=(), second_order=so,
+                  singular_values=())
+    return pt, info
+
+
+def _ties(z, scale, tie_tol):
+    return np.abs(z) <= tie_tol * scale
 
 
 def _ascent(ncf, P, n_starts, steps, key, dtype):
@@ -51,24 +74,117 @@ def _ascent(ncf, P, n_starts, steps, key, dtype):
     return np.asarray(U)[order], np.asarray(vals)[order]
 
 
-def _bilinear_fixed_point(F, G, r, a, alpha, max_rounds):
-    """Pattern iteration for ``N_r(a, b)`` with a ``p = 1`` activation; returns ``(u, converged)``."""
-    s = np.where(F @ a > 0, 1.0, alpha)
+def _null_projector(FZ, m):
+    """Orthogonal projector onto ``{a : FZ a = 0}``."""
+    if FZ.shape[0] == 0:
+        return np.eye(m)
+    _, sv, Vt = np.linalg.svd(FZ, full_matrices=True)
+    rank = int(np.sum(sv > sv.max() * m * np.finfo(FZ.dtype).eps)) if sv.size else 0
+    N = Vt[rank:]
+    return N.T @ N
+
+
+def _tie_candidates(F, r, G, a, *, gap: float = 10.0, zmax: float = 1e-2, max_candidates: int = 3):
+    """Candidate tie sets at an approximate maximiser ``a`` (an ascent end point, which hovers around the kinks it
+    converges to): the ``k`` live samples of smallest ``|a . f_i| / (||a|| ||f_i||)`` (at most ``zmax``) when the next
+    one is ``>= gap`` times larger; the empty set first."""
+    live = (r != 0) & np.any(G != 0, axis=1)
+    idx = np.flatnonzero(live)
+    z = np.abs(F[idx] @ a) / np.maximum(np.linalg.norm(F[idx], axis=1) * np.linalg.norm(a), np.finfo(float).tiny)
+    order = np.argsort(z)
+    zs = z[order]
+    scored = []
+    for k in range(1, min(F.shape[1], len(zs))):
+        if zs[k - 1] <= zmax and zs[k] >= gap * max(zs[k - 1], np.finfo(float).tiny):
+            scored.append((zs[k] / max(zs[k - 1], np.finfo(float).tiny), k))
+    out = [np.zeros(F.shape[0], bool)]
+    for _, k in sorted(scored, reverse=True)[:max_candidates]:
+        Z = np.zeros(F.shape[0], bool)
+        Z[idx[order[:k]]] = True
+        out.append(Z)
+    return out
+
+
+def _bilinear_fixed_point(F, G, r, a, alpha, max_rounds, tie_tol, Z0=None, H0=None, b=None):
+    """Pattern iteration for ``max a^T M_s b`` on the sphere with a ``p = 1`` activation (module docstring).
+
+    A sample whose pre-activation flips within a cycle of patterns is a tie: the iteration then keeps it exactly on
+    the kink (``a . f_i = 0``, ``a`` restricted to the null space of the tied rows). Returns ``(u, ties, converged)``.
+    """
+    n, m = F.shape
+    H0 = np.zeros_like(G) if H0 is None else H0
+    fn = np.linalg.norm(F, axis=1)
+    live = (r != 0) & (np.any(G != 0, axis=1) | np.any(H0 != 0, axis=1))  # weightless samples have no kink in N
+    Z = np.zeros(n, bool) if Z0 is None else Z0.copy()
+    seen = []
+    bn = np.ones(G.shape[1]) if b is None else np.asarray(b)
     for _ in range(int(max_rounds)):
-        M = (F * (r * s)[:, None]).T @ G
-        Uu, _, Vt = np.linalg.svd(M, full_matrices=False)
-        an, bn = Uu[:, 0], Vt[0]
+        z = F @ a
+        pos = (z > tie_tol * fn) & ~Z & live
+        s = np.where(pos, 1.0, alpha) * ~Z
+        Geff = G + H0 * (bn > 0)  # on a piece (sign pattern of b) the kink term relu(b) . h is linear in b
+        M = (F * (r * s)[:, None]).T @ Geff
+        Pz = _null_projector(F[Z], m)
+        Uu, sv, Vt = np.linalg.svd(Pz @ M, full_matrices=False)
+        j = int(np.argmax(np.abs(Uu.T @ a) * (sv > 0)))  # the pair nearest the current point (a local, not global, max)
+        an, bn = Pz @ Uu[:, j], Vt[j]
+        if not np.linalg.norm(an) > 0:  # the ties leave no direction: give up on this start
+            return np.concatenate([a, bn]) / np.sqrt(2.0), Z, False
+        an = an / np.linalg.norm(an)
         if an @ a < 0:  # (u, v) and (-u, -v) are the same pair on this piece; keep the side of the current pattern
             an, bn = -an, -bn
-        sn = np.where(F @ an > 0, 1.0, alpha)
-        if np.array_equal(sn, s):
-            return np.concatenate([an, bn]) / np.sqrt(2.0), True
-        a, s = an, sn
-    return np.concatenate([a, bn]) / np.sqrt(2.0), False
+        zn = F @ an
+        pos_n = (zn > tie_tol * fn) & ~Z & live
+        same_b = np.array_equal(G + H0 * (bn > 0), Geff)
+        if same_b and np.array_equal(pos_n, pos) and np.all(np.abs(zn[Z]) <= tie_tol * fn[Z]):
+            if Z.any():  # a tie whose Clarke slope would leave [alpha, 1] is not a kink maximum: release it
+                idx = np.flatnonzero(Z)
+                g = M @ bn  # gradient in a on the piece, slopes of the ties excluded
+                lam = an @ g
+                c = r[idx] * (Geff[idx] @ bn)
+                t, *_ = np.linalg.lstsq(F[idx].T * c[None, :], lam * an - g, rcond=None)
+                bad = (t < alpha - 1e-6) | (t > 1.0 + 1e-6)
+                if bad.any():
+                    Z[idx[bad]] = False
+                    a = an
+                    continue
+            near = (np.abs(zn) <= tie_tol * fn) & ~Z & live
+            return np.concatenate([an, bn]) / np.sqrt(2.0), Z | near, True
+        key = pos_n.tobytes() + (bn > 0).tobytes()
+        if any(key == k for k, _ in seen):  # a cycle: its few flipping samples are ties (many: give up)
+            cyc = [p for k, p in seen[[k for k, _ in seen].index(key):]] + [pos_n]
+            flip = np.any(np.stack(cyc) != cyc[0][None], axis=0)
+            if int((Z | flip).sum()) >= m:
+                return np.concatenate([a, bn]) / np.sqrt(2.0), Z, False
+            Z = Z | flip
+            seen = []
+        else:
+            seen.append((key, pos_n))
+        a = an
+    return np.concatenate([a, bn]) / np.sqrt(2.0), Z, False
+
+
+def clarke_residual(u, g, C, lower, upper):
+    """Smallest tangential residual over the Clarke subdifferential at a kinked point (MATH.md section 6).
+
+    At a tie the activation's slope ``s_i`` may be anything in ``[alpha, 1]``; the gradient is affine in the slopes,
+    ``g(t) = g + C^T t`` with ``t_i = s_i - s_i(autodiff)`` in ``[lower_i, upper_i]``. Returns
+    ``(min_t ||P_u g(t)||, t)`` (bounded least squares, :func:`scipy.optimize.lsq_linear`; ``P_u = I - u u^T``).
+    """
+    from scipy.optimize import lsq_linear
+
+    u = np.asarray(u, float)
+    g = np.asarray(g, float)
+    Pg = g - (u @ g) * u
+    if C.shape[0] == 0:
+        return float(np.linalg.norm(Pg)), np.zeros(0)
+    A = C.T - np.outer(u, u @ C.T)
+    sol = lsq_linear(A, -Pg, bounds=(np.asarray(lower, float), np.asarray(upper, float) + 1e-300), lsmr_tol="auto")
+    return float(np.linalg.norm(A @ sol.x + Pg)), sol.x
 
 
 def increment_kkt(template, lifted, *, key, n_starts: int = 32, ascent_steps: int = 400, rtol: float | None = None,
-                  keep: int = 4, max_rounds: int = 100):
+                  keep: int = 4, max_rounds: int = 100, tie_tol: float | None = None):
     """Best certified KKT point of the residual NCF of a new neuron (see the module docstring).
 
     Arguments:
@@ -76,60 +192,93 @@ def increment_kkt(template, lifted, *, key, n_starts: int = 32, ascent_steps: in
         key, n_starts, ascent_steps: random starts and iterations of the Riemannian ascent.
         rtol: certificate tolerance (default :func:`homflow.kkt.default_residual_rtol`).
         keep: the ``keep`` highest ascent end points are polished; max_rounds: pattern iterations per point.
+        tie_tol: a sample is on the kink when ``|a . f_i| <= tie_tol ||a|| ||f_i||`` (default ``sqrt(eps)``).
 
     Returns:
-        ``(point, candidates)``: the certified point of largest ``N_r`` (else the best uncertified one) and all
-        polished candidates.
+        ``(best, candidates)``, each a pair ``(NCFPoint, certificate dict)`` (see :func:`certify`): the certified
+        point of largest ``N_r`` (else the best uncertified one) and all polished candidates.
     """
     ncf, theta = make_ncf(template, lifted, "square")
     dt = theta.dtype
     rtol = default_residual_rtol(dt) if rtol is None else float(rtol)
+    tie_tol = float(np.sqrt(np.finfo(dt).eps)) if tie_tol is None else float(tie_tol)
     unflatten = flatten(template)[1]
     U, _ = _ascent(ncf, theta.size, n_starts, ascent_steps, key, dt)
     act = template.activation
+    alpha = float(act.alpha)
     m = template.a.shape[0]
-    F, Gm = np.asarray(lifted.X[:, :m]), np.asarray(lifted.X[:, m:])
+    k = template.b.shape[0]
+    F, Gm, H0 = (np.asarray(lifted.X[:, :m]), np.asarray(lifted.X[:, m : m + k]), np.asarray(lifted.X[:, m + k :]))
     r = np.asarray(lifted.y)
+    fn = np.linalg.norm(F, axis=1)
     cands = []
     for u0 in U[: int(keep)]:
         if act.degree == 1:
-            u, _ = _bilinear_fixed_point(F, Gm, r, u0[:m], float(act.alpha), max_rounds)
+            u = u0
+            for Z0 in _tie_candidates(F, r, Gm + H0, u0[:m]):
+                uc, _, conv = _bilinear_fixed_point(F, Gm, r, u0[:m], alpha, max_rounds, tie_tol, Z0, H0, u0[m:])
+                if conv:
+                    u = uc
+                    break
         else:
             u = polish_ncf_theta(ncf, jnp.asarray(u0), rtol=rtol, second_order=False).theta
-        cands.append(certify(ncf, jnp.asarray(u, dt), unflatten=unflatten, rtol=rtol))
-    ok = [c for c in cands if c.certified]
-    best = max(ok or cands, key=lambda c: c.value)
-    return best, cands
+        u = np.asarray(u) / np.linalg.norm(u)
+        kink = None
+        if act.degree == 1:
+            a, b = u[:m], u[m:]
+            z = F @ a
+            Z = _ties(z, fn * np.linalg.norm(a), tie_tol)
+            s_auto = np.where(z[Z] > 0, 1.0, alpha)
+            Geff = Gm[Z] + H0[Z] * (b > 0)
+            C = np.concatenate([(r[Z] * (Geff @ b))[:, None] * F[Z], np.zeros((int(Z.sum()), Gm.shape[1]))], 1)
+            kink = (C, alpha - s_auto, 1.0 - s_auto)
+        cands.append(certify(ncf, jnp.asarray(u, dt), unflatten=unflatten, rtol=rtol, kink=kink))
+    return _select(cands), cands
+
+
+def _select(cands, rel: float = 1e-6):
+    """The certified candidate of largest value, unless an uncertified one is larger by more than ``rel`` (relative):
+    a certified but worse point (e.g. a dead neuron, ``N = 0``) must not displace the maximiser."""
+    top = max(cands, key=lambda c: c[0].value)
+    ok = [c for c in cands if c[0].certified]
+    if ok:
+        best = max(ok, key=lambda c: c[0].value)
+        if best[0].value >= top[0].value - rel * abs(top[0].value):
+            return best
+    return top
 
 
 def width_one_kkt(template, data, loss, *, key, n_starts: int = 32, ascent_steps: int = 400,
-                  rtol: float | None = None, max_rounds: int = 100) -> NCFPoint:
+                  rtol: float | None = None, max_rounds: int = 100, tie_tol: float | None = None):
     """Best KKT point of the constrained NCF of the width-one MLP ``template`` (the start of neuron pursuit).
 
-    ReLU (``alpha = 0``, ``p = 1``): the closed form of the module docstring, seeded by the ascent's best end point;
-    other activations: the ascent's best end point polished by :func:`homflow.kkt.polish_ncf_theta`.
+    ReLU (``alpha = 0``, ``p = 1``): the closed form of the module docstring (the pattern iteration with ``G = 1``),
+    seeded by the ascent's best end point, certified over the Clarke subdifferential at ties; other activations: the
+    ascent's best end point polished by :func:`homflow.kkt.polish_ncf_theta`. Returns ``(NCFPoint, certificate)``.
     """
     ncf, theta = make_ncf(template, data, loss)
     dt = theta.dtype
     rtol = default_residual_rtol(dt) if rtol is None else float(rtol)
+    tie_tol = float(np.sqrt(np.finfo(dt).eps)) if tie_tol is None else float(tie_tol)
     unflatten = flatten(template)[1]
     U, _ = _ascent(ncf, theta.size, n_starts, ascent_steps, key, dt)
     act = template.activation
     K = len(template.weights)
     if act.degree == 1 and float(act.alpha) == 0.0:
         X, yt = np.asarray(ncf.X), np.asarray(ncf.ytilde)
-        d = X.shape[1]
-        w = U[0][:d]
-        S = X @ w > 0
-        for _ in range(int(max_rounds)):
-            v = X[S].T @ yt[S]
-            w = v / max(np.linalg.norm(v), np.finfo(v.dtype).tiny)
-            Sn = X @ w > 0
-            if np.array_equal(Sn, S):
-                break
-            S = Sn
-        u = np.concatenate([w, np.ones(K - 1)]) / np.sqrt(K)  # layer order of MLP.flatten: W_1, W_2, ..., W_K
-        return certify(ncf, jnp.asarray(u, dt), unflatten=unflatten, rtol=rtol)
+        n, d = X.shape
+        uu, _, _ = _bilinear_fixed_point(X, np.ones((n, 1)), yt, U[0][:d], 0.0, max_rounds, tie_tol)
+        w = uu[:d] / np.linalg.norm(uu[:d])
+        outer = np.ones(K - 1)
+        outer[-1] = np.sign(uu[d]) or 1.0  # middle scalars > 0 (relu passes them), the read-out carries the sign
+        u = np.concatenate([w, outer]) / np.sqrt(K)  # flat order of MLP: W_1, W_2, ..., W_K
+        z = X @ w
+        Z = _ties(z, np.linalg.norm(X, axis=1), tie_tol)
+        s_auto = np.where(z[Z] > 0, 1.0, 0.0)
+        c = float(np.prod(u[d:]))  # d H / d(slope) = w_K ... w_2 (w_1 . x) -> gradient factor on w_1
+        C = np.concatenate([(yt[Z] * c)[:, None] * X[Z], np.zeros((int(Z.sum()), K - 1))], 1)
+        return certify(ncf, jnp.asarray(u, dt), unflatten=unflatten, rtol=rtol, kink=(C, -s_auto, 1.0 - s_auto))
     pt = polish_ncf_theta(ncf, jnp.asarray(U[0]), groups=zero_preserving_groups(template), unflatten=unflatten,
                           rtol=rtol, refine_rounds=1)
-    return pt
+    return pt, {"autodiff_residual": pt.residual, "clarke_residual": pt.residual, "ties": 0,
+                "second_order": pt.second_order.kind if pt.second_order else ""}
