@@ -2,7 +2,7 @@
 
 import importlib
 
-_MODULES = ("flow", "embedding", "phases", "maxmargin", "demo", "census")
+_MODULES = ("flow", "embedding", "phases", "maxmargin", "demo", "census", "pursuit")
 
 for _m in _MODULES:
     try:
