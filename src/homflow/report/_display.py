@@ -68,7 +68,7 @@ def wants_log(values, *, span: float = LOG_SPAN) -> bool:
     return bool(pos.max() / pos.min() >= span)
 
 
-def set_log_scale(ax, values, axis: str = "y", *, linscale: float = 0.5) -> str:
+def set_log_scale(ax, values, axis: str = "y", *, linscale: float = 1.0) -> str:
     """Put a log scale on ``axis`` ('x' or 'y') of ``ax`` for ``values`` that may hold exact zeros; returns the scale.
 
     Without zeros: 'log'. With exact zeros: 'symlog' whose linear part ends at the smallest positive value, so a zero
