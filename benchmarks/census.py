@@ -162,7 +162,8 @@ def main():
         w = time.perf_counter() - t
         ends[name] = r.theta_end
         rows.append({"way": name, "members": args.n, "batch": args.batch, "member_evals": int(r.grad_evals.sum()),
-                     "slot_evals": int(r.slot_evals), "utilisation": r.utilisation, "calls": r.calls, "wall_s": w,
+                     "slot_evals": int(r.slot_evals), "utilisation": r.utilisation,
+                     "busy_utilisation": r.busy_utilisation, "calls": r.calls, "wall_s": w,
                      "escaped": int(np.isfinite(r.t_escape).sum())})
     gradient_flow(model, data, loss="square", theta0=thetas[0], t1=1.0, rtol=args.rtol, ts=[0.0, 1.0])  # compile
     t = time.perf_counter()
@@ -184,8 +185,8 @@ def main():
                                                      np.linalg.norm(th_single, axis=1)))
     print(f"\ncanonical problem, {args.n} directions, delta = {DELTA:g}, escape at 100 delta, t1 = {args.t1:g}, "
           f"rtol {args.rtol:g}")
-    table(rows, ["way", "members", "batch", "member_evals", "slot_evals", "utilisation", "calls", "wall_s", "escaped",
-                 "max_rel_diff_vs_single"])
+    table(rows, ["way", "members", "batch", "member_evals", "slot_evals", "utilisation", "busy_utilisation", "calls",
+                 "wall_s", "escaped", "max_rel_diff_vs_single"])
     base = rows[2]["wall_s"]
     for row in rows[:2]:
         print(f"{row['way']}: {base / row['wall_s']:.2f}x the single calls' wall time, "

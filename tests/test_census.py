@@ -236,7 +236,17 @@ def test_refill_driver_agrees_with_single_flows():
         np.testing.assert_allclose(classic.theta_end[i], tr2.thetas[-1], rtol=0,
                                    atol=1e-5 * np.linalg.norm(tr2.thetas[-1]))
     assert refill.grad_evals.sum() <= refill.slot_evals and 0 < refill.utilisation <= 1
-    assert len(set(refill.batch_sizes)) >= 1 and refill.calls > classic.calls
+    assert 0 <= refill.idle_evals < refill.slot_evals and refill.utilisation <= refill.busy_utilisation <= 1
+    assert refill.calls > classic.calls
+    # shards of members (in-process runner): each member takes the same steps whatever batch it shares
+    from homflow.census import run_members_sharded
+    from homflow.shards import run_shards
+
+    sharded = run_members_sharded(model, data, "square", th0, n_shards=2, runner=run_shards,
+                                  options=DriverOptions(batch_size=2, chunk_steps=30), **kw)
+    np.testing.assert_allclose(sharded.t_escape, refill.t_escape, rtol=1e-12)
+    np.testing.assert_allclose(sharded.theta_end, refill.theta_end, rtol=0, atol=1e-12)
+    assert sharded.grad_evals.tolist() == refill.grad_evals.tolist()
 
 
 @pytest.mark.slow

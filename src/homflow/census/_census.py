@@ -155,7 +155,8 @@ class Census:
             "max_point_residual": max((p.relative_residual for p in self.points.points), default=float("nan")),
             "saddle_found": int(np.isfinite(t["saddle_loss"]).sum()),
             "grad_evals": int(self.driver.grad_evals.sum()), "slot_evals": int(self.driver.slot_evals),
-            "utilisation": self.driver.utilisation, "engine_calls": self.driver.calls,
+            "utilisation": self.driver.utilisation, "busy_utilisation": self.driver.busy_utilisation,
+            "engine_calls": self.driver.calls,
             "law": dataclasses.asdict(self.law) if self.law is not None else None, "wall_s": self.wall_s,
         }
 

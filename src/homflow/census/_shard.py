@@ -74,5 +74,6 @@ def run_members_sharded(model, data, loss, thetas0, *, n_shards: int, runner: Ca
     return DriverResult(cat("t_escape"), cat("theta_escape"), cat("t_end"), cat("theta_end"), lst("outcome"),
                         lst("reason"), lst("curve_t"), lst("curve_loss"), lst("curve_groups"), cat("grad_evals"),
                         cat("steps"), sum(p["batched_evals"] for p in parts), sum(p["slot_evals"] for p in parts),
-                        sum(p["calls"] for p in parts), tuple(b for p in parts for b in p["batch_sizes"]))
+                        sum(p["calls"] for p in parts), tuple(b for p in parts for b in p["batch_sizes"]),
+                        sum(p["idle_evals"] for p in parts))
 
