@@ -18,6 +18,7 @@ from ..activations import get_activation
 from ..models import TwoLayer
 from ._registry import Context, Figure, Outcome, check, register
 from ._segments import segmented_flow
+from ._solverstats import SolverLog
 
 __all__ = ["late_phase", "MAX_MARGIN_DEFAULTS"]
 
@@ -25,7 +26,7 @@ MAX_MARGIN_DEFAULTS = {
     "data": "gaussian_toy",
     "n": 20,
     "d": 3,
-    "data_seed": 0,
+    "data_seed": None,
     "width": 8,
     "activation": "leaky_relu",
     "p": 1,
@@ -47,6 +48,11 @@ MAX_MARGIN_QUICK = {"t1": 1e8, "segments": 2, "n_save": 15}
 
 
 def _validate(p: dict) -> None:
+    for k in ("seed", "data_seed"):
+        v = p[k]
+        if not (v is None and k == "data_seed") and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"config key `{k}` must be an integer >= 0" + (" (or unset: the data from `seed`)" if
+                             k == "data_seed" else "") + f"; got {v!r}.")
     if p["data"] not in ("gaussian_toy", "teacher_student", "sphere"):
         raise ValueError(f"config key `data` must be one of ('gaussian_toy', 'teacher_student', 'sphere'); got "
                          f"{p['data']!r}.")
@@ -62,11 +68,13 @@ def _validate(p: dict) -> None:
 
 
 def _data(p: dict):
+    """The data set of ``p['data']``, drawn from ``data_seed`` (default: ``seed``, which also draws the network)."""
+    seed = p["seed"] if p["data_seed"] is None else p["data_seed"]
     if p["data"] == "gaussian_toy":
-        return hdata.gaussian_toy(p["n"], separable=True, seed=p["data_seed"])
+        return hdata.gaussian_toy(p["n"], separable=True, seed=seed)
     if p["data"] == "sphere":
-        return hdata.sphere(p["n"], p["d"], seed=p["data_seed"], labels="linear")
-    return hdata.teacher_student(p["n"], p["d"], teacher_width=2, p=1, seed=p["data_seed"], labels="sign")
+        return hdata.sphere(p["n"], p["d"], seed=seed, labels="linear")
+    return hdata.teacher_student(p["n"], p["d"], teacher_width=2, p=1, seed=seed, labels="sign")
 
 
 def late_phase(model, data, *, loss: str, t1: float, segments: int, n_save: int, rtol: float, ctx: Context,
@@ -98,8 +106,10 @@ def late_phase(model, data, *, loss: str, t1: float, segments: int, n_save: int,
               f"{prefix}theta_final": np.asarray(traj.thetas[-1])}
     for k, a in path.arrays(prefix + "margin_").items():
         arrays[k] = np.asarray(a, dtype=float)
+    log = SolverLog()
+    log.add(name, traj)
     checks, summary = [], {"reason": traj.reason, "t_final": float(traj.ts[-1]),
-                           "log_loss_final": float(traj.log_loss[-1]), "valid_points": int(v.sum())}
+                           "log_loss_final": float(traj.log_loss[-1]), "valid_points": int(v.sum()), **log.summary()}
     checks.append(check(f"{tag}flow reached t1", 1.0 if traj.success else 0.0, 1.0, ">=",
                         traj.reason))
     if v.sum() >= 2:
@@ -107,15 +117,19 @@ def late_phase(model, data, *, loss: str, t1: float, segments: int, n_save: int,
         q = path.normalized[v]
         dec = np.maximum(s[:-1] - s[1:], 0.0) / np.maximum(np.abs(s[1:]), 1e-300)
         checks.append(check(f"{tag}smoothed margin non-decreasing once L < 1 (max relative decrease)",
-                            float(dec.max()), monotone_tol, "<=", "Lyu & Li 1906.05890 Thm 4.1"))
+                            float(dec.max()), monotone_tol, "<=", "Lyu & Li 1906.05890 Thm 4.1 (exact along the flow; the "
+                            "tolerance allows the solver's relative accuracy)"))
         checks.append(check(f"{tag}smoothed margin <= normalized margin (max excess)", float(np.max(s - q)),
-                            1e-10, "<=", "the smoothed margin lower-bounds the normalized margin"))
+                            1e-10, "<=", "the smoothed margin lower-bounds the normalized margin (an inequality; "
+                            "rounding-level tolerance)"))
         st = path.stationarity[v]
         checks.append(check(f"{tag}(eps, delta)-KKT: stationarity shrinks (final / first)",
                             float(st[-1] / max(st[0], 1e-300)), shrink_factor, "<=",
-                            "relative stationarity eps/||theta|| of the rescaled direction"))
+                            "relative stationarity eps/||theta|| of the rescaled direction; 1906.05890: eps -> 0 "
+                            "(slowly); the factor from a convergence study"))
         checks.append(check(f"{tag}relative stationarity at t1 (decays slowly, like 1/log t)", float(st[-1]),
-                            stationarity_tol, "<=", "(eps, delta)-KKT of the max-margin problem (MATH.md 5)"))
+                            stationarity_tol, "<=", "(eps, delta)-KKT of the max-margin problem (MATH.md 5); "
+                            "threshold from a convergence study at the quick t1 = 1e8"))
         arrays[f"{prefix}kkt_residuals"] = np.array([st[-1], float(path.feasibility[v][-1]),
                                                      abs(float(path.slackness[v][-1]))])
         arrays[f"{prefix}kkt_index"] = np.arange(3.0)
@@ -127,7 +141,9 @@ def late_phase(model, data, *, loss: str, t1: float, segments: int, n_save: int,
                 kkt = solve_max_margin(traj.final, data)
                 gap = abs(kkt.normalized_margin - q[-1]) / abs(kkt.normalized_margin)
                 checks.append(check(f"{tag}normalized margin vs polished KKT point (relative gap)", gap,
-                                    kkt_gap_tol, "<=", f"KKT point converged: {kkt.converged}; stationarity "
+                                    kkt_gap_tol, "<=", f"1906.05890: the direction converges to a KKT point (threshold "
+                                                       f"from a convergence study); KKT point converged: "
+                                                       f"{kkt.converged}; stationarity "
                                                        f"{kkt.stationarity:.2e}"))
                 summary.update(kkt_normalized_margin=float(kkt.normalized_margin), kkt_converged=bool(kkt.converged),
                                kkt_stationarity=float(kkt.stationarity))

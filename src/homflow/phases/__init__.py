@@ -23,9 +23,10 @@ from ._saddles import (
     segment_plateaus,
 )
 from ._sparsity import group_norm_track, neuron_of_group, remove_neurons, small_groups
-from ._solve import Problem, Solve, integrate, make_problem
+from ._solve import Problem, Solve, integrate, make_problem, record_stats
 
 __all__ = [
+    "record_stats",
     "NCFFlow",
     "EarlyPhase",
     "ncf_flow",

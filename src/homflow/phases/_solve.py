@@ -10,6 +10,7 @@ so a sweep over initial scales ``delta`` compiles once per architecture instead 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -17,7 +18,27 @@ import numpy as np
 
 from ..flow import NormAbove, Problem, as_solver, integrate as flow_integrate, make_problem
 
-__all__ = ["Problem", "make_problem", "Solve", "integrate"]
+__all__ = ["Problem", "make_problem", "Solve", "integrate", "record_stats"]
+
+_RECORDERS: list[list] = []
+
+
+@contextlib.contextmanager
+def record_stats():
+    """Collect the ``stats`` dict (``solver``, ``grad_evals``, ...) of every solve of :func:`integrate` run inside the
+    block, in call order, so that a caller of the phase functions can report which solver ran and what it cost.
+
+    >>> with record_stats() as rec:
+    ...     pass
+    >>> rec
+    []
+    """
+    rec: list[dict] = []
+    _RECORDERS.append(rec)
+    try:
+        yield rec
+    finally:
+        _RECORDERS.remove(rec)
 
 
 def _bucket(n: int) -> int:
@@ -85,6 +106,8 @@ def integrate(problem: Problem, theta0, *, field: str = "loss", t1: float, level
     keep = np.flatnonzero(np.isin(tr.ts, ts_np))
     values = tr.extras["ncf"] if field == "ncf" else tr.log_loss
     reached = tr.event is not None
+    for rec in _RECORDERS:
+        rec.append(dict(tr.stats))
     return Solve(tr.ts[keep], tr.thetas[keep], np.asarray(values)[keep], tr.norm[keep], t_end,
                  np.asarray(tr.thetas[-1]), bool(reached), int(tr.stats["num_steps"]), tr.result, tr.reason,
                  dict(tr.stats))
