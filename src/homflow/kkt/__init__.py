@@ -7,6 +7,7 @@ from ._ascent import sphere_ascent
 from ._ncf import NCF, Unflatten, as_problem, make_ncf, ncf, ncf_grad, ncf_kkt_residual, tangent_gradient, unflattener
 from ._late import MarginPath, margin_along
 from ._clarke import DEFAULT_KINK_TOL, DEFAULT_MAX_PATTERNS, KinkStructure, clarke_supported, gated_output, kink_structure
+from ._ncf_clarke import DEFAULT_NCF_CLARKE_RTOL, NCFClarke, ncf_clarke_residual
 from ._margin import REASONS, MarginKKT, MarginProblem, make_margin_problem, margin_multipliers, max_margin_kkt
 from ._polish import NCFPoint, default_residual_rtol, polish_ncf, polish_ncf_theta
 from ._second_order import SecondOrder, classify, riemannian_hessian_eigenvalues, tangent_basis
@@ -46,6 +47,9 @@ __all__ = [
     "clarke_supported",
     "gated_output",
     "kink_structure",
+    "NCFClarke",
+    "ncf_clarke_residual",
+    "DEFAULT_NCF_CLARKE_RTOL",
     "SecondOrder",
     "classify",
     "riemannian_hessian_eigenvalues",

@@ -80,8 +80,13 @@ def _J(v, unflatten, X, y, base, Smask, Ki, Kk, Kj, Kmask, Kscale):
     return jax.jacfwd(_residual)(v, unflatten, X, y, base, Smask, Ki, Kk, Kj, Kmask, Kscale, P)
 
 
+@eqx.filter_jit
+def _margins(prob, theta):
+    return prob.margins(theta)
+
+
 def kink_newton(prob, theta, S, lam_S, kinks, slopes_K, *, kink_tol, tol, max_iter=30, max_rounds=20,
-                feas_tol=1e-12, sign_tol=1e-12):
+                feas_tol=1e-12, sign_tol=1e-12, margin_floor=0.5, max_step=0.5):
     """Polish ``theta`` (flat, any scale with positive margins) into a KKT point with the kinks ``K`` held at zero.
 
     Arguments:
@@ -94,6 +99,9 @@ def kink_newton(prob, theta, S, lam_S, kinks, slopes_K, *, kink_tol, tol, max_it
         max_iter, max_rounds: Newton iterations per active set, active-set changes.
         feas_tol: a constraint with ``q_i < 1 - feas_tol`` joins ``S``; sign_tol: relative pre-activation below which a
             unit off its kink is not considered to have changed sign.
+        margin_floor: a step is accepted only if every margin stays ``>= margin_floor * min(1, q_min before)`` (the
+            start has ``q_min = 1``): Newton must not trade the margins of samples outside ``S`` for its residual.
+        max_step: steps longer than ``max_step * ||theta||`` are shortened to that length first.
 
     Returns:
         ``(theta, iterations, message)``; ``message`` is empty when the active set settled.
@@ -132,8 +140,8 @@ def kink_newton(prob, theta, S, lam_S, kinks, slopes_K, *, kink_tol, tol, max_it
     def sides_ok(th, S):
         """True margins positive and no support unit off its kink on the wrong side."""
         ks = kink_structure(prob.unflatten, th, X, kink_tol=0.0)
-        model_q = np.asarray(prob.margins(jnp.asarray(th, dtype=dtype)))
-        if not model_q.min() > 0:
+        model_q = np.asarray(_margins(prob, jnp.asarray(th, dtype=dtype)))
+        if not model_q.min() >= floor:
             return False, []
         bad = []
         for k, (z, c) in enumerate(zip(ks.z, ks.cos)):
@@ -158,6 +166,10 @@ def kink_newton(prob, theta, S, lam_S, kinks, slopes_K, *, kink_tol, tol, max_it
                 break
             J = np.asarray(_J(v, *args))
             step = np.linalg.lstsq(J, -F, rcond=None)[0]
+            cap = max_step * float(np.linalg.norm(v[:P]))
+            if np.linalg.norm(step[:P]) > cap:
+                step *= cap / float(np.linalg.norm(step[:P]))
+            floor = margin_floor * min(1.0, float(np.asarray(_margins(prob, v[:P])).min()))
             f0, a = float(np.linalg.norm(F)), 1.0
             flips = []
             for _ in range(40):
@@ -201,7 +213,7 @@ def kink_newton(prob, theta, S, lam_S, kinks, slopes_K, *, kink_tol, tol, max_it
             del K[key]
             msg = "released a unit from its kink (slope outside [alpha, 1])"
             continue
-        q = np.asarray(prob.margins(jnp.asarray(theta, dtype=dtype)))
+        q = np.asarray(_margins(prob, jnp.asarray(theta, dtype=dtype)))
         violated = [i for i in np.flatnonzero(q < 1.0 - feas_tol) if int(i) not in S]
         if violated:
             i = int(min(violated, key=lambda i: q[i]))
@@ -219,40 +231,51 @@ def kink_newton(prob, theta, S, lam_S, kinks, slopes_K, *, kink_tol, tol, max_it
 
 
 @eqx.filter_jit
-def _cell_constraints(theta, unflatten, X, y, slopes, sigma):
+def _cell_constraints(theta, unflatten, X, y, slopes, sigma, rows, cols):
     def parts(x, yi, sl):
         out, zs = _gated_parts(unflatten, theta, x, sl)
         return yi * out, jnp.concatenate(zs)
 
     q, z = jax.vmap(parts)(X, y, slopes)
-    return jnp.concatenate([q - 1.0, (sigma * z).ravel()])
+    return jnp.concatenate([q - 1.0, sigma * z[rows, cols]])
 
 
 @eqx.filter_jit
-def _cell_jacobian(theta, unflatten, X, y, slopes, sigma):
-    return jax.jacrev(_cell_constraints)(theta, unflatten, X, y, slopes, sigma)
+def _cell_jacobian(theta, unflatten, X, y, slopes, sigma, rows, cols):
+    return jax.jacrev(_cell_constraints)(theta, unflatten, X, y, slopes, sigma, rows, cols)
 
 
-def cell_slsqp(prob, theta, *, maxiter=300, ftol=1e-16):
-    """SLSQP on ``min 1/2 ||theta||^2`` s.t. ``q_i >= 1`` inside the start's activation cell.
+def cell_slsqp(prob, theta, *, flips=(), near=0.1, maxiter=300, ftol=1e-16):
+    """SLSQP on ``min 1/2 ||theta||^2`` s.t. ``q_i >= 1`` inside one activation cell of the start.
 
-    Every pre-activation keeps its side, ``sigma_u z_u(theta) >= 0`` with ``sigma_u`` its sign at the start (``+1`` at
-    an exact zero), so each margin is the polynomial ``q_i^s`` of the start's pattern and the problem is smooth: SLSQP
-    converges to a local minimiser of the cell, whose active sign constraints are the kinks. That point is a Clarke KKT
-    point of the whole problem when the slopes the certificate then needs lie in ``[alpha, 1]``; it is only a start for
-    :func:`kink_newton` and is certified by the caller. Returns ``(theta, scipy result)``.
+    Every pre-activation with ``|cos| <= near`` (module :mod:`homflow.kkt._clarke`) keeps its side,
+    ``sigma_u z_u(theta) >= 0`` with ``sigma_u`` its sign at the start (``+1`` at an exact zero, ``-1`` for the units in
+    ``flips``), so each margin is the polynomial ``q_i^s`` of that pattern and the problem is smooth; the units farther
+    from their kinks are checked afterwards (``crossed``). SLSQP converges to a local minimiser of the cell, whose
+    active sign constraints are kinks. It is a Clarke KKT point of the whole problem when the slopes the certificate
+    then needs lie in ``[alpha, 1]``; the caller certifies it. Returns ``(theta, scipy result, crossed)``.
     """
     from scipy.optimize import minimize
 
     X, y = prob.X, prob.y
     dtype = jnp.asarray(theta).dtype
     ks = kink_structure(prob.unflatten, theta, X, kink_tol=0.0)
-    slopes = tuple(jnp.asarray(np.where(z > 0, 1.0, ks.alpha), dtype=dtype) for z in ks.z)
-    sigma = jnp.asarray(np.hstack([np.where(z >= 0, 1.0, -1.0) for z in ks.z]), dtype=dtype)
-    args = (prob.unflatten, X, y, slopes, sigma)
+    z = np.hstack(ks.z)
+    cos = np.hstack(ks.cos)
+    sig = np.where(z >= 0, 1.0, -1.0)
+    for i, c in flips:
+        sig[i, c] = -sig[i, c]
+    slopes_np = np.where(sig > 0, 1.0, ks.alpha)
+    splits = np.cumsum([a.shape[1] for a in ks.z])[:-1]
+    slopes = tuple(jnp.asarray(a, dtype=dtype) for a in np.split(slopes_np, splits, axis=1))
+    rows, cols = np.nonzero(np.abs(cos) <= near)
+    args = (prob.unflatten, X, y, slopes, jnp.asarray(sig[rows, cols], dtype=dtype), jnp.asarray(rows),
+            jnp.asarray(cols))
     cons = {"type": "ineq",
             "fun": lambda t: np.asarray(_cell_constraints(jnp.asarray(t, dtype=dtype), *args)),
             "jac": lambda t: np.asarray(_cell_jacobian(jnp.asarray(t, dtype=dtype), *args))}
     res = minimize(lambda t: (0.5 * float(t @ t), t), np.asarray(theta, dtype=np.float64), jac=True, method="SLSQP",
                    constraints=[cons], options={"maxiter": int(maxiter), "ftol": ftol})
-    return res.x, res
+    z1 = np.hstack(kink_structure(prob.unflatten, res.x, X, kink_tol=0.0).z)
+    crossed = np.argwhere((np.abs(cos) > near) & (np.sign(z1) != sig) & (z1 != 0))
+    return res.x, res, crossed

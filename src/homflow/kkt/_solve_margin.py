@@ -19,7 +19,7 @@ from scipy.optimize import minimize
 
 from ..models import AbstractHomogeneousModel, flatten
 from ._clarke import DEFAULT_KINK_TOL, DEFAULT_MAX_PATTERNS
-from ._kink_newton import kink_newton
+from ._kink_newton import cell_slsqp, kink_newton
 from ._margin import (
     DEFAULT_FEAS_TOL,
     MARGIN_COLLAPSED,
@@ -170,6 +170,7 @@ def solve_max_margin(
     max_distance: float = 1.0,
     min_margin_ratio: float = 0.5,
     feas_tol: float = DEFAULT_FEAS_TOL,
+    max_seeds: int = 8,
 ) -> MarginKKT:
     """Polish ``model`` into a KKT point of ``min 1/2 ||theta||^2`` s.t. ``y_i Phi(theta; x_i) >= 1``.
 
@@ -183,7 +184,11 @@ def solve_max_margin(
     ReLU-type networks (``clarke``, see :func:`max_margin_kkt`): the seeds also carry the kinks of the support samples
     (pre-activations within each of ``polish_kink_tols`` of zero), and the Newton method holds those at zero with their
     slopes as unknowns (:mod:`homflow.kkt._kink_newton`); the result is certified with Clarke subgradients at
-    ``kink_tol``.
+    ``kink_tol``. If no seed is certified, ``'auto'`` first runs SLSQP *inside the start's activation cell* (every
+    pre-activation near zero keeps its side, so the problem is smooth and SLSQP cannot wander far:
+    :func:`homflow.kkt._kink_newton.cell_slsqp`) and polishes from there, and only then the global SLSQP (whose BFGS
+    model is spoiled by the kinks: it wandered to norms ~3,000 with normalized margin ~1e-11 on depth-3 leaky-ReLU
+    nets, which the guards below now report as ``'margin_collapsed'``).
 
     Whatever the route, a result is ``converged`` only if it is certified *and* it stays near the start: its direction
     within ``max_distance`` of the start's and its normalized margin at least ``min_margin_ratio`` times the start's
@@ -209,6 +214,7 @@ def solve_max_margin(
             about 60 degrees).
         min_margin_ratio: smallest accepted ratio of the result's normalized margin to the start's (default 0.5).
         feas_tol: feasibility tolerance of the certificate (default 1e-9).
+        max_seeds: most candidate seeds (support, kinks) tried per start (default 8, smallest thresholds first).
 
     Returns:
         A :class:`MarginKKT` with ``converged`` (certified and within the guards), ``reason`` (``'certified'`` or why
@@ -279,19 +285,20 @@ def solve_max_margin(
         return (res[1] and _direction_distance(out.theta, th0) <= max_distance
                 and out.normalized_margin >= min_margin_ratio * start.normalized_margin)
 
-    best, tried = None, []
-    if presolve in ("auto", "none"):
-        total = 0
+    tried = []
+
+    def polish_from(th_s, label):
+        """Local polish from ``th_s`` over the candidate seeds; returns the nearest acceptable certified result."""
+        best, total = None, 0
         kink_seeds = (None,) if kt is None else polish_kink_tols
-        for tau, ktau, S, lam_S, kinks, slopes in _candidate_sets(prob, unflatten, th0, local_thresholds, ridge,
-                                                                  kink_seeds, int(max_patterns)):
+        seeds = _candidate_sets(prob, unflatten, th_s, local_thresholds, ridge, kink_seeds, int(max_patterns))
+        for tau, ktau, S, lam_S, kinks, slopes in seeds[:max_seeds]:
             if kt is None:
-                th, its, msg = _active_set_newton(prob, th0, S, lam_S, **newton)
-                route = f"local polish (support from q_i <= 1 + {tau:g})"
+                th, its, msg = _active_set_newton(prob, th_s, S, lam_S, **newton)
+                route = f"{label} (support from q_i <= 1 + {tau:g})"
             else:
-                th, its, msg = kink_newton(prob, th0, S, lam_S, kinks, slopes, kink_tol=ktau, **newton)
-                route = (f"local polish with kinks (support from q_i <= 1 + {tau:g}, {len(kinks)} kinks held within "
-                         f"{ktau:g})")
+                th, its, msg = kink_newton(prob, th_s, S, lam_S, kinks, slopes, kink_tol=ktau, **newton)
+                route = f"{label} with kinks (support from q_i <= 1 + {tau:g}, {len(kinks)} kinks within {ktau:g})"
             total += its
             q = np.asarray(_margins_jac(prob, jnp.asarray(th))[0])
             if not q.min() > 0:
@@ -301,6 +308,18 @@ def solve_max_margin(
             if acceptable(res) and (best is None or _direction_distance(res[0].theta, th0)
                                     < _direction_distance(best[0].theta, th0)):
                 best = res
+        return best, total
+
+    if presolve in ("auto", "none"):
+        best, total = polish_from(th0, "local polish")
+        if best is None and kt is not None and presolve == "auto":
+            # Clarke: a smooth SLSQP inside the start's activation cell, then the kink polish from where it ends
+            th_c, res_c, _ = cell_slsqp(prob, th0, maxiter=slsqp_maxiter)
+            q = np.asarray(_margins_jac(prob, jnp.asarray(th_c))[0])
+            if q.min() > 0:
+                th_c = th_c / q.min() ** (1.0 / prob.degree)
+                best, total_c = polish_from(th_c, "SLSQP in the start's activation cell, then local polish")
+                total += total_c
         if best is not None:
             return report((best[0], True, total, best[3]))
         if presolve == "none" or P > 3000:
@@ -314,10 +333,14 @@ def solve_max_margin(
     if not q.min() > 0:
         raise ValueError("the SLSQP presolve left a non-positive margin; try presolve='none'.")
     th = th / q.min() ** (1.0 / prob.degree)
+    route = "SLSQP presolve then Newton" + (" (the local polish did not converge)" if tried else "")
+    if kt is not None:
+        best, its = polish_from(th, route)
+        if best is not None:
+            return report((best[0], True, its, best[3]))
     mid = _kkt_from_theta(prob, th, unflatten, active_tol=support_tol, **cert)
     S = mid.support if mid.support.size else mid.active
     th, its, msg = _active_set_newton(prob, th, S, mid.multipliers[S], **newton)
-    route = "SLSQP presolve then Newton" + (" (the local polish did not converge)" if tried else "")
     out = finish(th, its, [route, msg])
     if not out[1] and slsqp_note:
         out[3].insert(1, slsqp_note)
