@@ -42,8 +42,8 @@ PURSUIT_DEFAULTS = {
     "add_scale": 0.01,
     "lr": 0.05,
     "steps": 4000,
-    "n_starts": 32,
-    "ascent_steps": 400,
+    "n_starts": 16,
+    "ascent_steps": 300,
     "max_neurons": 8,
     "loss_tol": 1e-6,
     "seed": 0,
@@ -51,7 +51,7 @@ PURSUIT_DEFAULTS = {
     "iteration_slack": 1,
     "test_tol": 1e-4,
     "insertion_tol": 0.1,
-    "kkt_tol": 1e-2,
+    "kkt_tol": 0.05,
     "monotone_tol": 1e-10,
     "baseline_scale": 0.1,
     "baseline_seed": 0,
@@ -62,7 +62,7 @@ PURSUIT_DEFAULTS = {
     "teacher_seed": 3,
     "teacher_steps": 4000,
 }
-PURSUIT_QUICK = {"n_test": 2000, "steps": 2500, "n_starts": 16, "ascent_steps": 200, "teacher_width": 2,
+PURSUIT_QUICK = {"n_test": 2000, "steps": 2500, "n_starts": 8, "ascent_steps": 200, "teacher_width": 2,
                  "teacher_steps": 2500, "test_tol": 1e-3, "iteration_slack": 2}
 
 

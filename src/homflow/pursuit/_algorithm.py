@@ -59,7 +59,8 @@ class PursuitOptions:
         lr: gradient-descent step on the *mean* loss (homflow's losses are sums: the sum is run with ``lr / n``).
         steps: gradient-descent steps after each addition (and for the initial network).
         layer: ``'best'`` (the hidden layer whose best KKT point has the largest ``N_r``) or a fixed hidden layer.
-        n_starts, ascent_steps: starts and Riemannian ascent iterations of :func:`homflow.kkt.solve_ncf`.
+        n_starts, ascent_steps: random starts and Riemannian ascent iterations (:func:`homflow.kkt.sphere_ascent`).
+        polish_keep: the best ``polish_keep`` ascent end points are polished into exact KKT points.
         kkt_rtol: certificate tolerance of the KKT points (``None``: the kkt package's default, ``1000 eps``).
         loss_tol: stop when the mean training loss is ``<= loss_tol``.
         ncf_rtol: stop when the best ``N_r <= ncf_rtol * sum_i |r_i| * max_i ||x~_i||^(p+1)`` (no positive KKT point).
@@ -75,15 +76,16 @@ class PursuitOptions:
     lr: float = 0.05
     steps: int = 4000
     layer: object = "best"
-    n_starts: int = 32
-    ascent_steps: int = 400
+    n_starts: int = 16
+    ascent_steps: int = 300
+    polish_keep: int = 2
     kkt_rtol: float | None = None
-    loss_tol: float = 1e-8
+    loss_tol: float = 1e-6
     ncf_rtol: float = 1e-9
     seed: int = 0
 
     def __post_init__(self):
-        for k in ("depth", "max_neurons", "steps", "n_starts", "ascent_steps"):
+        for k in ("depth", "max_neurons", "steps", "n_starts", "ascent_steps", "polish_keep"):
             v = getattr(self, k)
             lo = 2 if k == "depth" else (0 if k == "max_neurons" else 1)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
@@ -220,7 +222,7 @@ def best_neuron(model: MLP, data: Dataset, opts: PursuitOptions, key):
         key, sub = jax.random.split(key)
         template, lifted = increment_ncf_data(model, data, layer, opts.loss)
         (pt, cert), _ = increment_kkt(template, lifted, key=sub, n_starts=opts.n_starts, ascent_steps=opts.ascent_steps,
-                              rtol=opts.kkt_rtol)
+                                      rtol=opts.kkt_rtol, keep=opts.polish_keep)
         evals += opts.n_starts * opts.ascent_steps
         scale = float(jnp.sum(jnp.abs(lifted.y)) * jnp.max(jnp.linalg.norm(lifted.X, axis=1)) ** template.degree)
         thr = max(thr, opts.ncf_rtol * scale)

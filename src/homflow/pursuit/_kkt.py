@@ -184,7 +184,8 @@ def clarke_residual(u, g, C, lower, upper):
 
 
 def increment_kkt(template, lifted, *, key, n_starts: int = 32, ascent_steps: int = 400, rtol: float | None = None,
-                  keep: int = 4, max_rounds: int = 100, tie_tol: float | None = None):
+                  keep: int = 4, max_rounds: int = 100, tie_tol: float | None = None, refine_rounds: int = 2,
+                  refine_steps: int = 1000):
     """Best certified KKT point of the residual NCF of a new neuron (see the module docstring).
 
     Arguments:
@@ -192,6 +193,8 @@ def increment_kkt(template, lifted, *, key, n_starts: int = 32, ascent_steps: in
         key, n_starts, ascent_steps: random starts and iterations of the Riemannian ascent.
         rtol: certificate tolerance (default :func:`homflow.kkt.default_residual_rtol`).
         keep: the ``keep`` highest ascent end points are polished; max_rounds: pattern iterations per point.
+        refine_rounds, refine_steps: if the pattern iteration does not converge from an end point, climb
+            ``refine_steps`` more ascent steps and retry, at most ``refine_rounds`` times.
         tie_tol: a sample is on the kink when ``|a . f_i| <= tie_tol ||a|| ||f_i||`` (default ``sqrt(eps)``).
 
     Returns:
@@ -215,10 +218,18 @@ def increment_kkt(template, lifted, *, key, n_starts: int = 32, ascent_steps: in
     for u0 in U[: int(keep)]:
         if act.degree == 1:
             u = u0
-            for Z0 in _tie_candidates(F, r, Gm + H0, u0[:m]):
-                uc, _, conv = _bilinear_fixed_point(F, Gm, r, u0[:m], alpha, max_rounds, tie_tol, Z0, H0, u0[m:])
+            for round_ in range(1 + int(refine_rounds)):
+                if round_:  # not yet close enough to identify the piece: climb further, then retry
+                    u0 = np.asarray(sphere_ascent(ncf, jnp.asarray(u0)[None], int(refine_steps))[0][0])
+                    u = u0
+                conv = False
+                for Z0 in _tie_candidates(F, r, Gm + H0, u0[:m]):
+                    uc, _, conv = _bilinear_fixed_point(F, Gm, r, u0[:m], alpha, max_rounds, tie_tol, Z0, H0,
+                                                        u0[m:])
+                    if conv:
+                        u = uc
+                        break
                 if conv:
-                    u = uc
                     break
         else:
             u = polish_ncf_theta(ncf, jnp.asarray(u0), rtol=rtol, second_order=False).theta
