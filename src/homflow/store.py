@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import errno
 import io
 import json
 import os
@@ -167,6 +168,11 @@ def _load_npz(path: Path, hint: str) -> dict[str, np.ndarray]:
         reason = "it holds Python objects, not plain arrays" if "pickle" in str(e) else f"{type(e).__name__}: {e}"
         raise DamagedFileError(f"the file {str(path)!r} is damaged or not a NumPy .npz archive ({reason}); {hint}") \
             from None
+
+
+def _disk_trouble(e: Exception) -> bool:
+    """SQLite's words for a full disk, a file-size limit or an I/O error (not a damaged file)."""
+    return any(w in str(e).lower() for w in ("full", "disk i/o", "too large"))
 
 
 def _writable(path: Path) -> bool:
@@ -424,6 +430,8 @@ class RunStore:
             if "readonly" in str(e) or "read-only" in str(e):
                 raise StoreError(f"the store {str(self.root)!r} is read-only ({e}); only `homflow list`, `show` and "
                                  f"`store check` work on it.") from None
+            if _disk_trouble(e):
+                raise OSError(errno.ENOSPC, f"cannot write the run index {str(self.index_path)!r}: {e}") from None
             raise self._damaged(f"cannot be read ({type(e).__name__}: {e})") from None
 
     @contextlib.contextmanager
@@ -478,6 +486,8 @@ class RunStore:
         except sqlite3.DatabaseError as e:
             if "readonly" in str(e):
                 raise StoreError(f"the store {str(self.root)!r} is read-only ({e}).") from None
+            if _disk_trouble(e):
+                raise OSError(errno.ENOSPC, f"cannot write the run index {str(self.index_path)!r}: {e}") from None
             raise self._damaged(f"cannot be written ({type(e).__name__}: {e})") from None
 
     # -- the run's own record (run.json) ----------------------------------------------------------------------------
