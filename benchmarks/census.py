@@ -165,6 +165,7 @@ def main():
                      "slot_evals": int(r.slot_evals), "utilisation": r.utilisation,
                      "busy_utilisation": r.busy_utilisation, "calls": r.calls, "wall_s": w,
                      "escaped": int(np.isfinite(r.t_escape).sum())})
+        print(rows[-1], flush=True)
     gradient_flow(model, data, loss="square", theta0=thetas[0], t1=1.0, rtol=args.rtol, ts=[0.0, 1.0])  # compile
     t = time.perf_counter()
     ev, th_single = 0, []
