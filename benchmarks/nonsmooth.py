@@ -1,0 +1,178 @@
+"""Benchmark of the non-smooth (Clarke / Filippov) flow of ReLU-type networks (issue 11; docs/nonsmooth.md).
+
+Measures, for random non-toy problems (n 30..100, d 3..10, width 10..50; random and teacher labels; ReLU and leaky
+ReLU; logistic, exponential and square losses): wall time to t1 = 1000 (linear time) and to 1e6 (log time), steps,
+events, sliding modes, the energy identity ``L(0) - L(T) = int ||dtheta/dt||^2`` and monotonicity of the loss; the
+issue's failing case; depth-3 MLPs; gradient descent against the flow at t = 20 as lr -> 0 with a Richardson
+extrapolation; the split identity ``eta(t) = T theta(t)`` of 2505.12419 through the late phase with a negative control.
+
+    .venv/bin/python benchmarks/nonsmooth.py            # everything (long on a loaded CPU)
+    .venv/bin/python benchmarks/nonsmooth.py --only issue,gd,split --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import homflow
+
+homflow.enable_x64()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from homflow.activations import leaky_relu, relu  # noqa: E402
+from homflow.data import sphere, teacher_student  # noqa: E402
+from homflow.flow import gradient_descent  # noqa: E402
+from homflow.flow._nonsmooth import ClarkeFlow, nonsmooth_flow  # noqa: E402
+from homflow.models import MLP, TwoLayer  # noqa: E402
+
+
+def _load():
+    return os.getloadavg()[0]
+
+
+def _summ(tr, wall):
+    L = tr.loss
+    drop = L[0] - L[-1]
+    E = tr.extras["energy"][-1]
+    st = tr.stats
+    return dict(ok=tr.result.success, t_end=float(tr.ts[-1]), wall_s=round(wall, 2), steps=st["num_steps"],
+                events=st["events"], pattern_changes=st["pattern_changes"], sliding_entered=st["sliding_entered"],
+                sliding_left=st["sliding_left"], max_sliding=st["max_sliding"],
+                energy_rel=float(abs(drop - E) / drop) if drop > 0 else None,
+                monotone=bool(np.all(np.diff(L) <= 1e-14 * L[0])), loss_end=float(L[-1]),
+                constraint_residual=st["max_constraint_residual"], reason=tr.result.reason, load=round(_load(), 1))
+
+
+def _data(n, d, labels, seed):
+    if labels == "teacher":
+        return teacher_student(n, d, seed=seed, width=3) if "width" in teacher_student.__code__.co_varnames \
+            else teacher_student(n, d, seed=seed)
+    return sphere(n, d, seed=seed)
+
+
+def random_problems(k, seed=0):
+    rng = np.random.default_rng(seed)
+    losses = ["logistic", "exponential", "square"]
+    out = []
+    for i in range(k):
+        n, d, m = int(rng.integers(30, 101)), int(rng.integers(3, 11)), int(rng.integers(10, 51))
+        act = relu if i % 2 == 0 else leaky_relu(float(rng.choice([0.1, 0.2])))
+        labels = "random" if i % 3 != 2 else "teacher"
+        loss = losses[i % 3]
+        scale = float(rng.choice([0.1, 1.0]))
+        out.append(dict(n=n, d=d, width=m, act=act, labels=labels, loss=loss, scale=scale, seed=i))
+    return out
+
+
+def run_flow(p, t1, time_mode, depth=2, rtol=1e-8):
+    data = _data(p["n"], p["d"], p["labels"], p["seed"])
+    if p["loss"] == "square":
+        data = type(data)(data.X, data.y)
+    key = jax.random.PRNGKey(100 + p["seed"])
+    if depth == 2:
+        model = TwoLayer(p["d"], p["width"], p["act"], key=key, scale=p["scale"])
+    else:
+        model = MLP(p["d"], (p["width"],) * (depth - 1), p["act"], key=key, scale=p["scale"])
+    t0 = time.perf_counter()
+    tr = nonsmooth_flow(model, data, loss=p["loss"], t1=t1, time=time_mode, n_save=40, rtol=rtol)
+    return tr, time.perf_counter() - t0
+
+
+def bench_random(k, depth=2):
+    rows = []
+    for p in random_problems(k):
+        for t1, tm in ((1e3, "linear"), (1e6, "log")):
+            tr, wall = run_flow(p, t1, tm, depth=depth)
+            row = dict(problem={**p, "act": p["act"].name}, depth=depth, t1=t1, time=tm, **_summ(tr, wall))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def bench_issue():
+    rows = []
+    data = sphere(50, 5, seed=0)
+    for scale in (0.1, 1e-3):
+        model = TwoLayer(5, 20, relu, key=jax.random.PRNGKey(1), scale=scale)
+        t0 = time.perf_counter()
+        tr = nonsmooth_flow(model, data, loss="logistic", t1=1000.0, time="linear", n_save=40)
+        row = dict(case=f"issue: relu logistic n50 d5 w20 scale {scale}", **_summ(tr, time.perf_counter() - t0))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def bench_gd(T=20.0, lrs=(1e-2, 5e-3, 2.5e-3)):
+    data = sphere(30, 4, seed=3)
+    model = TwoLayer(4, 10, relu, key=jax.random.PRNGKey(7), scale=0.5)
+    tr = nonsmooth_flow(model, data, loss="logistic", t1=T, ts=[0.0, T], rtol=1e-11)
+    ref = tr.thetas[-1]
+    ends = []
+    for lr in lrs:
+        gd = gradient_descent(model, data, loss="logistic", lr=lr, steps=int(round(T / lr)))
+        ends.append(np.asarray(gd.thetas[-1]))
+    errs = [float(np.linalg.norm(e - ref) / np.linalg.norm(ref)) for e in ends]
+    rich = [float(np.linalg.norm(2 * ends[i + 1] - ends[i] - ref) / np.linalg.norm(ref)) for i in range(len(lrs) - 1)]
+    row = dict(case="GD vs flow at t = 20 (relu, logistic, n 30 d 4 w 10)", lrs=list(lrs), gd_rel_err=errs,
+               richardson_rel_err=rich, flow_events=tr.stats["events"], flow_ok=tr.result.success,
+               load=round(_load(), 1))
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
+def bench_split(t1=1e6):
+    from homflow.embedding import split
+    from homflow.flow._nonsmooth_joint import joint_nonsmooth_flow
+
+    data = sphere(40, 4, seed=5)
+    narrow = TwoLayer(4, 8, leaky_relu(0.1), key=jax.random.PRNGKey(11), scale=1.0)
+    sp = split(narrow, neuron=0, coeffs=(0.6, 0.8))
+    rows = []
+    for name, pert in (("split T theta", 0.0), ("negative control: eta(0) = T theta(0) + 1e-8 ||theta|| noise", 1e-8)):
+        eta0 = sp.apply_flat(jnp.asarray(homflow.models.flatten(narrow)[0]))
+        if pert:
+            eta0 = eta0 + pert * jnp.linalg.norm(eta0) * jax.random.normal(jax.random.PRNGKey(3), eta0.shape) / \
+                np.sqrt(eta0.size)
+        t0 = time.perf_counter()
+        tn, tw = joint_nonsmooth_flow(sp, narrow, data, loss="exponential", t1=t1, time="log", n_save=30,
+                                      wide_theta0=eta0)
+        T = np.stack([np.asarray(sp.apply_flat(jnp.asarray(th))) for th in tn.thetas])
+        dev = np.linalg.norm(tw.thetas - T, axis=1) / np.linalg.norm(T, axis=1)
+        row = dict(case=name, ok=tn.result.success, t_end=float(tn.ts[-1]), max_rel_dev=float(dev.max()),
+                   final_rel_dev=float(dev[-1]), events=tn.stats["events"], sliding=tn.stats["sliding_entered"],
+                   wall_s=round(time.perf_counter() - t0, 1), load=round(_load(), 1))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="issue,random,mlp,gd,split")
+    ap.add_argument("--k", type=int, default=10, help="number of random two-layer problems")
+    ap.add_argument("--quick", action="store_true", help="3 random problems, 1 MLP")
+    args = ap.parse_args()
+    parts = args.only.split(",")
+    k = 3 if args.quick else args.k
+    print(json.dumps(dict(device=str(jax.devices()[0]), dtype=str(jnp.result_type(float)), cpus=os.cpu_count(),
+                          load=round(_load(), 1))), flush=True)
+    if "issue" in parts:
+        bench_issue()
+    if "random" in parts:
+        bench_random(k)
+    if "mlp" in parts:
+        bench_random(1 if args.quick else 2, depth=3)
+    if "gd" in parts:
+        bench_gd()
+    if "split" in parts:
+        bench_split()
+
+
+if __name__ == "__main__":
+    main()

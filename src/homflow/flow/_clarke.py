@@ -1,0 +1,387 @@
+"""Clarke calculus of degree-1 (ReLU / leaky-ReLU) networks: kink sets, one-sided slopes, and the minimal-norm element
+of the Clarke subdifferential of the loss (MATH.md section 6).
+
+A bias-free network with activation ``sigma(z) = max(z, alpha z)`` is piecewise polynomial in its weights. Write
+``z_e(theta)`` for the pre-activation of unit ``e = (layer, unit, sample)``; the flat list of all of them (layer by
+layer, sample-major) is what :meth:`KinkedProblem.preactivations` returns. Backpropagation with slope ``s_e`` in
+``[alpha, 1]`` at every unit with ``z_e = 0`` (and the one-sided slope ``1`` or ``alpha`` elsewhere) gives the set
+``D(theta)`` whose convex hull contains the Clarke subdifferential of the loss (Davis, Drusvyatskiy, Kakade & Lee,
+arXiv 1804.07795; Bolte & Pauwels, arXiv 1909.10300). Since ``sigma(0) = 0`` for every slope, the forward values do not
+depend on ``s``; the gradient ``g(s)`` is affine in the slopes of any one layer, and multilinear across layers.
+
+* Two-layer nets (and any point where no sample has kinked units in two different layers): ``g(s) = g_0 + J s`` with
+  the column of ``s_e`` equal to ``c_e grad_theta z_e`` (``c_e = a_j l'_i`` for ``e = (j, i)``). The minimal-norm
+  element is exactly ``min ||g_0 + J s||`` over the box ``[alpha, 1]^K``: a bounded-variable least squares (BVLS).
+  At an interior optimum its stationarity reads ``c_e <grad z_e, g> = 0``: the minimal-norm velocity is tangent to
+  the kink surface ``z_e = 0`` (a sliding mode); at a bound the unit leaves the kink.
+* Deeper nets with kinked units of one sample in several layers: ``g`` is multilinear in ``s``; homflow minimises
+  ``||g(s)||`` over the box by re-linearising ``n_slope_iters`` times (Gauss-Newton: BVLS of the linearisation at the
+  current slopes). This is exact when the kinks of every sample lie in one layer and a documented local approximation
+  otherwise (docs/nonsmooth.md).
+
+Autodiff's own convention (``jax.grad`` of ``jnp.where(z > 0, z, alpha z)``) is the left slope ``alpha`` at ``z = 0``
+(``0`` for ReLU): one element of ``D(theta)``, generally not the minimal-norm one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..models import CNN, MLP, TwoLayer, safe_norm
+from ..models._cnn import _avg_pool
+
+__all__ = ["is_kinked", "KinkedProblem", "make_kinked", "clarke_min_norm", "MinNorm", "DEFAULT_KINK_TOL",
+           "default_kink_tol", "default_slope_tol"]
+
+
+def default_kink_tol(dtype=None) -> float:
+    """``1000 eps``: a pre-activation with ``|z_e| <= kink_tol * scale_e`` is at its kink (``scale_e`` bounds ``|z_e|``
+    by Cauchy-Schwarz: row norm of the weights times the norm of the layer's input)."""
+    return 1e3 * float(jnp.finfo(dtype or jnp.result_type(float)).eps)
+
+
+def default_slope_tol(dtype=None) -> float:
+    """``sqrt(eps)``: a kink slope within this of ``alpha`` or ``1`` is at its bound (the unit leaves the kink)."""
+    return math.sqrt(float(jnp.finfo(dtype or jnp.result_type(float)).eps))
+
+
+DEFAULT_KINK_TOL = 1e3 * 2.220446049250313e-16
+
+
+def is_kinked(model) -> bool:
+    """True for networks whose activation is degree 1 with a kink (ReLU, leaky ReLU with ``alpha != 1``) and that have
+    at least one hidden layer: their gradient flow is a differential inclusion (MATH.md section 6)."""
+    act = getattr(model, "activation", None)
+    if act is None or int(getattr(act, "p", 0)) != 1 or float(act.alpha) == 1.0:
+        return False
+    if isinstance(model, MLP):
+        return len(model.weights) > 1
+    return isinstance(model, (TwoLayer, CNN))
+
+
+def _conv(h, K):
+    nd = h.ndim - 1
+    dn = ("NCH", "OIH", "NCH") if nd == 1 else ("NCHW", "OIHW", "NCHW")
+    return jax.lax.conv_general_dilated(h[None], K, (1,) * nd, "SAME", dimension_numbers=dn)[0]
+
+
+def forward(model, x, act):
+    """``Phi(theta; x)`` of a two-layer net, MLP or CNN with the activation replaced by ``act(layer, z, scale)``, where
+    ``scale`` bounds ``|z|`` entrywise (row norm times input norm). ``act = lambda k, z, s: model.activation(z)`` gives
+    the model's own output (tested)."""
+    if isinstance(model, TwoLayer):
+        z = model.W @ x
+        return jnp.dot(model.a, act(0, z, safe_norm(model.W, axis=1) * safe_norm(x)))
+    if isinstance(model, MLP):
+        h = x
+        for k, W in enumerate(model.weights[:-1]):
+            z = W @ h
+            h = act(k, z, safe_norm(W, axis=1) * safe_norm(h))
+        return (model.weights[-1] @ h)[0]
+    if isinstance(model, CNN):
+        h = jnp.reshape(x, model.input_shape)
+        for k, K in enumerate(model.kernels):
+            z = _conv(h, K)
+            rows = safe_norm(K.reshape(K.shape[0], -1), axis=1)
+            sc = jnp.broadcast_to(rows.reshape((-1,) + (1,) * (z.ndim - 1)) * safe_norm(h), z.shape)
+            h = act(k, z, sc)
+            if model.pool is not None and model.pool > 1:
+                h = _avg_pool(h, model.pool)
+        return jnp.sum(model.readout * h)
+    raise ValueError(
+        f"the non-smooth flow supports TwoLayer, MLP and CNN networks; got {type(model).__name__}, whose kinks it "
+        "cannot enumerate."
+    )
+
+
+class KinkedProblem(eqx.Module):
+    """Loss of one kinked architecture on one data set, with slopes at the units as explicit inputs.
+
+    ``signs`` (N,) holds the activation pattern (``+1``: slope 1, else slope ``alpha``); ``idx`` (K,) / ``valid`` (K,)
+    name the units whose slopes ``s`` (K,) are free (the sliding set). Build with :func:`make_kinked`.
+    """
+
+    X: Any
+    y: Any
+    loss: Any = eqx.field(static=True)
+    unflatten: Any = eqx.field(static=True)
+    alpha: float = eqx.field(static=True)
+    shapes: tuple = eqx.field(static=True)  # per layer: (n, *unit shape)
+    n_hidden: int = eqx.field(static=True)
+
+    @property
+    def n_entries(self) -> int:
+        return int(sum(math.prod(s) for s in self.shapes))
+
+    @property
+    def classification(self) -> bool:
+        return bool(self.loss.classification)
+
+    def preactivations(self, theta):
+        """``(z, scale)``: every pre-activation ``z_e`` (N,) and its Cauchy-Schwarz bound ``scale_e`` (N,)."""
+        model = self.unflatten(theta)
+
+        def one(x):
+            zs, scs = [], []
+
+            def act(k, z, sc):
+                zs.append(z)
+                scs.append(sc)
+                return model.activation(z)
+
+            forward(model, x, act)
+            return zs, scs
+
+        zs, scs = jax.vmap(one)(self.X)
+        return jnp.concatenate([z.reshape(-1) for z in zs]), jnp.concatenate([s.reshape(-1) for s in scs])
+
+    def _split(self, S):
+        parts, o = [], 0
+        for shp in self.shapes:
+            m = math.prod(shp)
+            parts.append(S[o:o + m].reshape(shp))
+            o += m
+        return parts
+
+    def objective(self, theta, S, eps=None):
+        """The loss with slope ``S_e`` at every unit: ``log L`` for classification losses, ``L`` for the square loss.
+
+        Units act as ``S_e z_e (+ eps_e)``: on the pattern of ``theta`` (``S_e`` the one-sided slope of ``z_e``) this is
+        the true loss, elsewhere its polynomial continuation from that pattern (the field of one smooth piece); the
+        derivative in ``eps`` is ``dF/dh_e``, the adjoint of the unit's output."""
+        model = self.unflatten(theta)
+        parts = self._split(S)
+        eps_parts = self._split(jnp.zeros_like(S) if eps is None else eps)
+        out = jax.vmap(lambda x, Sk, Ek: forward(model, x, lambda k, z, sc: Sk[k] * z + Ek[k]))(self.X, parts,
+                                                                                                 eps_parts)
+        return self.loss.log_value(out, self.y) if self.classification else self.loss.value(out, self.y)
+
+    def log_loss(self, theta):
+        """``log L(theta)`` of the network itself."""
+        out = jax.vmap(self.unflatten(theta))(self.X)
+        return self.loss.log_value(out, self.y)
+
+    def velocity(self, theta, log_scale, signs, idx, valid):
+        """``(dtheta/du, dE/du, s)`` of the mode, with ``du = dt / exp(log_scale)`` (``log_scale = u`` in log time,
+        where ``dtheta/du = (1 + t) dtheta/dt``) and ``E = int ||dtheta/dt||^2 dt``; computed from ``grad log L`` for
+        classification losses, so that nothing underflows late in a flow."""
+        F, g, s = self.sliding_grad(theta, signs, idx, valid)
+        gg = jnp.sum(g * g)
+        if self.classification:
+            return -jnp.exp(log_scale + F) * g, jnp.exp(log_scale + 2.0 * F) * gg, s
+        return -jnp.exp(log_scale) * g, jnp.exp(log_scale) * gg, s
+
+    def slopes(self, signs, idx, valid, s):
+        """The slope vector: one-sided from ``signs``, ``s`` at the valid entries of ``idx``."""
+        base = jnp.where(signs > 0, 1.0, self.alpha).astype(self.X.dtype)
+        if idx.shape[0] == 0:
+            return base
+        return base.at[idx].set(jnp.where(valid, s, base[idx]))
+
+    def grad_and_adjoint(self, theta, S):
+        """``(F, grad_theta F, dF/dh)`` with ``F`` = :meth:`objective` and ``dF/dh_e`` the adjoint of every unit (N,)."""
+        F, (g, c) = jax.value_and_grad(self.objective, argnums=(0, 2))(theta, S, jnp.zeros_like(S))
+        return F, g, c
+
+    def _locate(self, idx):
+        """Sample and position inside that sample's flat pre-activation vector of every flat unit index."""
+        sizes = [math.prod(shp[1:]) for shp in self.shapes]
+        glob = np.cumsum([0] + [self.X.shape[0] * m for m in sizes])
+        loc = np.cumsum([0] + sizes)
+        k = jnp.searchsorted(jnp.asarray(glob[1:]), idx, side="right")
+        r = idx - jnp.asarray(glob)[k]
+        m = jnp.asarray(sizes)[k]
+        return r // m, jnp.asarray(loc)[k] + r % m
+
+    def normals(self, theta, idx):
+        """``grad_theta z_e`` (K, P) for the units ``idx``: one single-sample backward pass each."""
+        model_of = self.unflatten
+        samples, local = self._locate(idx)
+
+        def z_one(th, x, l):
+            model = model_of(th)
+            zs = []
+
+            def act(k, z, sc):
+                zs.append(z.reshape(-1))
+                return model.activation(z)
+
+            forward(model, x, act)
+            return jnp.concatenate(zs)[l]
+
+        return jax.vmap(lambda i, l: jax.grad(z_one)(theta, self.X[i], l))(samples, local)
+
+    def slope_jacobian(self, theta, signs, idx, valid, s):
+        """``(F, g, J)``: value, gradient and ``J = dg/ds`` (P, K), the column of unit ``e`` being
+        ``dF/dh_e grad_theta z_e`` (exact where no sample has kinked units in two layers); zero at invalid entries."""
+        F, g, c = self.grad_and_adjoint(theta, self.slopes(signs, idx, valid, s))
+        Nz = self.normals(theta, idx)
+        return F, g, (Nz * jnp.where(valid, c[idx], 0.0)[:, None]).T
+
+    def sliding_grad(self, theta, signs, idx, valid):
+        """Gradient of the smooth piece ``signs`` with the slopes of the sliding set chosen so that the velocity is
+        tangent to every kink surface ``z_e = 0`` of the set: ``g`` minus its projection on the normals
+        ``grad_theta z_e``; the slopes ``s_e = s_base - lambda_e / (dF/dh_e)`` are read off the multipliers (a slope
+        leaving ``[alpha, 1]`` ends the sliding mode). Skips the normals (a ``lax.cond``) when no entry of ``valid`` is
+        set. Returns ``(F, g, s)``."""
+        K = idx.shape[0]
+        s0 = jnp.full((K,), 0.5 * (1.0 + self.alpha), self.X.dtype)
+        F, g, c = self.grad_and_adjoint(theta, self.slopes(signs, idx, valid, s0))
+        if K == 0:
+            return F, g, s0
+
+        def sliding(g):
+            Nz = self.normals(theta, idx) * valid[:, None].astype(g.dtype)
+            lam = _min_norm_solve(Nz.T, g, valid)
+            ce = c[idx]
+            tiny = jnp.finfo(g.dtype).tiny
+            s = s0 - lam / jnp.where(jnp.abs(ce) > tiny, ce, tiny)
+            return g - Nz.T @ lam, jnp.where(valid, s, s0)
+
+        g, s = jax.lax.cond(jnp.any(valid), sliding, lambda g: (g, s0), g)
+        return F, g, s
+
+
+def _min_norm_solve(J, r, valid):
+    """Least-squares ``argmin ||J d - r||`` of minimal norm (columns of invalid entries are zero), by the eigen-
+    decomposition of ``J^T J`` with a relative cut-off ``K eps`` and one step of iterative refinement."""
+    G = J.T @ J
+    lam, V = jnp.linalg.eigh(G)
+    cut = lam[-1] * G.shape[0] * jnp.finfo(G.dtype).eps
+    inv = jnp.where(lam > cut, 1.0 / jnp.where(lam > cut, lam, 1.0), 0.0)
+    solve = lambda b: V @ (inv * (V.T @ b))  # noqa: E731
+    d = solve(J.T @ r)
+    d = d + solve(J.T @ (r - J @ d))
+    return jnp.where(valid, d, 0.0)
+
+
+def make_kinked(objective, model=None) -> KinkedProblem:
+    """The :class:`KinkedProblem` of an objective (``X``, ``y``, ``loss``, ``unflatten``) of a kinked network.
+
+    Raises:
+        ValueError: if the network is not kinked (see :func:`is_kinked`) or not a TwoLayer / MLP / CNN.
+    """
+    unflatten = objective.unflatten
+    if model is None:
+        raise ValueError("`model` (a network of the objective's architecture) is required.")
+    if not is_kinked(model):
+        raise ValueError(
+            f"the non-smooth flow is for degree-1 kinked activations (relu, leaky_relu(alpha), alpha != 1) with a "
+            f"hidden layer; got {type(model).__name__} with activation {getattr(model, 'activation', None)!r}."
+        )
+    X = jnp.asarray(objective.X)
+
+    def one(x):
+        zs = []
+
+        def act(k, z, sc):
+            zs.append(z)
+            return model.activation(z)
+
+        forward(model, x, act)
+        return zs
+
+    shapes = tuple((X.shape[0], *z.shape[1:]) for z in jax.eval_shape(jax.vmap(one), X))
+    return KinkedProblem(X, jnp.asarray(objective.y), objective.loss, unflatten, float(model.activation.alpha), shapes,
+                         len(shapes))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The minimal-norm element (host side: BVLS), used to decide the mode at an event and by the tests.
+
+@eqx.filter_jit
+def _jac_at(problem, theta, signs, idx, valid, s):
+    return problem.slope_jacobian(theta, signs, idx, valid, s)
+
+
+def _padded(kinks):
+    """Indices padded to a power-of-two capacity (one compilation per capacity) and their validity mask."""
+    k = len(kinks)
+    cap = 1 << max(k - 1, 0).bit_length()
+    idx = np.zeros(cap, np.int32)
+    idx[:k] = kinks
+    valid = np.zeros(cap, bool)
+    valid[:k] = True
+    return jnp.asarray(idx), jnp.asarray(valid)
+
+
+@eqx.filter_jit
+def _preacts(problem, theta):
+    return problem.preactivations(theta)
+
+
+@dataclasses.dataclass(frozen=True)
+class MinNorm:
+    """The minimal-norm element ``m`` of the Clarke subdifferential of ``F`` (``log L`` or ``L``) at ``theta``.
+
+    Attributes:
+        m: the element (P,); kinks: flat unit indices with ``|z_e| <= kink_tol scale_e``; slopes: their slopes in
+        ``[alpha, 1]``; interior: which slopes lie strictly inside (sliding units); value: ``F(theta)``.
+    """
+
+    m: np.ndarray
+    kinks: np.ndarray
+    slopes: np.ndarray
+    interior: np.ndarray
+    value: float
+
+
+def bvls(J, r, lo, hi):
+    """``argmin_s ||J s + r||`` subject to ``lo <= s <= hi`` (SciPy's bounded-variable least squares, exact active
+    set)."""
+    from scipy.optimize import lsq_linear
+
+    J = np.asarray(J, float)
+    if J.shape[1] == 0:
+        return np.zeros(0)
+    res = lsq_linear(J, -np.asarray(r, float), bounds=(lo, hi), method="bvls", tol=1e-15, lsq_solver="exact")
+    return np.clip(res.x, lo, hi)
+
+
+def clarke_min_norm(problem: KinkedProblem, theta, *, signs=None, kinks=None, kink_tol: float | None = None,
+                    slope_tol: float | None = None, n_slope_iters: int = 3) -> MinNorm:
+    """Minimal-norm element of ``conv D(theta)`` for ``F = log L`` (classification) or ``L`` (square loss).
+
+    Arguments:
+        problem: a :class:`KinkedProblem`; theta: flat parameters.
+        signs: the activation pattern of the units not at a kink (default: the signs of ``z``).
+        kinks: flat indices of the units whose slope is free (default: ``|z_e| <= kink_tol * scale_e``).
+        kink_tol: default :func:`default_kink_tol`; slope_tol: interior means at least this far from a bound
+            (default :func:`default_slope_tol`).
+        n_slope_iters: BVLS re-linearisations (one suffices when ``g`` is affine in the slopes: two-layer nets).
+
+    Returns:
+        A :class:`MinNorm`.
+    """
+    theta = jnp.asarray(theta)
+    kink_tol = default_kink_tol(theta.dtype) if kink_tol is None else float(kink_tol)
+    slope_tol = default_slope_tol(theta.dtype) if slope_tol is None else float(slope_tol)
+    z, sc = (np.asarray(a) for a in _preacts(problem, theta))
+    if kinks is None:
+        kinks = np.flatnonzero(np.abs(z) <= kink_tol * sc)
+    kinks = np.asarray(kinks, dtype=np.int32)
+    if signs is None:
+        signs = np.where(z > 0, 1, -1).astype(np.int8)
+    signs_j = jnp.asarray(signs)
+    a = problem.alpha
+    s = np.full(kinks.size, 0.5 * (1.0 + a))
+    iters = 1 if problem.n_hidden == 1 else max(1, int(n_slope_iters))  # re-linearisations (multilinear g)
+    idx, valid = _padded(kinks)
+    k = kinks.size
+    for _ in range(iters):
+        s_pad = np.full(idx.shape[0], 0.5 * (1.0 + a))
+        s_pad[:k] = s
+        f, g, J = (np.asarray(x) for x in _jac_at(problem, theta, signs_j, idx, valid, jnp.asarray(s_pad)))
+        J = J[:, :k]
+        s_new = bvls(J, g - J @ s, a, 1.0)
+        g = g + J @ (s_new - s)
+        s = s_new
+    interior = (s > a + slope_tol) & (s < 1.0 - slope_tol)
+    return MinNorm(m=g, kinks=kinks, slopes=s, interior=interior, value=float(f))

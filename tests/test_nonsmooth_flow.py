@@ -1,0 +1,171 @@
+"""The non-smooth (Clarke / Filippov) gradient flow of ReLU-type networks (flow/_clarke.py, flow/_nonsmooth.py).
+
+Checks of mathematics, each against something independent: the forward with replaced activations against the model,
+the minimal-norm element against NumPy gradients of every slope pattern and a convex-hull NNLS, the energy identity
+``L(0) - L(T) = int ||dtheta/dt||^2``, a planted sliding mode kept on its kink surface, a unit that leaves its kink
+when its slope reaches the bound, agreement with gradient descent as lr -> 0, and the split identity eta = T theta.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.optimize import nnls
+
+from homflow.activations import leaky_relu, relu
+from homflow.data import Dataset, sphere
+from homflow.flow import make_problem
+from homflow.flow._clarke import clarke_min_norm, forward, is_kinked, make_kinked
+from homflow.flow._nonsmooth import ClarkeFlow, nonsmooth_flow
+from homflow.models import CNN, MLP, TwoLayer, predict
+
+
+def test_forward_with_model_activation_is_the_model(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    X = jax.random.normal(k1, (7, 12))
+    for m in (TwoLayer(12, 5, relu, key=k2), MLP(12, (4, 3), leaky_relu(0.2), key=k3),
+              CNN((2, 6), (3, 2), relu, key=k2, pool=2)):
+        assert is_kinked(m)
+        out = jax.vmap(lambda x: forward(m, x, lambda k, z, s: m.activation(z)))(X)
+        np.testing.assert_allclose(out, predict(m, X), rtol=1e-13, atol=1e-14)
+        z, sc = make_kinked(make_problem(m, Dataset(X, jnp.sign(X[:, 0])), "logistic")[0], m).preactivations(
+            make_problem(m, Dataset(X, jnp.sign(X[:, 0])), "logistic")[1])
+        assert np.all(np.abs(z) <= sc * (1 + 1e-12))  # Cauchy-Schwarz bound
+    assert not is_kinked(TwoLayer(3, 2, "relu_power", key=key))
+
+
+def _np_two_layer_grad(a, W, X, y, slopes):
+    """Gradient of log(sum_i log(1 + exp(-y_i f_i))) for f = sum_j a_j sigma(w_j . x), with given slopes (n, m)."""
+    Z = X @ W.T
+    act = np.where(Z > 0, Z, slopes * Z)  # exact values: slopes only matter at z = 0 where act = 0
+    f = act @ a
+    q = y * f
+    Lv = np.sum(np.logaddexp(0.0, -q))
+    dl = -y / (1.0 + np.exp(q)) / Lv  # d log L / d f_i
+    ga = act.T @ dl
+    gW = ((dl[:, None] * slopes) * a[None, :]).T @ X
+    return np.concatenate([ga, gW.ravel()])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_min_norm_against_enumeration_and_hull_nnls(alpha):
+    rng = np.random.default_rng(3)
+    n, d, m = 9, 4, 3
+    X = rng.normal(size=(n, d))
+    y = np.sign(rng.normal(size=n))
+    W = rng.normal(size=(m, d))
+    a = rng.normal(size=m)
+    planted = [(0, 1), (0, 4), (2, 2)]  # (neuron, sample) pairs put exactly on their kink
+    for j in (0, 2):
+        xs = np.stack([X[i] for (jj, i) in planted if jj == j])
+        Q, _ = np.linalg.qr(xs.T)
+        W[j] -= Q @ (Q.T @ W[j])
+    model = TwoLayer.from_weights(jnp.asarray(a), jnp.asarray(W), leaky_relu(alpha) if alpha else relu)
+    prob, theta = make_problem(model, Dataset(jnp.asarray(X), jnp.asarray(y)), "logistic")
+    kp = make_kinked(prob, model)
+    mn = clarke_min_norm(kp, theta)
+    kinks = sorted(int(e) for e in mn.kinks)
+    assert kinks == sorted(i * m + j for (j, i) in planted)
+    # independent: NumPy gradient at every vertex of the slope box, min-norm point of their convex hull by NNLS
+    Z = X @ W.T
+    base = np.where(Z > 0, 1.0, alpha)
+    verts = []
+    for pat in itertools.product([alpha, 1.0], repeat=len(kinks)):
+        S = base.copy()
+        for e, s in zip(kinks, pat):
+            S[e // m, e % m] = s
+        verts.append(_np_two_layer_grad(a, W, X, y, S))
+    V = np.stack(verts, axis=1)
+    rho = 1e3 * np.abs(V).max()
+    lam, _ = nnls(np.vstack([V, rho * np.ones((1, V.shape[1]))]), np.concatenate([np.zeros(V.shape[0]), [rho]]))
+    # polish on the support: min ||V_S lam|| subject to sum lam = 1 (KKT system), exact
+    S = np.flatnonzero(lam > 1e-12)
+    K = np.block([[V[:, S].T @ V[:, S], np.ones((S.size, 1))], [np.ones((1, S.size)), np.zeros((1, 1))]])
+    sol = np.linalg.lstsq(K, np.concatenate([np.zeros(S.size), [1.0]]), rcond=None)[0]
+    m_ref = V[:, S] @ sol[:S.size]
+    np.testing.assert_allclose(mn.m, m_ref, atol=1e-9 * np.linalg.norm(m_ref))
+    # autodiff's convention (slope alpha at 0) is a vertex, here not the minimal-norm element
+    g_ad = np.asarray(jax.grad(prob.log_loss)(theta))
+    np.testing.assert_allclose(g_ad, verts[0], atol=1e-12)
+    assert np.linalg.norm(m_ref) < np.linalg.norm(g_ad)
+    # interior slopes: the velocity is tangent to the kink surface w_j . x_i = 0
+    gW = mn.m[m:].reshape(m, d)
+    for e, inside in zip(mn.kinks, mn.interior):
+        if inside:
+            assert abs(gW[e % m] @ X[e // m]) <= 1e-10 * np.linalg.norm(gW) * np.linalg.norm(X[e // m])
+
+
+def _planted(alpha, w1=0.0, xc=(1.0, 1.0), w2=1.0):
+    """x_B = (1, 0) sits on the kink of w = (w1, w2) (exactly when w1 = 0); x_C pushes w1 up, x_B (label -1) down."""
+    X = jnp.asarray([[0.0, 1.0], [1.0, 0.0], list(xc)])
+    y = jnp.asarray([1.0, -1.0, 1.0])
+    act = relu if alpha == 0 else leaky_relu(alpha)
+    model = TwoLayer.from_weights(jnp.asarray([1.0]), jnp.asarray([[w1, w2]]), act)
+    return model, Dataset(X, y)
+
+
+def test_planted_sliding_mode_is_kept_exactly():
+    model, data = _planted(0.0)
+    tr = nonsmooth_flow(model, data, loss="logistic", t1=5.0, n_save=20, time="linear")
+    assert tr.result.success, tr.result.reason
+    assert tr.stats["sliding_entered"] == 1 and tr.stats["sliding_left"] == 0
+    W = tr.thetas[:, 1:].reshape(len(tr.ts), 1, 2)
+    assert np.max(np.abs(W[:, 0, 0])) == 0.0 or np.max(np.abs(W[:, 0, 0])) < 1e-15  # z_B = w1 stays at 0
+    assert np.all(np.diff(tr.loss) <= 0)
+    E = tr.extras["energy"]
+    np.testing.assert_allclose(tr.loss[0] - tr.loss, E, rtol=1e-7, atol=1e-12)
+
+
+def test_unit_leaves_the_kink_when_its_slope_reaches_the_bound():
+    # leaky ReLU 0.5: sliding slope |l'_C| / |l'_B| starts at 0.538 and falls as q_C grows; it reaches alpha = 0.5
+    # when q_C = log 3, and the unit leaves to the negative side
+    model, data = _planted(0.5)
+    tr = nonsmooth_flow(model, data, loss="logistic", t1=5.0, n_save=20, time="linear")
+    assert tr.result.success, tr.result.reason
+    assert tr.stats["sliding_entered"] == 1 and tr.stats["sliding_left"] == 1
+    w1 = tr.thetas[:, 1]
+    assert w1[-1] < -1e-6
+    np.testing.assert_allclose(tr.loss[0] - tr.loss, tr.extras["energy"], rtol=1e-7, atol=1e-12)
+    # at the time it left: q_C = log 3 (the bound of the slope)
+    left = np.flatnonzero(np.abs(w1) > 0)[0] - 1
+    a, w2 = tr.thetas[left, 0], tr.thetas[left, 2]
+    assert abs(a * (w1[left] + w2) - np.log(3.0)) < 0.1
+
+
+def test_unit_at_kink_with_outward_push_crosses_at_once():
+    model, data = _planted(0.0, xc=(2.0, 0.2), w2=0.1)  # C pulls w1 up harder than B pulls down: s* > 1
+    tr = nonsmooth_flow(model, data, loss="logistic", t1=1.0, n_save=5, time="linear")
+    assert tr.result.success
+    assert tr.stats["sliding_entered"] == 0
+    assert np.all(tr.thetas[1:, 1] > 0)
+
+
+def test_energy_identity_and_monotone_loss_random_relu():
+    data = sphere(20, 3, seed=1)
+    model = TwoLayer(3, 6, relu, key=jax.random.PRNGKey(4), scale=0.5)
+    tr = nonsmooth_flow(model, data, loss="logistic", t1=20.0, n_save=30, time="linear")
+    assert tr.result.success, tr.result.reason
+    assert tr.stats["events"] > 0
+    assert np.all(np.diff(tr.loss) <= 1e-14 * tr.loss[0])
+    drop = tr.loss[0] - tr.loss[-1]
+    assert abs(drop - tr.extras["energy"][-1]) <= 1e-6 * drop
+    assert tr.stats["max_constraint_residual"] <= 1e-12
+
+
+@pytest.mark.slow
+def test_gd_converges_to_the_flow_at_first_order():
+    from homflow.flow import gradient_descent
+
+    data = sphere(15, 3, seed=2)
+    model = TwoLayer(3, 5, leaky_relu(0.2), key=jax.random.PRNGKey(5), scale=0.5)
+    T = 5.0
+    tr = nonsmooth_flow(model, data, loss="exponential", t1=T, ts=[0.0, T], rtol=1e-11)
+    ref = tr.thetas[-1]
+    errs = []
+    for lr in (4e-3, 2e-3, 1e-3):
+        gd = gradient_descent(model, data, loss="exponential", lr=lr, steps=int(round(T / lr)))
+        errs.append(np.linalg.norm(gd.thetas[-1] - ref))
+    ratios = np.asarray(errs[:-1]) / np.asarray(errs[1:])
+    assert np.all((ratios > 1.6) & (ratios < 2.5)), (errs, ratios)
