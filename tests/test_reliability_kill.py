@@ -199,25 +199,33 @@ def test_killed_sweep_driver_stops_workers_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("limit_kb", [16, 256])
-def test_full_disk_fails_with_one_line(tmp_path, limit_kb):
-    """A file-size limit (as a full disk): the run exits 1 with one line naming the failure, the index stays sound,
-    and no run is left `running`."""
+def test_full_disk_fails_with_one_line(tmp_path):
+    """A file-size limit (as a full disk), first below the index's size, then just below the report's size: the run
+    exits 1 with one line naming the failure, the index stays sound, and no run is left `running`."""
     cfg = tmp_path / "run.toml"
     cfg.write_text(RUN.replace("t1 = 400.0", "t1 = 20.0").replace("segments = 5", "segments = 1"))
-    store = tmp_path / "store"
-    RunStore(store)  # the index exists before the limit applies
+    free = subprocess.run(cli("run", str(cfg), "--json", "--store", str(tmp_path / "free")), env=env_for(tmp_path),
+                          capture_output=True, text=True)
+    assert free.returncode == 0, free.stderr
+    report = Path(json.loads(free.stdout)["report"])
+    biggest_other = max(p.stat().st_size for p in report.parent.rglob("*") if p.is_file() and p != report)
+    assert report.stat().st_size > biggest_other + 1
+    for limit, needle in ((16 * 1024, ""), (report.stat().st_size - 1, "report")):
+        store = tmp_path / f"store-{limit}"
+        RunStore(store)  # the index exists before the limit applies
 
-    def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_kb * 1024, limit_kb * 1024))
+        def set_limit(limit=limit):
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    res = subprocess.run(cli("run", str(cfg), "--store", str(store)), env=env_for(tmp_path), capture_output=True,
-                         text=True, preexec_fn=limit)
-    err = res.stderr.strip()
-    assert res.returncode == 1, (res.returncode, err)
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    assert any(w in err for w in ("File too large", "disk is full", "cannot write")), err
-    assert integrity(store) == "ok"
-    found = RunStore(store).check()  # a run directory without its row is an orphan that `store repair` indexes
-    assert found["index"] == "ok" and found["runs"] + len(found["orphans"]) == 1
-    assert all(r.status != "running" for r in RunStore(store).list())
+        res = subprocess.run(cli("run", str(cfg), "--store", str(store)), env=env_for(tmp_path),
+                             capture_output=True, text=True, preexec_fn=set_limit)
+        err = res.stderr.strip()
+        assert res.returncode == 1, (limit, res.returncode, err)
+        assert "Traceback" not in err and len(err.splitlines()) == 1 and needle in err, err
+        assert any(w in err for w in ("File too large", "disk is full", "cannot write")), err
+        assert integrity(store) == "ok"
+        found = RunStore(store).check()  # a run directory without its row would be an orphan for `store repair`
+        assert found["index"] == "ok" and found["runs"] + len(found["orphans"]) <= 1
+        assert all(r.status != "running" for r in RunStore(store).list())
+    (rec,) = RunStore(tmp_path / f"store-{report.stat().st_size - 1}").list()
+    assert rec.status == "completed"  # the results are stored; only the report is missing
