@@ -107,7 +107,8 @@ def run_shards(fn: Callable[[Any], Any], payloads: Mapping[Any, Any], *, on_resu
         backend: ``'local'`` or ``'ray'``. workers: shards in flight at once (processes for ``'local'``).
         max_retries: extra attempts for a shard whose worker died. num_cpus, num_gpus: Ray resources per shard.
         address: Ray cluster address (``None``: start a local Ray with ``workers`` CPUs).
-        cache_dir: the compilation cache shared by the workers (see :func:`enable_compilation_cache`).
+        cache_dir: the compilation cache shared by the workers (default :func:`compilation_cache_dir`;
+            ``$HOMFLOW_JAX_CACHE=off`` disables it; see :func:`enable_compilation_cache`).
 
     Raises:
         ValueError: bad ``backend``, ``workers``, ``max_retries``, ``num_cpus``, ``num_gpus``.
@@ -122,6 +123,9 @@ def run_shards(fn: Callable[[Any], Any], payloads: Mapping[Any, Any], *, on_resu
     if not num_cpus > 0 or not num_gpus >= 0:
         raise ValueError(f"`num_cpus` must be > 0 and `num_gpus` >= 0; got {num_cpus!r}, {num_gpus!r}.")
     progress = progress or (lambda f, m: None)
+    if cache_dir is None:
+        default = compilation_cache_dir()
+        cache_dir = str(default) if default is not None else None
     todo = dict(payloads)
     if not todo:
         return
