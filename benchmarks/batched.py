@@ -38,11 +38,11 @@ def main():
     model, data, objective, thetas = problem(args.batch)
     kw = dict(loss="square", t1=args.t1, rtol=args.rtol, ts=[0.0, args.t1])
     out, w_b = timed(lambda: gradient_flow_batch(model, data, thetas, method="batched", **kw))
-    loops = out[0].stats.get("loop_iterations")
+    loops = out[0].stats.get("batch_loop_iterations")
     n_sep = args.separate or args.batch
     singles, w_s = timed(lambda: [gradient_flow(model, data, theta0=th, **kw) for th in thetas[:n_sep]])
     w_s *= args.batch / n_sep
-    batched_evals = _last_batched_evals(model, data, thetas, kw)
+    batched_evals = int(out[0].stats["batch_batched_evals"])  # the engine's own count of batched evaluations
     w_raw = raw_grad_time(objective, jnp.asarray(thetas), batched_evals)
     per = sum(o.stats["grad_evals"] for o in out)
     table([
@@ -54,24 +54,7 @@ def main():
     ], ["what", "wall_s", "evals"])
     print(f"batched / raw-gradient floor: {w_b / w_raw:.2f} (target <= 2 on a CPU); batched / separate: "
           f"{w_b / w_s:.2f}; lock-step waste: {batched_evals * args.batch / per:.2f}x evaluations per member"
-          + (f"; loop iterations {loops}" if loops else ""))
-
-
-def _last_batched_evals(model, data, thetas, kw):
-    """Batched evaluations of one batched run (the engine's own count)."""
-    from homflow.flow import make_objective
-
-    objective, _ = make_objective(model, data, kw["loss"])
-    import numpy as np
-
-    from homflow.flow._batched import EngineOptions, _engine
-    from homflow.flow._ode import _field_linear
-
-    th = jnp.asarray(thetas)
-    atol = kw["rtol"] * jnp.linalg.norm(th, axis=1)
-    res = _engine(_field_linear, objective, th, jnp.asarray(0.0), jnp.asarray(kw["t1"]),
-                  jnp.asarray(np.array(kw["ts"])), jnp.asarray(kw["rtol"]), atol, None, EngineOptions(), 1_000_000)
-    return int(res[-1]["batched_f"])
+          + (f"; loop iterations {loops}, slot utilisation {out[0].stats['batch_utilisation']:.2f}" if loops else ""))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..models import AbstractHomogeneousModel, safe_norm
-from ._objective import Objective, make_objective
-from ._solution import FlowResult, Trajectory
+from ._problem import Problem, make_problem
+from ._results import RESULTS
+from ._solution import Trajectory
 
 __all__ = ["gradient_descent", "sgd", "adam", "sgd_batches"]
 
@@ -59,15 +60,16 @@ def _scan_saving(step, state, steps: int, save_every: int, diag):
     return state, saved, np.concatenate(idx)
 
 
-def _trajectory(objective: Objective, saved, idx, ts, stats, name, extras=None):
+def _trajectory(objective: Problem, saved, idx, ts, stats, name, extras=None):
     thetas = np.asarray(saved["theta"])
     log_l = np.asarray(saved["log_loss"])
     finite = bool(np.all(np.isfinite(thetas)))
-    result = FlowResult(True, f"{name}: {int(idx[-1])} steps") if finite else FlowResult(
-        False, f"{name}: the iterates became non-finite (step size too large?)")
+    result = RESULTS.successful if finite else RESULTS.nonfinite
+    reason = (f"{name}: {int(idx[-1])} steps" if finite
+              else f"{name}: the iterates became non-finite (step size too large?)")
     return Trajectory(ts=np.asarray(ts), thetas=thetas, loss=np.exp(log_l), log_loss=log_l,
                       norm=np.asarray(saved["norm"]), stats=stats, result=result, unflatten=objective.unflatten,
-                      degree=objective.degree, steps=idx, extras=extras or {})
+                      degree=objective.degree, steps=idx, extras=extras or {}, reason=reason)
 
 
 def _diag(objective):
@@ -124,7 +126,7 @@ def gradient_descent(
         ``L < 1e-308`` (``ts`` is then ``inf``); a step whose result is not finite is rejected like one that fails to
         decrease the loss, so the iterates stay finite.
     """
-    objective, theta = make_objective(model, data, loss)
+    objective, theta = make_problem(model, data, loss)
     lr = _check_lr(lr)
     steps, save_every = _check_steps(steps, save_every)
     if schedule not in ("constant", "loss_based"):
@@ -180,7 +182,7 @@ def sgd(model, data, *, loss="square", lr: float, steps: int, batch_size: int | 
     """Mini-batch SGD on the summed loss of each batch, with given ``batches`` (steps, batch_size) or seeded ones.
 
     The batches used are returned in ``trajectory.extras['batches']``."""
-    objective, theta = make_objective(model, data, loss)
+    objective, theta = make_problem(model, data, loss)
     lr = _check_lr(lr)
     steps, save_every = _check_steps(steps, save_every)
     if batches is None:
@@ -213,7 +215,7 @@ def _adam_run(objective, theta, lr, b1, b2, eps, steps, save_every):
 def adam(model, data, *, loss="square", lr: float, steps: int, b1=0.9, b2=0.999, eps=1e-8,
          save_every: int | None = None) -> Trajectory:
     """Full-batch Adam (optax): coordinate-wise, so it does not commute with neuron splitting (a negative control)."""
-    objective, theta = make_objective(model, data, loss)
+    objective, theta = make_problem(model, data, loss)
     lr = _check_lr(lr)
     steps, save_every = _check_steps(steps, save_every)
     saved = _adam_run(objective, theta, lr, float(b1), float(b2), float(eps), steps, save_every)

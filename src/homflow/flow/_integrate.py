@@ -234,10 +234,16 @@ def _trajectory(problem, fld, out, b, ts, t1, log_time, events, rtol, diag_iters
     lam = None if out.lam_max is None or not np.isfinite(out.lam_max[b]) else float(out.lam_max[b])
     n = max(int(stats.get("num_steps") or 0), 1)
     mostly_explicit = 2 * int(stats.get("num_stiff_steps") or 0) < n and not stats.get("implicit", False)
-    if bool(result == RESULTS.max_steps_reached) and mostly_explicit and np.all(np.isfinite(y_end)):
-        # why did the budget run out: stiffness, a kink (sliding mode), or just too small a budget?
+    stalled = bool((result == RESULTS.max_steps_reached) | (result == RESULTS.step_size_underflow))
+    if stalled and np.all(np.isfinite(y_end)):
+        # why did it stall: a non-finite field, stiffness, a kink (sliding mode), or just too small a budget?
         lam, rate = (float(x) for x in _diagnose(fld, jnp.asarray(u_end, y_end.dtype), jnp.asarray(y_end), diag_iters))
-        result = classify_max_steps(lam, (u_end - 0.0) / n, rate, rtol)
+        if not (math.isfinite(rate) and math.isfinite(lam)):
+            result = RESULTS.nonfinite
+        elif bool(result == RESULTS.max_steps_reached) and mostly_explicit:
+            result = classify_max_steps(lam, u_end / n, rate, rtol)
+    elif stalled:
+        result = RESULTS.nonfinite
     ev = int(out.event[b])
     event = events[ev].name if (ev >= 0 and ev < len(events)) else None
     if bool(result == RESULTS.event_occurred) and event is None:

@@ -109,8 +109,11 @@ def reason_for(result, *, t_end: float, t1: float, stats: dict, event: str | Non
             extra = (f" ({stats['num_stiff_steps']} stiff RKC steps, spectral radius ~ "
                      f"{stats.get('spectral_radius', float('nan')):.3g})")
         return f"{where}{extra}; raise max_steps"
-    if name in ("nonfinite", "step_size_underflow", "nonfinite_input"):
-        return (f"the state became non-finite near t = {t_end:.6g} (the flow diverged? a step size too large for an "
-                "explicit fixed-step method, or a loss that overflows: use a classification loss in log time)")
+    if name in ("nonfinite", "nonfinite_input"):
+        return (f"the vector field became non-finite near t = {t_end:.6g} (the loss or its gradient overflows: start "
+                "at a smaller scale, or use a classification loss, which homflow evaluates in log space)")
+    if name == "step_size_underflow":
+        return (f"the step size underflowed near t = {t_end:.6g}: the flow blows up there (a finite-time blow-up, e.g. "
+                "the NCF flow of a network of degree L > 2: stop it with an event such as NormAbove)")
     return f"solver stopped at t = {t_end:.6g}: {RESULTS[result]}"
 

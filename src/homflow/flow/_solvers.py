@@ -270,7 +270,7 @@ class Diffrax(AbstractFlowSolver):
 
         if self.batch == "vmap" and B > 1:
             outs = eqx.filter_vmap(one)(y0, atol, dt0s)
-            pick = lambda tree, b: jax.tree_util.tree_map(lambda x: x[b], tree)  # noqa: E731
+            pick = lambda tree, b: jax.tree_util.tree_map(lambda x: x[b] if np.ndim(x) > 0 else x, tree)  # noqa: E731
             members = [pick(outs, b) for b in range(B)]
         else:
             members = [one(y0[b], atol[b], dt0s[b]) for b in range(B)]
