@@ -86,7 +86,8 @@ def _margins(prob, theta):
 
 
 def kink_newton(prob, theta, S, lam_S, kinks, slopes_K, *, kink_tol, tol, max_iter=30, max_rounds=20,
-                feas_tol=1e-12, sign_tol=1e-12, margin_floor=0.5, max_step=0.5):
+                feas_tol=1e-12, sign_tol=1e-12, margin_floor=0.5, max_step=0.5, max_halvings=12, stall_iters=10,
+                stall_factor=0.1):
     """Polish ``theta`` (flat, any scale with positive margins) into a KKT point with the kinks ``K`` held at zero.
 
     Arguments:
@@ -102,6 +103,9 @@ def kink_newton(prob, theta, S, lam_S, kinks, slopes_K, *, kink_tol, tol, max_it
         margin_floor: a step is accepted only if every margin stays ``>= margin_floor * min(1, q_min before)`` (the
             start has ``q_min = 1``): Newton must not trade the margins of samples outside ``S`` for its residual.
         max_step: steps longer than ``max_step * ||theta||`` are shortened to that length first.
+        max_halvings: backtracking halvings before a step counts as failed.
+        stall_iters, stall_factor: give up a round whose merit has not fallen by ``stall_factor`` after ``stall_iters``
+            iterations (a seed far from any KKT point of its active set; Newton near one converges quadratically).
 
     Returns:
         ``(theta, iterations, message)``; ``message`` is empty when the active set settled.
@@ -161,7 +165,10 @@ def kink_newton(prob, theta, S, lam_S, kinks, slopes_K, *, kink_tol, tol, max_it
         v = jnp.asarray(np.concatenate([theta, lam, s]), dtype=dtype)
         F = np.asarray(_F(v, *args))
         added = False
-        for _ in range(max_iter):
+        f_start = float(np.linalg.norm(F))
+        for it_round in range(max_iter):
+            if it_round == stall_iters and np.linalg.norm(F) > stall_factor * f_start:
+                return np.asarray(v[:P]), its, f"Newton stalled (merit {np.linalg.norm(F):.1e} after {stall_iters} steps)"
             if (np.linalg.norm(F[:P]) <= tol * np.linalg.norm(v[:P]) and np.linalg.norm(F[P:]) <= tol):
                 break
             J = np.asarray(_J(v, *args))
@@ -172,7 +179,7 @@ def kink_newton(prob, theta, S, lam_S, kinks, slopes_K, *, kink_tol, tol, max_it
             floor = margin_floor * min(1.0, float(np.asarray(_margins(prob, v[:P])).min()))
             f0, a = float(np.linalg.norm(F)), 1.0
             flips = []
-            for _ in range(40):
+            for _ in range(max_halvings):
                 vt = v + a * step
                 Ft = np.asarray(_F(vt, *args))
                 ok, bad = sides_ok(np.asarray(vt[:P]), S)

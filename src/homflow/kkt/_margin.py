@@ -33,45 +33,36 @@ import numpy as np
 from jaxtyping import Array, Float
 from scipy.optimize import nnls
 
+from ..flow import Problem, make_problem
 from ..models import AbstractHomogeneousModel, flatten
 from ._clarke import DEFAULT_KINK_TOL, DEFAULT_MAX_PATTERNS, chosen_slopes, clarke_columns, clarke_supported, kink_structure
-from ._ncf import Unflatten, unflattener
 
 __all__ = ["MarginProblem", "make_margin_problem", "MarginKKT", "max_margin_kkt", "margin_multipliers", "REASONS"]
 
 
-class MarginProblem(eqx.Module):
-    """Margins ``q_i(theta) = y_i Phi(theta; x_i)`` of one architecture on flat vectors, with Jacobian and Hessians."""
-
-    X: Float[Array, "n d"]
-    y: Float[Array, " n"]
-    unflatten: Unflatten = eqx.field(static=True)
-    degree: int = eqx.field(static=True)
-
-    def margins(self, theta):
-        return self.y * jax.vmap(self.unflatten(theta))(self.X)
+class MarginProblem(Problem):
+    """The flow core's :class:`homflow.flow.Problem` with the exponential loss (only its margins matter here), plus the
+    names the max-margin code used before the one problem object (``jacobian``, ``weighted_hessian``)."""
 
     def jacobian(self, theta):
-        """``G`` (n, P) with rows ``grad q_i(theta)``."""
-        return jax.jacrev(self.margins)(theta)
+        """``G`` (n, P) with rows ``grad q_i(theta)`` (:meth:`Problem.margin_jacobian`)."""
+        return self.margin_jacobian(theta)
 
     def weighted_hessian(self, theta, lam):
-        """``sum_i lam_i Hess q_i(theta)`` (P x P)."""
-        return jax.hessian(lambda t: jnp.dot(lam, self.margins(t)))(theta)
+        """``sum_i lam_i Hess q_i(theta)`` (P x P; :meth:`Problem.weighted_margin_hessian`)."""
+        return self.weighted_margin_hessian(theta, lam)
 
 
 def make_margin_problem(model: AbstractHomogeneousModel, data) -> tuple[MarginProblem, Float[Array, " P"]]:
     """The :class:`MarginProblem` of ``model``'s architecture on ``data`` (labels must be +-1), and ``model``'s vector.
 
+    Built by :func:`homflow.flow.make_problem` with the exponential loss (which checks the labels).
+
     Raises:
         ValueError: if the data's dimension does not match or a label is not -1 or +1.
     """
-    data.check_model(model)
-    data.check_for("exponential")
-    theta = flatten(model)[0]
-    X = jnp.asarray(data.X, dtype=theta.dtype)
-    y = jnp.asarray(data.y, dtype=theta.dtype)
-    return MarginProblem(X, y, unflattener(model), model.degree), theta
+    prob, theta = make_problem(model, data, "exponential")
+    return MarginProblem(prob.X, prob.y, prob.loss, prob.unflatten, prob.degree), theta
 
 
 _margins_jac = eqx.filter_jit(lambda prob, theta: (prob.margins(theta), prob.jacobian(theta)))

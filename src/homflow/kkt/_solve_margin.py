@@ -124,23 +124,25 @@ def _candidate_sets(prob, unflatten, th, thresholds, ridge, kink_tols=(None,), m
     """Distinct initial ``(support, kinks)``: the NNLS support over ``q_i <= 1 + tau`` for each ``tau`` (increasing),
     with (Clarke) the kinks of the support's samples within each ``kink_tol`` and the slopes the certificate chose."""
     seen, out = set(), []
-    for kt in kink_tols:
-        for tau in thresholds:
-            r = _kkt_from_theta(prob, th, unflatten, active_tol=tau, ridge=ridge, rescale=False, kink_tol=kt,
-                                max_patterns=max_patterns)
-            S = r.support if r.support.size else r.active
-            kinks, slopes = [], []
-            if r.kinks is not None:
-                for i in S:
-                    for k, j in r.kinked_units(int(i)):
-                        s = r.slopes[k][i, j]
-                        kinks.append((int(i), k, j))
-                        slopes.append(float(s) if np.isfinite(s) else 0.5 * (1.0 + prob.unflatten(
-                            jnp.asarray(th)).activation.alpha))
-            key = (tuple(int(i) for i in S), tuple(kinks))
-            if key[0] and key not in seen:
-                seen.add(key)
-                out.append((float(tau), kt, S, r.multipliers[S], kinks, slopes))
+    pairs = sorted(((a, b) for a in range(len(kink_tols)) for b in range(len(thresholds))),
+                   key=lambda ab: (ab[0] + ab[1], ab[0]))  # interleaved: small thresholds of both kinds first
+    for a, b in pairs:
+        kt, tau = kink_tols[a], thresholds[b]
+        r = _kkt_from_theta(prob, th, unflatten, active_tol=tau, ridge=ridge, rescale=False, kink_tol=kt,
+                            max_patterns=max_patterns)
+        S = r.support if r.support.size else r.active
+        kinks, slopes = [], []
+        if r.kinks is not None:
+            for i in S:
+                for k, j in r.kinked_units(int(i)):
+                    s = r.slopes[k][i, j]
+                    kinks.append((int(i), k, j))
+                    slopes.append(float(s) if np.isfinite(s) else 0.5 * (1.0 + prob.unflatten(
+                        jnp.asarray(th)).activation.alpha))
+        key = (tuple(int(i) for i in S), tuple(kinks))
+        if key[0] and key not in seen:
+            seen.add(key)
+            out.append((float(tau), kt, S, r.multipliers[S], kinks, slopes))
     return out
 
 
@@ -170,7 +172,7 @@ def solve_max_margin(
     max_distance: float = 1.0,
     min_margin_ratio: float = 0.5,
     feas_tol: float = DEFAULT_FEAS_TOL,
-    max_seeds: int = 8,
+    max_seeds: int = 12,
 ) -> MarginKKT:
     """Polish ``model`` into a KKT point of ``min 1/2 ||theta||^2`` s.t. ``y_i Phi(theta; x_i) >= 1``.
 
@@ -214,7 +216,7 @@ def solve_max_margin(
             about 60 degrees).
         min_margin_ratio: smallest accepted ratio of the result's normalized margin to the start's (default 0.5).
         feas_tol: feasibility tolerance of the certificate (default 1e-9).
-        max_seeds: most candidate seeds (support, kinks) tried per start (default 8, smallest thresholds first).
+        max_seeds: most candidate seeds (support, kinks) tried per start (default 12; small thresholds of both kinds first).
 
     Returns:
         A :class:`MarginKKT` with ``converged`` (certified and within the guards), ``reason`` (``'certified'`` or why
