@@ -15,6 +15,7 @@ difference of the end states against the single calls.
 
     python benchmarks/census.py                       # 1,024 directions (long on a small CPU)
     python benchmarks/census.py --n 64 --singles 16   # a subset
+    python benchmarks/census.py --problem small --n 64 --batch 16   # the quick census's problem (minutes)
     python benchmarks/census.py --ray --n 512         # a local Ray cluster: 2 shards in flight vs 1
 
 ``--ray``: a census's flows on the small problem of ``homflow reproduce census --quick`` (two-layer ReLU^2, d = 4,
@@ -34,27 +35,33 @@ import numpy as np
 from _canon import DELTA, device_line, problem, table
 
 from homflow.census import DriverOptions, precompile, run_members  # noqa: E402
-from homflow.flow import gradient_flow  # noqa: E402
+from homflow.flow import NormAbove, gradient_flow, make_objective  # noqa: E402
 from homflow.kkt import zero_preserving_groups  # noqa: E402
 
 
-def ray_main(args):
-    import functools
-
+def _small_problem(n):
+    """The problem of ``homflow reproduce census --quick``: two-layer ReLU^2, d = 4, width 8, n = 20; n directions."""
     import jax
 
     from homflow.activations import relu_power
-    from homflow.census import run_members_sharded
     from homflow.data import Dataset
     from homflow.models import TwoLayer
-    from homflow.shards import compilation_cache_dir, run_shards
 
     rng = np.random.default_rng(0)
     X = rng.standard_normal((20, 4))
     data = Dataset(X, np.sign(X[:, 0] * X[:, 1] + 0.3))
     model = TwoLayer(4, 8, relu_power(2), key=jax.random.PRNGKey(1))
-    U = rng.standard_normal((args.n, 8 + 32))
-    U /= np.linalg.norm(U, axis=1, keepdims=True)
+    U = rng.standard_normal((n, 8 + 32))
+    return model, data, U / np.linalg.norm(U, axis=1, keepdims=True)
+
+
+def ray_main(args):
+    import functools
+
+    from homflow.census import run_members_sharded
+    from homflow.shards import compilation_cache_dir, run_shards
+
+    model, data, U = _small_problem(args.n)
     delta = 1e-3
     kw = dict(levels=100 * delta, horizons=1e6, t_after=args.t_after, rtol=args.rtol,
               groups=zero_preserving_groups(model), save_dt=args.t_after / 100,
@@ -138,6 +145,8 @@ def main():
     ap.add_argument("--rtol", type=float, default=1e-8)
     ap.add_argument("--smoke", action="store_true", help="4 directions to t1 = 20 (any machine, seconds)")
     ap.add_argument("--ray", action="store_true", help="Ray: 2 shards in flight vs 1 (see the module docstring)")
+    ap.add_argument("--problem", choices=("canonical", "small"), default="canonical",
+                    help="small: the quick census's problem, to the escape and --t-after more")
     ap.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--t-after", type=float, default=100.0)
@@ -149,10 +158,18 @@ def main():
         args.n, args.singles, args.batch, args.t1, args.chunk = 4, 2, 2, 20.0, 50
     singles = args.n if args.singles is None else min(args.singles, args.n)
     print(device_line())
-    model, data, objective, thetas = problem(args.n)
+    if args.problem == "canonical":
+        model, data, objective, thetas = problem(args.n)
+        kw = dict(levels=100 * DELTA, horizons=args.t1, ends=args.t1, rtol=args.rtol, save_dt=args.t1 / 200)
+        what = f"canonical problem, delta = {DELTA:g}, escape at 100 delta, t1 = {args.t1:g}"
+    else:
+        model, data, U = _small_problem(args.n)
+        objective, _ = make_objective(model, data, "square")
+        thetas = 1e-3 * U
+        kw = dict(levels=0.1, horizons=1e6, t_after=args.t_after, rtol=args.rtol, save_dt=args.t_after / 100)
+        what = f"small problem, delta = 1e-3, escape at 100 delta, then {args.t_after:g} more"
     groups = zero_preserving_groups(model)
-    kw = dict(levels=100 * DELTA, horizons=args.t1, ends=args.t1, rtol=args.rtol, groups=groups,
-              save_dt=args.t1 / 200)
+    kw["groups"] = groups
     rows, ends = [], {}
     for name, opts in (("refill", DriverOptions(batch_size=args.batch, chunk_steps=args.chunk)),
                        ("classic", DriverOptions(batch_size=args.batch, refill=False))):
@@ -166,14 +183,26 @@ def main():
                      "busy_utilisation": r.busy_utilisation, "calls": r.calls, "wall_s": w,
                      "escaped": int(np.isfinite(r.t_escape).sum())})
         print(rows[-1], flush=True)
-    gradient_flow(model, data, loss="square", theta0=thetas[0], t1=1.0, rtol=args.rtol, ts=[0.0, 1.0])  # compile
+
+    def single(k):
+        if args.problem == "canonical":
+            tr = gradient_flow(model, data, loss="square", theta0=thetas[k], t1=args.t1, rtol=args.rtol,
+                               ts=[0.0, args.t1])
+        else:  # to the escape, then t_after more (atol of the first leg kept: 0.1 rtol delta)
+            tr0 = gradient_flow(model, data, loss="square", theta0=thetas[k], t1=1e6, rtol=args.rtol, ts=[0.0, 1e6],
+                                events=NormAbove(0.1))
+            tr = gradient_flow(model, data, loss="square", theta0=tr0.thetas[-1], t1=args.t_after, rtol=args.rtol,
+                               atol=0.1 * args.rtol * 1e-3, ts=[0.0, args.t_after])
+            return tr.thetas[-1], int(tr0.stats["grad_evals"]) + int(tr.stats["grad_evals"])
+        return tr.thetas[-1], int(tr.stats["grad_evals"])
+
+    single(0)  # compiles
     t = time.perf_counter()
     ev, th_single = 0, []
     for k in range(singles):
-        tr = gradient_flow(model, data, loss="square", theta0=thetas[k], t1=args.t1, rtol=args.rtol,
-                           ts=[0.0, args.t1])
-        ev += int(tr.stats["grad_evals"])
-        th_single.append(tr.thetas[-1])
+        th, e = single(k)
+        ev += e
+        th_single.append(th)
     w = time.perf_counter() - t
     scale = args.n / singles
     rows.append({"way": "single" + (f" ({singles}, x{scale:g})" if singles < args.n else ""), "members": args.n,
@@ -184,8 +213,7 @@ def main():
         e = ends[row["way"]][:singles]
         row["max_rel_diff_vs_single"] = float(np.max(np.linalg.norm(e - th_single, axis=1) /
                                                      np.linalg.norm(th_single, axis=1)))
-    print(f"\ncanonical problem, {args.n} directions, delta = {DELTA:g}, escape at 100 delta, t1 = {args.t1:g}, "
-          f"rtol {args.rtol:g}")
+    print(f"\n{what}, {args.n} directions, rtol {args.rtol:g}")
     table(rows, ["way", "members", "batch", "member_evals", "slot_evals", "utilisation", "busy_utilisation", "calls",
                  "wall_s", "escaped", "max_rel_diff_vs_single"])
     base = rows[2]["wall_s"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -256,6 +257,5 @@ def test_reproduce_census_quick(tmp_path):
 
     res = execute(parse_config({"experiment": "census"}, quick=True), RunStore(tmp_path), report=False)
     assert res.passed, res.checks
-    table = read_table(tmp_path / res.run / "census.csv") if (tmp_path / res.run).exists() else \
-        read_table(res.path + "/census.csv")
+    table = read_table(os.path.join(res.path, "census.csv"))
     assert len(table) == 16 and table["escaped"].all()
