@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..losses import get_loss, smoothed_margin
-from ._margin import _kkt_from_theta, _margins_jac, make_margin_problem, margin_multipliers
+from ._clarke import DEFAULT_KINK_TOL, DEFAULT_MAX_PATTERNS
+from ._margin import _kkt_from_theta, _margins_jac, make_margin_problem, margin_multipliers, resolve_clarke
 
 __all__ = ["MarginPath", "margin_along"]
 
@@ -96,7 +97,7 @@ def _adaptive(q, G, theta, tols, ridge):
 
 
 def margin_along(trajectory, data, *, loss, every: int = 1, active_tol: float = 1e-2, ridge: float = 1e-13,
-                 adaptive_tols=None) -> MarginPath:
+                 adaptive_tols=None, clarke: bool | None = None, kink_tol: float = DEFAULT_KINK_TOL) -> MarginPath:
     """Smoothed margin, normalized margin and the ``(eps, delta)``-KKT pair at the saved times of ``trajectory``.
 
     What to read: the smoothed margin must be non-decreasing once ``L < 1`` (a theorem, so a decrease is a numerical
@@ -113,6 +114,9 @@ def margin_along(trajectory, data, *, loss, every: int = 1, active_tol: float = 
         active_tol, ridge: passed to :func:`max_margin_kkt` (the fixed report).
         adaptive_tols: thresholds of the adaptive report (default ``active_tol * (1, 10^0.5, 10, 10^1.5, 100)``, each
             capped at ``max(active_tol, 1)``).
+        clarke, kink_tol: the fixed report's Clarke options (see :func:`max_margin_kkt`: automatic for ReLU /
+            leaky-ReLU ``TwoLayer`` and ``MLP``, any slope in ``[alpha, 1]`` at pre-activations within ``kink_tol``).
+            The adaptive report uses gradients.
 
     Returns:
         A :class:`MarginPath`; entries where the loss is ``>= 1`` or the minimum margin is ``<= 0`` are NaN.
@@ -133,6 +137,7 @@ def margin_along(trajectory, data, *, loss, every: int = 1, active_tol: float = 
         raise ValueError(f"`adaptive_tols` must be a non-empty sequence of finite numbers >= 0; got {adaptive_tols!r}.")
     tols = tuple(sorted(set(tols)))
     model0 = trajectory.model_at(0)
+    kt = resolve_clarke(model0, clarke, kink_tol, DEFAULT_MAX_PATTERNS)
     prob, _ = make_margin_problem(model0, data)
     nan = np.full(idx.size, np.nan)
     out = {k: nan.copy() for k in ("smoothed", "normalized", "eps", "delta", "stationarity", "slackness",
@@ -149,7 +154,7 @@ def margin_along(trajectory, data, *, loss, every: int = 1, active_tol: float = 
         if not (lv < 0.0 and q.min() > 0):
             continue
         valid[j] = True
-        r = _kkt_from_theta(prob, theta, trajectory.unflatten, active_tol=active_tol, ridge=ridge)
+        r = _kkt_from_theta(prob, theta, trajectory.unflatten, active_tol=active_tol, ridge=ridge, kink_tol=kt)
         out["smoothed"][j] = float(smoothed_margin(model, data, loss))
         out["normalized"][j] = r.normalized_margin
         out["eps"][j], out["delta"][j], out["stationarity"][j] = r.eps, r.delta, r.stationarity
