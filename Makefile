@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install bench clean docs browser-deps
+.PHONY: demo test test-slow test-fast ci install bench clean docs browser-deps ray-deps
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/homflow demo
 
+# The default run (README): every test not marked slow, under 15 minutes on 2 cores.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q
-
-test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m "not slow"
+
+# The slower mathematical checks (built-in grids, real browser, real Ray cluster, long flows); CI runs them too.
+test-slow: $(STAMP) ray-deps browser-deps
+	$(PY) -m pytest -n 2 -q -m slow
+
+test-fast: test
+
+# What CI runs (.ci/run): the default run, the slow checks and the docs site with warnings as errors.
+ci: test test-slow docs
 
 bench: $(STAMP)
 	$(PY) benchmarks/flow_cost.py
@@ -35,6 +42,10 @@ docs: $(STAMP)
 browser-deps:
 	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+# Ray is an optional extra (homflow[ray]); the tests run a real local cluster, so CI installs it.
+ray-deps: $(STAMP)
+	$(PY) -c "import ray" 2>/dev/null || $(PY) -m pip install -q ray==2.60.0
 
 clean:
 	rm -rf $(VENV) .pytest_cache site
