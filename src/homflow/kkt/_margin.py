@@ -237,7 +237,8 @@ def _kkt_from_theta(prob: MarginProblem, theta, unflatten, *, active_tol, ridge,
     rank_rows = G[active]
     if kink_tol is not None:
         ks = kink_structure(unflatten, th, prob.X, kink_tol=kink_tol)
-        kinked = [int(i) for i in active if ks.counts()[i] > 0]
+        counts = ks.counts()
+        kinked = [int(i) for i in active if counts[i] > 0]
         if kinked:
             Gc, owner, pats, exact = clarke_columns(unflatten, th, prob.X, prob.y, active, ks,
                                                     max_patterns=max_patterns)
