@@ -36,7 +36,7 @@ from ..data import Dataset
 from ..flow import gradient_descent
 from ..kkt import NCFPoint
 from ..losses import get_loss
-from ..models import MLP, flatten, predict, with_norm
+from ..models import MLP, predict, with_norm
 from ._increment import add_neuron, hidden_layers, increment_ncf_data
 from ._kkt import increment_kkt, width_one_kkt
 
@@ -78,7 +78,7 @@ class PursuitOptions:
     layer: object = "best"
     n_starts: int = 16
     ascent_steps: int = 300
-    polish_keep: int = 2
+    polish_keep: int = 4
     kkt_rtol: float | None = None
     loss_tol: float = 1e-6
     ncf_rtol: float = 1e-9
@@ -232,7 +232,8 @@ def best_neuron(model: MLP, data: Dataset, opts: PursuitOptions, key):
     return best[0], best[1], best[2], values, evals, thr
 
 
-def neuron_pursuit(data: Dataset, options: PursuitOptions | None = None, *, progress=None, **overrides) -> PursuitResult:
+def neuron_pursuit(data: Dataset, options: PursuitOptions | None = None, *, progress=None,
+                   **overrides) -> PursuitResult:
     """Learn a bias-free MLP by neuron pursuit (arXiv 2509.12154; MATH.md section 4).
 
     Arguments:
@@ -295,7 +296,7 @@ def neuron_pursuit(data: Dataset, options: PursuitOptions | None = None, *, prog
         model = add_neuron(model, layer, opts.add_scale * u[:m], opts.add_scale * u[m:])
         lin = _mean_loss(loss, model, data)
         model, curve, cs, gev = train(model, data, loss=loss, lr=opts.lr, steps=opts.steps)
-        steps.append(PursuitStep(it, layer, model.widths, pt, cert, values, before, lin, float(curve[-1]), curve, cs, gev,
-                                 nev, model, {"kkt": t1 - t0, "descent": time.perf_counter() - t1}))
+        steps.append(PursuitStep(it, layer, model.widths, pt, cert, values, before, lin, float(curve[-1]), curve, cs,
+                                 gev, nev, model, {"kkt": t1 - t0, "descent": time.perf_counter() - t1}))
     prog(1.0, f"neuron pursuit stopped: {reason}")
     return PursuitResult(tuple(steps), reason, opts)

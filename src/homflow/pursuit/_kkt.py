@@ -105,7 +105,7 @@ def _tie_candidates(F, r, G, a, *, gap: float = 10.0, zmax: float = 1e-2, max_ca
     return out
 
 
-def _bilinear_fixed_point(F, G, r, a, alpha, max_rounds, tie_tol, Z0=None, H0=None, b=None):
+def _bilinear_fixed_point(F, G, r, a, alpha, max_rounds, tie_tol, Z0=None, H0=None, b=None, bzero=None):
     """Pattern iteration for ``max a^T M_s b`` on the sphere with a ``p = 1`` activation (module docstring).
 
     A sample whose pre-activation flips within a cycle of patterns is a tie: the iteration then keeps it exactly on
@@ -118,16 +118,17 @@ def _bilinear_fixed_point(F, G, r, a, alpha, max_rounds, tie_tol, Z0=None, H0=No
     Z = np.zeros(n, bool) if Z0 is None else Z0.copy()
     seen = []
     bn = np.ones(G.shape[1]) if b is None else np.asarray(b)
+    keep_b = np.ones(G.shape[1], bool) if bzero is None else ~bzero  # out-weights held exactly at their kink b_k = 0
     for _ in range(int(max_rounds)):
         z = F @ a
         pos = (z > tie_tol * fn) & ~Z & live
         s = np.where(pos, 1.0, alpha) * ~Z
         Geff = G + H0 * (bn > 0)  # on a piece (sign pattern of b) the kink term relu(b) . h is linear in b
-        M = (F * (r * s)[:, None]).T @ Geff
+        M = (F * (r * s)[:, None]).T @ (Geff * keep_b)
         Pz = _null_projector(F[Z], m)
         Uu, sv, Vt = np.linalg.svd(Pz @ M, full_matrices=False)
         j = int(np.argmax(np.abs(Uu.T @ a) * (sv > 0)))  # the pair nearest the current point (a local, not global, max)
-        an, bn = Pz @ Uu[:, j], Vt[j]
+        an, bn = Pz @ Uu[:, j], Vt[j] * keep_b
         if not np.linalg.norm(an) > 0:  # the ties leave no direction: give up on this start
             return np.concatenate([a, bn]) / np.sqrt(2.0), Z, False
         an = an / np.linalg.norm(an)
@@ -185,7 +186,7 @@ def clarke_residual(u, g, C, lower, upper):
 
 def increment_kkt(template, lifted, *, key, n_starts: int = 32, ascent_steps: int = 400, rtol: float | None = None,
                   keep: int = 4, max_rounds: int = 100, tie_tol: float | None = None, refine_rounds: int = 2,
-                  refine_steps: int = 1000):
+                  refine_steps: int = 1000, certified_ratio: float = 0.5, bkink_tol: float = 1e-2):
     """Best certified KKT point of the residual NCF of a new neuron (see the module docstring).
 
     Arguments:
@@ -195,11 +196,14 @@ def increment_kkt(template, lifted, *, key, n_starts: int = 32, ascent_steps: in
         keep: the ``keep`` highest ascent end points are polished; max_rounds: pattern iterations per point.
         refine_rounds, refine_steps: if the pattern iteration does not converge from an end point, climb
             ``refine_steps`` more ascent steps and retry, at most ``refine_rounds`` times.
+        certified_ratio: a certified point is preferred to a larger uncertified one if its value is at least this
+            fraction of the largest value found.
+        bkink_tol: an out-weight ``|b_k| <= bkink_tol ||b||`` of a unit with a kink term is tried exactly at 0.
         tie_tol: a sample is on the kink when ``|a . f_i| <= tie_tol ||a|| ||f_i||`` (default ``sqrt(eps)``).
 
     Returns:
         ``(best, candidates)``, each a pair ``(NCFPoint, certificate dict)`` (see :func:`certify`): the certified
-        point of largest ``N_r`` (else the best uncertified one) and all polished candidates.
+        point of largest ``N_r`` (see ``certified_ratio``; else the best uncertified one) and all polished candidates.
     """
     ncf, theta = make_ncf(template, lifted, "square")
     dt = theta.dtype
@@ -223,11 +227,15 @@ def increment_kkt(template, lifted, *, key, n_starts: int = 32, ascent_steps: in
                     u0 = np.asarray(sphere_ascent(ncf, jnp.asarray(u0)[None], int(refine_steps))[0][0])
                     u = u0
                 conv = False
-                for Z0 in _tie_candidates(F, r, Gm + H0, u0[:m]):
-                    uc, _, conv = _bilinear_fixed_point(F, Gm, r, u0[:m], alpha, max_rounds, tie_tol, Z0, H0,
-                                                        u0[m:])
+                bz = (np.abs(u0[m:]) <= bkink_tol * np.linalg.norm(u0[m:])) & np.any(H0 != 0, axis=0)
+                for bzero in ([bz, np.zeros_like(bz)] if bz.any() else [bz]):
+                    for Z0 in _tie_candidates(F, r, Gm + H0, u0[:m]):
+                        uc, _, conv = _bilinear_fixed_point(F, Gm, r, u0[:m], alpha, max_rounds, tie_tol, Z0, H0,
+                                                            u0[m:], bzero)
+                        if conv:
+                            u = uc
+                            break
                     if conv:
-                        u = uc
                         break
                 if conv:
                     break
@@ -242,19 +250,30 @@ def increment_kkt(template, lifted, *, key, n_starts: int = 32, ascent_steps: in
             s_auto = np.where(z[Z] > 0, 1.0, alpha)
             Geff = Gm[Z] + H0[Z] * (b > 0)
             C = np.concatenate([(r[Z] * (Geff @ b))[:, None] * F[Z], np.zeros((int(Z.sum()), Gm.shape[1]))], 1)
-            kink = (C, alpha - s_auto, 1.0 - s_auto)
+            lo, hi = alpha - s_auto, 1.0 - s_auto
+            # out-weights on their own kink (b_k = 0 where unit k of the next layer is on its kink on some samples):
+            # the slope of relu(b_k) is free in [0, 1]
+            bt = np.flatnonzero((np.abs(b) <= tie_tol * np.linalg.norm(b)) & np.any(H0 != 0, axis=0))
+            if bt.size:
+                sig = np.where(z > 0, z, alpha * z)
+                Cb = np.zeros((bt.size, m + Gm.shape[1]))
+                Cb[np.arange(bt.size), m + bt] = H0[:, bt].T @ (r * sig)
+                sb = (b[bt] > 0).astype(float)  # autodiff's slope of relu(b_k) at the tie
+                C, lo, hi = np.concatenate([C, Cb]), np.concatenate([lo, -sb]), np.concatenate([hi, 1.0 - sb])
+            kink = (C, lo, hi)
         cands.append(certify(ncf, jnp.asarray(u, dt), unflatten=unflatten, rtol=rtol, kink=kink))
-    return _select(cands), cands
+    return _select(cands, certified_ratio), cands
 
 
-def _select(cands, rel: float = 1e-6):
-    """The certified candidate of largest value, unless an uncertified one is larger by more than ``rel`` (relative):
-    a certified but worse point (e.g. a dead neuron, ``N = 0``) must not displace the maximiser."""
+def _select(cands, ratio: float = 0.5):
+    """The certified candidate of largest value if that value is at least ``ratio`` times the largest value found
+    (any certified positive KKT point is a direction the small weights can converge to; a certified dead neuron,
+    ``N = 0``, must not displace a real maximiser); otherwise the uncertified candidate of largest value."""
     top = max(cands, key=lambda c: c[0].value)
-    ok = [c for c in cands if c[0].certified]
+    ok = [c for c in cands if c[0].certified and c[0].value > 0]
     if ok:
         best = max(ok, key=lambda c: c[0].value)
-        if best[0].value >= top[0].value - rel * abs(top[0].value):
+        if best[0].value >= ratio * top[0].value:
             return best
     return top
 

@@ -5,7 +5,8 @@ The worked example (arXiv 2509.12154, as quoted in homflow issue 15) is, with ``
     ``f(x) = 2 s(s(2 x_1 + x_3) - s(x_3 - x_2)) - s(s(2 x_2 + x_4) + s(x_4 + x_3))``   on ``{-1, +1}^20``,
 
 which is exactly a bias-free three-layer ReLU MLP of widths (4, 2) (:func:`paper_target`): ``W_1`` has the rows
-``2e_1 + e_3``, ``e_3 - e_2``, ``2e_2 + e_4``, ``e_4 + e_3``; ``W_2 = [[1, -1, 0, 0], [0, 0, 1, 1]]``; ``W_3 = [2, -1]``.
+``2e_1 + e_3``, ``e_3 - e_2``, ``2e_2 + e_4``, ``e_4 + e_3``; ``W_2 = [[1, -1, 0, 0], [0, 0, 1, 1]]``;
+``W_3 = [2, -1]``.
 """
 
 from __future__ import annotations
