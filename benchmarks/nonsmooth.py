@@ -36,23 +36,23 @@ def _load():
     return os.getloadavg()[0]
 
 
-def _summ(tr, wall):
+def _summ(tr, wall, cpu=None):
     L = tr.loss
     drop = L[0] - L[-1]
     E = tr.extras["energy"][-1]
     st = tr.stats
-    return dict(ok=tr.result.success, t_end=float(tr.ts[-1]), wall_s=round(wall, 2), steps=st["num_steps"],
+    return dict(ok=tr.success, t_end=float(tr.ts[-1]), wall_s=round(wall, 2),
+                cpu_s=None if cpu is None else round(cpu, 2), steps=st["num_steps"],
                 events=st["events"], pattern_changes=st["pattern_changes"], sliding_entered=st["sliding_entered"],
                 sliding_left=st["sliding_left"], max_sliding=st["max_sliding"],
                 energy_rel=float(abs(drop - E) / drop) if drop > 0 else None,
                 monotone=bool(np.all(np.diff(L) <= 1e-14 * L[0])), loss_end=float(L[-1]),
-                constraint_residual=st["max_constraint_residual"], reason=tr.result.reason, load=round(_load(), 1))
+                constraint_residual=st["max_constraint_residual"], reason=tr.reason, load=round(_load(), 1))
 
 
 def _data(n, d, labels, seed):
     if labels == "teacher":
-        return teacher_student(n, d, seed=seed, width=3) if "width" in teacher_student.__code__.co_varnames \
-            else teacher_student(n, d, seed=seed)
+        return teacher_student(n, d, teacher_width=3, seed=seed, labels="sign")
     return sphere(n, d, seed=seed)
 
 
@@ -72,24 +72,22 @@ def random_problems(k, seed=0):
 
 def run_flow(p, t1, time_mode, depth=2, rtol=1e-8):
     data = _data(p["n"], p["d"], p["labels"], p["seed"])
-    if p["loss"] == "square":
-        data = type(data)(data.X, data.y)
     key = jax.random.PRNGKey(100 + p["seed"])
     if depth == 2:
         model = TwoLayer(p["d"], p["width"], p["act"], key=key, scale=p["scale"])
     else:
         model = MLP(p["d"], (p["width"],) * (depth - 1), p["act"], key=key, scale=p["scale"])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tr = nonsmooth_flow(model, data, loss=p["loss"], t1=t1, time=time_mode, n_save=40, rtol=rtol)
-    return tr, time.perf_counter() - t0
+    return tr, time.perf_counter() - t0, time.process_time() - c0
 
 
 def bench_random(k, depth=2):
     rows = []
     for p in random_problems(k):
         for t1, tm in ((1e3, "linear"), (1e6, "log")):
-            tr, wall = run_flow(p, t1, tm, depth=depth)
-            row = dict(problem={**p, "act": p["act"].name}, depth=depth, t1=t1, time=tm, **_summ(tr, wall))
+            tr, wall, cpu = run_flow(p, t1, tm, depth=depth)
+            row = dict(problem={**p, "act": p["act"].name}, depth=depth, t1=t1, time=tm, **_summ(tr, wall, cpu))
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -100,9 +98,10 @@ def bench_issue():
     data = sphere(50, 5, seed=0)
     for scale in (0.1, 1e-3):
         model = TwoLayer(5, 20, relu, key=jax.random.PRNGKey(1), scale=scale)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         tr = nonsmooth_flow(model, data, loss="logistic", t1=1000.0, time="linear", n_save=40)
-        row = dict(case=f"issue: relu logistic n50 d5 w20 scale {scale}", **_summ(tr, time.perf_counter() - t0))
+        row = dict(case=f"issue: relu logistic n50 d5 w20 scale {scale}",
+                   **_summ(tr, time.perf_counter() - t0, time.process_time() - c0))
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -120,7 +119,7 @@ def bench_gd(T=20.0, lrs=(1e-2, 5e-3, 2.5e-3)):
     errs = [float(np.linalg.norm(e - ref) / np.linalg.norm(ref)) for e in ends]
     rich = [float(np.linalg.norm(2 * ends[i + 1] - ends[i] - ref) / np.linalg.norm(ref)) for i in range(len(lrs) - 1)]
     row = dict(case="GD vs flow at t = 20 (relu, logistic, n 30 d 4 w 10)", lrs=list(lrs), gd_rel_err=errs,
-               richardson_rel_err=rich, flow_events=tr.stats["events"], flow_ok=tr.result.success,
+               richardson_rel_err=rich, flow_events=tr.stats["events"], flow_ok=tr.success,
                load=round(_load(), 1))
     print(json.dumps(row), flush=True)
     return [row]
@@ -144,7 +143,7 @@ def bench_split(t1=1e6):
                                       wide_theta0=eta0)
         T = np.stack([np.asarray(sp.apply_flat(jnp.asarray(th))) for th in tn.thetas])
         dev = np.linalg.norm(tw.thetas - T, axis=1) / np.linalg.norm(T, axis=1)
-        row = dict(case=name, ok=tn.result.success, t_end=float(tn.ts[-1]), max_rel_dev=float(dev.max()),
+        row = dict(case=name, ok=tn.success, t_end=float(tn.ts[-1]), max_rel_dev=float(dev.max()),
                    final_rel_dev=float(dev[-1]), events=tn.stats["events"], sliding=tn.stats["sliding_entered"],
                    wall_s=round(time.perf_counter() - t0, 1), load=round(_load(), 1))
         print(json.dumps(row), flush=True)
@@ -162,16 +161,19 @@ def main():
     k = 3 if args.quick else args.k
     print(json.dumps(dict(device=str(jax.devices()[0]), dtype=str(jnp.result_type(float)), cpus=os.cpu_count(),
                           load=round(_load(), 1))), flush=True)
-    if "issue" in parts:
-        bench_issue()
-    if "random" in parts:
-        bench_random(k)
-    if "mlp" in parts:
-        bench_random(1 if args.quick else 2, depth=3)
-    if "gd" in parts:
-        bench_gd()
-    if "split" in parts:
-        bench_split()
+    for part in parts:
+        if part == "issue":
+            bench_issue()
+        elif part == "random":
+            bench_random(k)
+        elif part == "mlp":
+            bench_random(1 if args.quick else 2, depth=3)
+        elif part == "gd":
+            bench_gd()
+        elif part == "split":
+            bench_split()
+        else:
+            raise SystemExit(f"unknown part {part!r}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Clarke calculus of degree-1 (ReLU / leaky-ReLU) networks: kink sets, one-sided slopes, and the minimal-norm element
-of the Clarke subdifferential of the loss (MATH.md section 6).
+of the Clarke subdifferential of the loss (docs/math.md section 6).
 
 A bias-free network with activation ``sigma(z) = max(z, alpha z)`` is piecewise polynomial in its weights. Write
 ``z_e(theta)`` for the pre-activation of unit ``e = (layer, unit, sample)``; the flat list of all of them (layer by
@@ -57,7 +57,7 @@ DEFAULT_KINK_TOL = 1e3 * 2.220446049250313e-16
 
 def is_kinked(model) -> bool:
     """True for networks whose activation is degree 1 with a kink (ReLU, leaky ReLU with ``alpha != 1``) and that have
-    at least one hidden layer: their gradient flow is a differential inclusion (MATH.md section 6)."""
+    at least one hidden layer: their gradient flow is a differential inclusion (docs/math.md section 6)."""
     act = getattr(model, "activation", None)
     if act is None or int(getattr(act, "p", 0)) != 1 or float(act.alpha) == 1.0:
         return False

@@ -1,5 +1,5 @@
 """Gradient flow of a ReLU / leaky-ReLU network as a differential inclusion: the minimal-norm (Filippov / Clarke)
-solution, integrated piece by piece with located pattern changes and exact sliding modes (MATH.md section 6).
+solution, integrated piece by piece with located pattern changes and exact sliding modes (docs/math.md section 6).
 
 For almost every ``t`` the solution moves with ``-m(theta)``, the minimal-norm element of the Clarke subdifferential
 of ``L`` (Davis, Drusvyatskiy, Kakade & Lee, arXiv 1804.07795; Lyu & Li, arXiv 1906.05890). homflow integrates it as a
@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time as _time
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -35,13 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._clarke import KinkedProblem, clarke_min_norm, default_kink_tol, default_slope_tol, is_kinked, make_kinked
-from ._solution import FlowResult, Trajectory
+from ._results import RESULTS
+from ._solution import Trajectory
 
 import os
 
 _DEBUG = bool(os.environ.get("HOMFLOW_NONSMOOTH_DEBUG"))
 
-__all__ = ["ClarkeFlow", "nonsmooth_flow", "integrate_nonsmooth"]
+__all__ = ["ClarkeFlow", "Clarke", "nonsmooth_flow", "integrate_nonsmooth", "kinked_default"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -426,11 +428,11 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
     k_save = 1 if us[0] == 0.0 else 0
     err_prev = 1.0
     no_progress = 0
-    reason, success = None, True
+    reason, success, failure = None, True, None
 
     while k_save < len(us):
         if stats["num_steps"] >= sol.max_steps:
-            success = False
+            success, failure = False, "max_steps"
             reason = (f"max_steps = {sol.max_steps} reached at t = {_t(u, log_time):.6g} before t1 = {t1:g} "
                       f"({stats['events']} events, {len(mode.sliding)} units sliding); raise max_steps")
             break
@@ -449,7 +451,7 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
                 max(sol.factor_min, sol.safety * errn ** (-(sol.icoeff + sol.pcoeff) / 5))
             h *= fac
             if h <= tiny_h * max(abs(u), 1.0):
-                success = False
+                success, failure = False, "underflow"
                 reason = (f"the step size underflowed at t = {_t(u, log_time):.6g}: the state became non-finite or "
                           "the field is not resolved (diverging flow?)")
                 break
@@ -464,7 +466,7 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
             stats["num_accepted_steps"] += 1
             no_progress = no_progress + 1 if hc <= tiny_h * max(abs(u), 1.0) else 0
             if no_progress > sol.zeno_limit:
-                success = False
+                success, failure = False, "zeno"
                 reason = (f"{no_progress} events without progress in time at t = {_t(u, log_time):.6g}: a Zeno point "
                           "or a kink where no mode is consistent (try a larger kink_tol)")
                 break
@@ -500,15 +502,21 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
     stats["wall_s"] = _time.perf_counter() - t_start
     stats["sliding_final"] = len(mode.sliding)
     if success:
-        result = FlowResult(True, f"reached t1 = {t1:g} ({stats['events']} events: {stats['pattern_changes']} pattern "
-                                  f"changes, {stats['sliding_entered']} sliding modes entered, "
-                                  f"{stats['sliding_left']} left)")
+        result = RESULTS.successful
+        reason = (f"reached t1 = {t1:g} ({stats['events']} events: {stats['pattern_changes']} pattern changes, "
+                  f"{stats['sliding_entered']} sliding modes entered, {stats['sliding_left']} left)")
     else:
-        result = FlowResult(False, reason)
+        result = _FAILURES[failure]
     return Trajectory(ts=np.asarray(saves_t), thetas=thetas, loss=np.exp(log_l), log_loss=log_l, norm=norm,
-                      stats=stats, result=result, unflatten=problem.unflatten,
+                      stats=stats, result=result, reason=reason, unflatten=problem.unflatten,
                       degree=problem.unflatten(jnp.asarray(thetas[0])).degree,
                       extras={"energy": np.asarray(saves_E), "sliding_units": np.asarray(mode.sliding, np.int64)})
+
+
+# Failures of the non-smooth solve as RESULTS items: the step budget; a step size underflow (non-finite state); a Zeno
+# point (events without progress in time), reported as a step size underflow with the detail in the reason.
+_FAILURES = {"max_steps": RESULTS.max_steps_reached, "underflow": RESULTS.step_size_underflow,
+             "zeno": RESULTS.step_size_underflow}
 
 
 def _t(u, log_time):
@@ -519,7 +527,7 @@ def nonsmooth_flow(model, data, *, loss="square", t1: float, ts=None, n_save: in
                    theta0=None, solver: ClarkeFlow | None = None, rtol: float | None = None,
                    atol: float | None = None, max_steps: int | None = None) -> Trajectory:
     """Gradient flow of a ReLU / leaky-ReLU ``model`` on ``data``: the minimal-norm solution of the differential
-    inclusion ``dtheta/dt in -Clarke subdifferential of L`` (module docstring; MATH.md section 6).
+    inclusion ``dtheta/dt in -Clarke subdifferential of L`` (module docstring; docs/math.md section 6).
 
     Arguments:
         model: a kinked TwoLayer, MLP or CNN (``theta(0)``); data: a ``Dataset``; loss: a loss or its name.
@@ -535,7 +543,7 @@ def nonsmooth_flow(model, data, *, loss="square", t1: float, ts=None, n_save: in
     Raises:
         ValueError: on bad arguments or a network without kinks.
     """
-    from ._ode import check_times
+    from ._integrate import check_times
     from ._problem import make_problem
 
     sol = solver or ClarkeFlow()
@@ -562,3 +570,70 @@ def nonsmooth_flow(model, data, *, loss="square", t1: float, ts=None, n_save: in
     log_time = time == "log" or (time == "auto" and t1 > 1e4)
     problem = make_kinked(objective, model)
     return integrate_nonsmooth(problem, theta, ts, t1, log_time=log_time, solver=sol)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The solver object of the one integrate path (homflow.flow.integrate / gradient_flow).
+
+from ._solvers import AbstractFlowSolver, FlowOutput  # noqa: E402
+
+
+class Clarke(AbstractFlowSolver):
+    """The non-smooth flow as a solver of :func:`homflow.flow.integrate`: chosen automatically there for networks with
+    kinked degree-1 activations (ReLU, leaky ReLU). Members of a batch run one after the other (map).
+
+    Arguments:
+        rtol, atol: tolerances (``atol=None``: ``0.1 rtol ||theta(0)||`` per member).
+        options: a :class:`ClarkeFlow` with the event and mode options (its own rtol / atol / max_steps are replaced
+            by these and by ``integrate``'s ``max_steps``).
+
+    ``stats`` of each member add ``events``, ``pattern_changes``, ``sliding_entered``, ``sliding_left``,
+    ``max_sliding``, ``sliding_final``, ``num_locate_steps``, ``max_constraint_residual`` and ``energy`` (``int_0^t_end
+    ||dtheta/dt||^2``, to check ``L(0) - L(t_end)``).
+    """
+
+    name: ClassVar[str] = "clarke"
+    rtol: float = 1e-8
+    atol: float | None = None
+    options: ClarkeFlow = ClarkeFlow()
+
+    def run(self, field, y0, t0, t1, save_ts, atol, events, max_steps):
+        if events is not None:
+            raise ValueError("events (LossBelow, NormAbove, NormBelow) are not supported by the non-smooth solver "
+                             "`Clarke` yet; stop at a time t1 instead, or pass a smooth solver explicitly.")
+        if float(t0) != 0.0:
+            raise ValueError(f"the non-smooth solver starts at t0 = 0; got {t0!r}.")
+        problem = field.problem
+        log_time = bool(field.log_time)
+        save_ts = np.asarray(save_ts, float)
+        ts = np.expm1(save_ts) if log_time else save_ts
+        t1_t = math.expm1(t1) if log_time else float(t1)
+        B, S, P = y0.shape[0], save_ts.size, y0.shape[1]
+        ys = np.full((B, S, P), np.nan)
+        n_saved, t_end, y_end = np.zeros(B, int), np.zeros(B), np.zeros((B, P))
+        results, stats = [], []
+        for b in range(B):
+            th = jnp.asarray(y0[b])
+            kp = make_kinked(problem, problem.model(th))
+            opts = dataclasses.replace(self.options, rtol=self.rtol, atol=float(atol[b]), max_steps=int(max_steps))
+            tr = integrate_nonsmooth(kp, th, ts, t1_t, log_time=log_time, solver=opts)
+            k = len(tr.ts) - (0 if tr.success else 1)
+            ys[b, :k] = tr.thetas[:k]
+            n_saved[b] = k
+            te = float(tr.ts[-1])
+            t_end[b] = math.log1p(te) if log_time else te
+            y_end[b] = tr.thetas[-1]
+            st = dict(tr.stats)
+            st["energy"] = float(tr.extras["energy"][-1])
+            st["reason_detail"] = tr.reason
+            stats.append(st)
+            results.append(tr.result)
+        return FlowOutput(ys=ys, n_saved=n_saved, t_end=t_end, y_end=y_end, results=results,
+                          event=np.full(B, -1), stats=stats)
+
+
+def kinked_default(problem, theta0) -> bool:
+    """True when ``problem``'s network (at ``theta0``, (P,) or (B, P)) has kinked degree-1 activations: the flow is a
+    differential inclusion and :class:`Clarke` is the solver (``integrate`` switches to it from the default)."""
+    th = jnp.asarray(theta0)
+    return is_kinked(problem.model(th[0] if th.ndim == 2 else th))

@@ -1,5 +1,5 @@
 """Narrow and wide non-smooth flows as ONE hybrid system, so that ``eta(t) = T theta(t)`` can be measured at rounding
-level for ReLU-type networks (arXiv 2505.12419, MATH.md section 5; the smooth version is
+level for ReLU-type networks (arXiv 2505.12419, docs/math.md section 5; the smooth version is
 :func:`homflow.embedding.joint_flow`).
 
 The state is ``(theta, eta)``; the loss ``log L(theta) + log L~(eta)`` (or ``L + L~``) is separable, so its minimal-norm
@@ -11,8 +11,6 @@ wide half is ``T`` of the narrow stage. The step-size controller looks at the na
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -98,7 +96,7 @@ def joint_nonsmooth_flow(split, narrow, data, *, loss="exponential", t1: float, 
     Returns:
         ``(narrow_trajectory, wide_trajectory)`` at the same times; ``stats`` (shared) count steps and events.
     """
-    from ._ode import check_times
+    from ._integrate import check_times
     from ._problem import make_problem
 
     t1, ts = check_times(t1, ts, n_save)
@@ -117,10 +115,7 @@ def joint_nonsmooth_flow(split, narrow, data, *, loss="exponential", t1: float, 
     for th, kp in ((tr.thetas[:, :P], joint.narrow), (tr.thetas[:, P:], joint.wide)):
         log_l = np.asarray([float(kp.log_loss(jnp.asarray(x))) for x in th])
         out.append(Trajectory(ts=tr.ts, thetas=th, loss=np.exp(log_l), log_loss=log_l,
-                              norm=np.linalg.norm(th, axis=1), stats=tr.stats, result=tr.result,
+                              norm=np.linalg.norm(th, axis=1), stats=tr.stats, result=tr.result, reason=tr.reason,
                               unflatten=kp.unflatten, degree=kp.unflatten(jnp.asarray(th[0])).degree,
                               extras=dict(tr.extras)))
     return out[0], out[1]
-
-
-_ = dataclasses
