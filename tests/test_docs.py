@@ -1,5 +1,5 @@
 """The docs: every tutorial executes (its Python blocks, top to bottom, in a fresh interpreter), the site builds with
-`mkdocs build --strict` (warnings are errors), and each paper page states its claim, command and figure."""
+`mkdocs build --strict` (warnings are errors), and no source file points to a MATH.md outside the repository."""
 
 import os
 import re
@@ -51,6 +51,22 @@ def test_docs_site_builds_strict(tmp_path):
         assert (tmp_path / "site" / page).is_file(), page
     api = (tmp_path / "site" / "api" / "flow" / "index.html").read_text()
     assert 'id="homflow.flow.gradient_flow"' in api  # the reference is generated from the docstrings
+
+
+def test_no_reference_to_a_missing_math_file():
+    """Docstrings cite docs/math.md (in the repository), and every section they cite exists there."""
+    sections = {int(m) for m in re.findall(r"^## (\d+)\.", (DOCS / "math.md").read_text(), re.M)}
+    stale, missing = [], []
+    for f in sorted((ROOT / "src").rglob("*.py")):
+        text = f.read_text()
+        for m in re.finditer(r"(?<![\w/])MATH\.md", text):
+            stale.append(f"{f.relative_to(ROOT)}:{text[:m.start()].count(chr(10)) + 1}")
+        for m in re.finditer(r"docs/math\.md,? (?:sections? |§§?)([\d ,and-]+)", text):
+            for n in re.findall(r"\d+", m.group(1)):
+                if int(n) not in sections:
+                    missing.append(f"{f.relative_to(ROOT)}: section {n}")
+    assert not stale, f"{len(stale)} references to MATH.md (not in the repository): {stale[:10]}"
+    assert not missing, missing
 
 
 def test_paper_pages_state_claim_command_and_figure():

@@ -1,8 +1,8 @@
-"""Positively homogeneous activations with an exact degree (MATH.md section 1).
+"""Positively homogeneous activations with an exact degree (docs/math.md section 1).
 
 Every activation here is ``sigma(z) = s(z)^p`` with ``s(z) = z`` for ``z > 0`` and ``s(z) = alpha * z`` otherwise, so
 ``sigma(c z) = c^p sigma(z)`` for ``c > 0``. For ``z < 0`` and ``alpha != 0``, ``sigma(z) = (alpha z)^p`` whose sign follows
-the parity of ``p`` (odd ``p``: negative; even ``p``: positive). This is the convention of MATH.md and it is tested.
+the parity of ``p`` (odd ``p``: negative; even ``p``: positive). This is the convention of docs/math.md, and tested.
 
 Subgradient convention at the kink ``z = 0`` (``p = 1`` only; for ``p >= 2`` the derivative is 0 there): autodiff
 returns ``alpha`` (so ``0`` for ReLU), i.e. the left derivative.

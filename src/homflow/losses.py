@@ -1,4 +1,4 @@
-"""Losses (sums over samples), evaluated in log space, and margins (MATH.md section 2).
+"""Losses (sums over samples), evaluated in log space, and margins (docs/math.md section 2).
 
 Every loss is a sum over the ``n`` samples (not a mean: a mean only rescales time by ``n``). Logistic and exponential
 losses are evaluated as ``log L`` with ``logsumexp``, so ``log_loss`` stays finite where ``L`` underflows (margins of
@@ -40,7 +40,7 @@ class Loss(eqx.Module):
     """A per-sample loss ``l(Phi, y)`` summed over samples, with ``log_value`` computed in log space.
 
     Subclasses define ``log_value(out, y)`` (the logarithm of the summed loss), ``name``, ``classification`` (labels must
-    be +-1) and ``ncf_scale`` (``ytilde = -dl/dPhi`` at ``Phi = 0`` equals ``ncf_scale * y``, MATH.md section 3).
+    be +-1) and ``ncf_scale`` (``ytilde = -dl/dPhi`` at ``Phi = 0`` equals ``ncf_scale * y``, docs/math.md section 3).
     """
 
     name: str = eqx.field(static=True)

@@ -1,6 +1,6 @@
 """Censuses of many gradient flows from small random initialisations: escape times and the escape-time law, the
 certified NCF KKT point each flow aligns with, the first saddle and the sparsity kept, where each flow ends
-(MATH.md sections 3-4; arXiv 2403.08121, 2502.15952), integrated as refilled batches of the stiff-aware engine."""
+(docs/math.md sections 3-4; arXiv 2403.08121, 2502.15952), integrated as refilled batches of the stiff-aware engine."""
 
 from ._census import Census, CensusOptions, census, random_directions
 from ._cluster import Canonicaliser, CertifiedPoints, certify_and_match, cluster_directions

@@ -1,5 +1,5 @@
 """A census of gradient flows from many small random initialisations: where they escape, which KKT point of the NCF
-they align with, which saddle they reach and which sparsity they keep, where they end (MATH.md sections 3-4;
+they align with, which saddle they reach and which sparsity they keep, where they end (docs/math.md sections 3-4;
 arXiv 2403.08121, 2502.15952).
 
 Members are ``theta_i(0) = delta * u_k`` for unit directions ``u_k`` (random Gaussian or given) and each ``delta`` of a

@@ -1,4 +1,4 @@
-"""Which certified KKT point of the constrained NCF each escape direction aligns with (MATH.md section 3).
+"""Which certified KKT point of the constrained NCF each escape direction aligns with (docs/math.md section 3).
 
 Hidden neurons can be permuted without changing the network, so two flows that escape along the "same" KKT point
 usually do so with different neurons in front. Directions are therefore compared in a canonical form: in every hidden

@@ -1,4 +1,4 @@
-"""The escape-time law over a census (MATH.md section 3, arXiv 2403.08121): from ``delta * u`` the flow escapes after
+"""The escape-time law over a census (docs/math.md §3, arXiv 2403.08121): from ``delta * u`` the flow escapes after
 a time ``~ s(u) / delta^(L-2)`` for ``L > 2`` (``t delta^(L-2)`` constant across deltas for each direction), and after
 ``~ log(1/delta) / lambda + c(u)`` for ``L = 2`` with an absolute level (``lambda = L N(u*)``, the growth rate along the
 KKT point ``u*``)."""

@@ -1,5 +1,5 @@
 """The embedding principle (arXiv 2505.12419): neuron and channel splitting maps ``T`` between widths, merges, and
-verification that ``T`` carries outputs, gradients, KKT points and whole trajectories (MATH.md section 5). KKT
+verification that ``T`` carries outputs, gradients, KKT points and whole trajectories (docs/math.md section 5). KKT
 certificates come from :mod:`homflow.kkt`; the gradient flows of a narrow and a wide network are integrated as one ODE
 (:func:`joint_flow`) so that ``eta(t) = T theta(t)`` is checked to rounding."""
 

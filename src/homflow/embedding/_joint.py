@@ -74,7 +74,7 @@ def joint_flow(
     throw: bool = True,
 ) -> tuple[Trajectory, Trajectory]:
     """Gradient flows of ``narrow`` (``theta``) and of ``split(narrow)`` (``eta``) integrated as one ODE in
-    ``(theta, eta)`` that shares every adaptive step (module docstring; arXiv 2505.12419, MATH.md section 5), through
+    ``(theta, eta)`` that shares every adaptive step (module docstring; arXiv 2505.12419, docs/math.md §5), through
     :func:`homflow.flow.integrate`.
 
     Arguments:

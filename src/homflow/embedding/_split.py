@@ -1,4 +1,4 @@
-"""Neuron and channel splitting maps ``T`` (arXiv 2505.12419; MATH.md section 5) as linear maps on models and vectors.
+"""Neuron and channel splitting maps ``T`` (arXiv 2505.12419; docs/math.md §5) as linear maps on models and vectors.
 
 Split hidden neuron ``j`` of layer ``k`` into ``m`` copies with coefficients ``c_1..c_m >= 0``, ``sum c_r^2 = 1``: row
 ``j`` of ``W_k`` becomes the rows ``c_r W_k[j, :]`` and column ``j`` of ``W_{k+1}`` the columns ``c_r W_{k+1}[:, j]``.
@@ -298,7 +298,7 @@ def _check_index(name, value, n, what):
 
 def split(model, *, layer: int = 0, neuron: int, coeffs, out_coeffs=None, tol: float = DEFAULT_COEFF_TOL) -> NeuronSplit:
     """Split hidden neuron ``neuron`` of hidden layer ``layer`` of a :class:`TwoLayer` or :class:`MLP` into
-    ``len(coeffs)`` copies (arXiv 2505.12419, MATH.md section 5).
+    ``len(coeffs)`` copies (arXiv 2505.12419, docs/math.md section 5).
 
     Arguments:
         model: the narrow network (it fixes the architecture; the split maps any network of that architecture).

@@ -1,4 +1,4 @@
-"""Numerical verification of the embedding principle for one split (arXiv 2505.12419; MATH.md section 5).
+"""Numerical verification of the embedding principle for one split (arXiv 2505.12419; docs/math.md section 5).
 
 :func:`verify` measures every claim the paper makes for a split ``T``: isometry, outputs, gradients, KKT points of the
 max-margin problem and of the constrained NCF (same multipliers), and whole trajectories of gradient flow, gradient

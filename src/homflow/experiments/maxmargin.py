@@ -2,7 +2,7 @@
 
 Lyu & Li (arXiv 1906.05890): once the loss is below 1 the smoothed margin ``log(1/L) / ||theta||^L`` is
 non-decreasing (Thm 4.1) and lower-bounds the normalized margin; the normalized direction becomes an
-``(eps, delta)``-KKT point of ``min 1/2 ||theta||^2 s.t. y_i Phi(theta; x_i) >= 1`` with both going to 0 (MATH.md
+``(eps, delta)``-KKT point of ``min 1/2 ||theta||^2 s.t. y_i Phi(theta; x_i) >= 1`` with both going to 0 (docs/math.md
 sections 2 and 5). The flow is integrated in log time, in checkpointed segments (resumable).
 """
 
@@ -136,7 +136,7 @@ def late_phase(model, data, *, loss: str, t1: float, segments: int, n_save: int,
                "x the first)")
         if converged:
             checks.append(check(f"{tag}(eps, delta)-KKT: relative stationarity at t1", float(st[-1]),
-                                stationarity_tol, "<=", f"1906.05890: eps -> 0 (MATH.md 5); {how}"))
+                                stationarity_tol, "<=", f"1906.05890: eps -> 0 (docs/math.md 5); {how}"))
         else:
             checks.append(info(f"{tag}(eps, delta)-KKT: relative stationarity at t1", float(st[-1]),
                                stationarity_tol, f"not converged by t1 (1906.05890 gives no rate; raise t1): {how}"))

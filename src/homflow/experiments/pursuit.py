@@ -131,7 +131,7 @@ def neuron_pursuit_experiment(params: dict, ctx: Context) -> Outcome:
     checks.append(check("every added neuron is a KKT point of the residual NCF (max relative Clarke residual)",
                         float(rel.max()), float(p["kkt_tol"]), "<=",
                         f"{n_cert} of {added} certified to {rtol:.1e} (exact on their activation piece); the others "
-                        "are ascent end points on a kink whose exact polish did not converge (MATH.md 4, 6)"))
+                        "are ascent end points on a kink whose exact polish did not converge (docs/math.md 4, 6)"))
     checks.append(check("the initial width-one network is a certified KKT point of its NCF (relative residual)",
                         float(res.steps[0].point.relative_residual), float(p["kkt_tol"]), "<=",
                         f"certified to {rtol:.1e}: {res.steps[0].point.certified}"))

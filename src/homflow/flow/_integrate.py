@@ -41,7 +41,7 @@ class LossField(eqx.Module):
 
 
 class NCFField(eqx.Module):
-    """The NCF flow ``du/ds = grad N(u)`` of ``problem`` (MATH.md section 3, arXiv 2403.08121); ``value`` saves
+    """The NCF flow ``du/ds = grad N(u)`` of ``problem`` (docs/math.md section 3, arXiv 2403.08121); ``value`` saves
     ``N(u)``."""
 
     problem: Problem

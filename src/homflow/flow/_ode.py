@@ -61,7 +61,7 @@ def gradient_flow(
     theta0=None,
     throw: bool = True,
 ):
-    """Integrate the gradient flow ``d theta/dt = -grad L(theta)`` from ``model`` to ``t1`` (MATH.md section 2).
+    """Integrate the gradient flow ``d theta/dt = -grad L(theta)`` from ``model`` to ``t1`` (docs/math.md section 2).
 
     Arguments:
         model: the network at ``t = 0`` (its parameters are ``theta(0)``).

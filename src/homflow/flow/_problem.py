@@ -3,7 +3,7 @@
 Every computation on ``(architecture, data, loss)`` in homflow goes through :class:`Problem`: the loss and its
 gradient (in log space where it matters), the gradient-flow velocity (also in log time), the network outputs and
 margins with their Jacobian, Hessian-vector products, and the neural correlation function (NCF) with its gradient,
-Hessian and constrained-KKT residual (MATH.md sections 2, 3 and 5; arXiv 2402.09226, 2403.08121, 1906.05890).
+Hessian and constrained-KKT residual (docs/math.md sections 2, 3 and 5; arXiv 2402.09226, 2403.08121, 1906.05890).
 
 Its static parts are the architecture (a hashable ``theta -> model`` map, equal for equal architectures) and the loss:
 a jitted function that takes a :class:`Problem` compiles once per architecture, loss and data shape, not once per call.
@@ -37,7 +37,7 @@ class Problem(eqx.Module):
 
     The loss is summed over samples: ``L(theta) = sum_i l(Phi(theta; x_i), y_i)``. The NCF is
     ``N(u) = sum_i ytilde_i Phi(u; x_i)`` with ``ytilde_i = -dl/dPhi(0, y_i)`` (``loss.ncf_labels``: ``y`` for the
-    square and exponential losses, ``y / 2`` for the logistic loss; MATH.md section 3, arXiv 2403.08121 eq. (5)).
+    square and exponential losses, ``y / 2`` for the logistic loss; docs/math.md section 3, arXiv 2403.08121 eq. (5)).
     """
 
     X: Float[Array, "n d"]
@@ -60,7 +60,7 @@ class Problem(eqx.Module):
         return jax.vmap(self.unflatten(theta))(self.X if X is None else X)
 
     def margins(self, theta) -> Float[Array, " n"]:
-        """Margins ``q_i(theta) = y_i Phi(theta; x_i)`` (MATH.md section 5)."""
+        """Margins ``q_i(theta) = y_i Phi(theta; x_i)`` (docs/math.md section 5)."""
         return self.y * self.outputs(theta)
 
     def margin_jacobian(self, theta) -> Float[Array, "n P"]:

@@ -1,6 +1,6 @@
 """KKT points found and certified: the constrained NCF (early phase) and the max-margin problem (late phase).
 
-MATH.md sections 3 and 5; arXiv 2402.09226, 2403.08121 (NCF) and 1906.05890 (max margin).
+docs/math.md sections 3 and 5; arXiv 2402.09226, 2403.08121 (NCF) and 1906.05890 (max margin).
 """
 
 from ._ascent import sphere_ascent

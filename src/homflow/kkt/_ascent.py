@@ -3,7 +3,7 @@
 ``u <- (u + eta P grad N(u)) / ||.||`` with ``P = I - u u^T`` and a per-start step ``eta`` that grows by 1.5 after an
 accepted step (Armijo: ``N`` rises by at least ``1e-4 eta ||P grad N||^2``) and halves after a rejected one. Its fixed
 points are the KKT points of ``max N(u)`` s.t. ``||u|| = 1``; it climbs to local maxima (positive KKT points) from
-almost every start, the discrete counterpart of the normalised NCF flow (MATH.md section 3, arXiv 2403.08121).
+almost every start, the discrete counterpart of the normalised NCF flow (docs/math.md section 3, arXiv 2403.08121).
 """
 
 from __future__ import annotations

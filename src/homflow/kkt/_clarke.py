@@ -1,4 +1,4 @@
-"""Clarke subgradients of ReLU-type networks at kinks, for KKT certificates (MATH.md section 6; arXiv 1906.05890).
+"""Clarke subgradients of ReLU-type networks at kinks, for KKT certificates (docs/math.md section 6; arXiv 1906.05890).
 
 For a network whose activation is ReLU or leaky ReLU (degree ``p = 1``, negative slope ``alpha``), ``Phi(.; x)`` is
 piecewise polynomial in ``theta``. Write the forward pass with one slope per hidden unit,
@@ -6,7 +6,7 @@ piecewise polynomial in ``theta``. Write the forward pass with one slope per hid
 call the pre-activation of unit ``j`` of layer ``k`` on sample ``i`` a *kink* when
 ``|z_ikj| <= kink_tol * ||W_k[j]|| * ||h_{k-1}(x_i)||`` (a cosine, so the test is scale free). Backpropagation with any
 slopes ``s in [alpha, 1]`` at the kinks (the others fixed by the sign) gives the set ``D_i(theta)``; its convex hull
-contains the Clarke subdifferential of ``Phi(.; x_i)`` (equal in the generic case, MATH.md section 6), so a certificate
+contains the Clarke subdifferential of ``Phi(.; x_i)`` (equal in the generic case, docs/math.md §6), so a certificate
 over ``conv D_i`` is a KKT certificate in the sense of 1906.05890 (which uses Clarke subgradients). With ``kink_tol > 0``
 it certifies ``theta`` up to moving those pre-activations by at most ``kink_tol`` (relative) to zero.
 

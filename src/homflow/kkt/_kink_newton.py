@@ -1,6 +1,6 @@
 """Active-set Newton polish of a max-margin KKT point of a ReLU-type network that keeps kinks at kinks.
 
-At a KKT point of ``min 1/2 ||theta||^2`` s.t. ``q_i(theta) >= 1`` (MATH.md sections 5 and 6) with Clarke
+At a KKT point of ``min 1/2 ||theta||^2`` s.t. ``q_i(theta) >= 1`` (docs/math.md sections 5 and 6) with Clarke
 subgradients, some pre-activations of support samples sit exactly at zero and their slopes ``s`` in ``[alpha, 1]`` are
 free. Holding those units at their kinks, the KKT system in ``(theta, lambda_S, s_K)`` is square and smooth:
 

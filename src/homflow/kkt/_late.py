@@ -2,7 +2,7 @@
 
 Under exponential or logistic loss, once the loss is below 1 the smoothed margin is non-decreasing (arXiv 1906.05890,
 Thm 4.1) and the normalised direction becomes ``(eps, delta)``-KKT for the max-margin problem with both going to 0
-(MATH.md sections 2 and 5). :func:`margin_along` computes these at the saved times of a trajectory.
+(docs/math.md sections 2 and 5). :func:`margin_along` computes these at the saved times of a trajectory.
 
 Which constraints carry multipliers matters a lot late in a flow. Along the flow the margins of the eventual support
 approach the minimum only like ``1/log t`` (the direction converges that slowly), so at ``t = 1e8`` the support margins

@@ -1,4 +1,4 @@
-"""KKT points of the max-margin problem ``min 1/2 ||theta||^2`` s.t. ``y_i Phi(theta; x_i) >= 1`` (MATH.md section 5).
+"""KKT points of the max-margin problem ``min 1/2 ||theta||^2`` s.t. ``y_i Phi(theta; x_i) >= 1`` (docs/math.md §5).
 
 KKT (arXiv 1906.05890, App. C): feasible, and ``lambda >= 0`` with ``theta = sum_i lambda_i y_i grad Phi(theta; x_i)``
 and ``lambda_i (q_i - 1) = 0``. A direction with ``q_min > 0`` is rescaled to ``theta = theta_hat / q_min^(1/L)``;
@@ -12,7 +12,7 @@ polytope), homflow returns the unique minimiser of ``||theta - G_A^T lambda||^2 
 to ``O(ridge)``. It depends on the data only through the Gram matrix ``G_A G_A^T`` and ``G_A theta``, so an isometry
 that preserves outputs and maps gradients (neuron splitting, 2505.12419) gives the same multipliers.
 
-ReLU-type networks (MATH.md section 6): where a pre-activation sits at a kink the gradient is not defined and the KKT
+ReLU-type networks (docs/math.md §6): where a pre-activation sits at a kink the gradient is not defined and the KKT
 conditions use Clarke subgradients, ``theta = sum_i lambda_i h_i`` with ``h_i`` in the Clarke subdifferential of
 ``q_i``. For supported networks (:func:`homflow.kkt.clarke_supported`) the certificate allows every slope in
 ``[alpha, 1]`` at each pre-activation within ``kink_tol`` of zero, jointly with the multipliers: the NNLS columns are the
@@ -326,13 +326,13 @@ def max_margin_kkt(model: AbstractHomogeneousModel, data, *, active_tol: float =
     Arguments:
         model: any network with positive minimum margin on ``data`` (only its direction matters).
         data: a ``Dataset`` with labels +-1.
-        active_tol: constraints with ``q_i <= 1 + active_tol`` carry multipliers (near-active set; MATH.md section 5).
+        active_tol: constraints with ``q_i <= 1 + active_tol`` carry multipliers (near-active set; docs/math.md §5).
         ridge: relative ridge that makes the multipliers unique (module docstring).
         clarke: ``None`` (default): Clarke subgradients for ReLU / leaky-ReLU ``TwoLayer`` and ``MLP`` networks,
             gradients otherwise; ``True``: require them (error for other networks); ``False``: gradients only
             (autodiff's slope ``alpha`` at kinks, the certificate before Clarke support).
         kink_tol: a pre-activation is at a kink when ``|z| <= kink_tol ||w|| ||h||`` (default ``DEFAULT_KINK_TOL``,
-            1e-6); there any slope in ``[alpha, 1]`` is allowed, jointly with the multipliers (MATH.md section 6).
+            1e-6); there any slope in ``[alpha, 1]`` is allowed, jointly with the multipliers (docs/math.md section 6).
         max_patterns: most extreme slope patterns enumerated per sample (default 4096, i.e. 12 kinks); beyond, an
             inner approximation (``exact=False``) that can only under-certify.
         tol, feas_tol, slack_tol: ``certified`` needs relative stationarity ``<= tol`` (default 1e-8), feasibility
@@ -341,7 +341,7 @@ def max_margin_kkt(model: AbstractHomogeneousModel, data, *, active_tol: float =
     Returns:
         A :class:`MarginKKT` with ``multipliers``, ``stationarity`` (relative), ``eps``, ``delta``, ``feasibility``,
         ``slackness``, ``normalized_margin``, ``support``, the kinks and slopes, ``smooth_stationarity`` (the
-        one-subgradient score) and ``certified`` / ``reason``. Formulas: MATH.md sections 5 and 6, arXiv 1906.05890
+        one-subgradient score) and ``certified`` / ``reason``. Formulas: docs/math.md sections 5 and 6, arXiv 1906.05890
         App. C.
 
     Raises:

@@ -1,6 +1,6 @@
 """The neural correlation function (NCF) ``N(u) = sum_i ytilde_i Phi(u; x_i)`` and its constrained KKT residual.
 
-MATH.md section 3 (arXiv 2402.09226, 2403.08121): near the origin gradient flow follows ``du/ds = grad N(u)``; the
+docs/math.md section 3 (arXiv 2402.09226, 2403.08121): near the origin gradient flow follows ``du/ds = grad N(u)``; the
 directions it reaches are KKT points of ``max N(u)`` subject to ``||u|| = 1``: ``grad N(u) = lambda u`` with
 ``lambda = L N(u)`` (Euler). The residual of a point is the tangential gradient ``||grad N(u) - <u, grad N(u)> u||`` at
 the normalised point ``u = theta / ||theta||``.
@@ -127,7 +127,7 @@ def _unit(theta, name="model"):
 
 
 def ncf(model: AbstractHomogeneousModel, data, *, loss, normalize: bool = False) -> Float[Array, ""]:
-    """The NCF value ``N(theta) = sum_i ytilde_i Phi(theta; x_i)`` (MATH.md section 3, arXiv 2403.08121 eq. (5)).
+    """The NCF value ``N(theta) = sum_i ytilde_i Phi(theta; x_i)`` (docs/math.md section 3, arXiv 2403.08121 eq. (5)).
 
     Arguments:
         model: the network (its parameters are ``theta``); data: a ``Dataset``; loss: gives ``ytilde`` (square and
@@ -163,7 +163,7 @@ def ncf_kkt_residual(model: AbstractHomogeneousModel, data, *, loss) -> tuple[Fl
     """KKT residual of the constrained NCF at the normalised point ``u = theta / ||theta||``.
 
     Returns ``(residual, lam)``: ``residual = ||grad N(u) - <u, grad N(u)> u||`` (0 exactly at a KKT point of
-    ``max N(u)`` s.t. ``||u|| = 1``) and ``lam = <u, grad N(u)> = L N(u)``. MATH.md section 3, arXiv 2403.08121.
+    ``max N(u)`` s.t. ``||u|| = 1``) and ``lam = <u, grad N(u)> = L N(u)``. docs/math.md section 3, arXiv 2403.08121.
 
     Raises:
         ValueError: if every parameter is zero (no direction), or the data do not fit the model / loss.

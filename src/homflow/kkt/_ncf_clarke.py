@@ -1,4 +1,4 @@
-"""KKT residual of the constrained NCF with Clarke subgradients at kinks (MATH.md sections 3 and 6).
+"""KKT residual of the constrained NCF with Clarke subgradients at kinks (docs/math.md sections 3 and 6).
 
 ``max N(u) = sum_i ytilde_i Phi(u; x_i)`` s.t. ``||u|| = 1`` is a KKT point when some ``h`` in the (Clarke)
 subdifferential of ``N`` at ``u`` satisfies ``h = <u, h> u``. For ReLU / leaky-ReLU networks the certificate takes

@@ -1,4 +1,4 @@
-"""Polish an approximate direction into a certified KKT point of the constrained NCF (MATH.md section 3).
+"""Polish an approximate direction into a certified KKT point of the constrained NCF (docs/math.md section 3).
 
 The ascent (or a flow) approaches sparse KKT points only slowly: the vanishing neurons fade like a power of time. The
 polish therefore (1) proposes vanishing sets from gaps in the norms of the zero-preserving groups (neurons, channels),
@@ -256,7 +256,7 @@ def polish_ncf(
     refine_steps: int = 300,
 ) -> NCFPoint:
     """Polish one approximate direction (for instance where a flow or an ascent arrived) into a certified KKT point of
-    ``max N(u)`` s.t. ``||u|| = 1`` (MATH.md section 3; arXiv 2403.08121).
+    ``max N(u)`` s.t. ``||u|| = 1`` (docs/math.md section 3; arXiv 2403.08121).
 
     Arguments:
         model: the starting network (any non-zero scale; only its direction matters).

@@ -1,7 +1,7 @@
 """Second-order class of a constrained-NCF KKT point from the Riemannian Hessian on the unit sphere.
 
 At a unit vector ``u`` with ``lam = <u, grad N(u)>`` the Riemannian Hessian of ``N`` restricted to the sphere is
-``P (Hess N(u) - lam I) P`` with ``P = I - u u^T`` (MATH.md section 3); it is negative semidefinite on the tangent space
+``P (Hess N(u) - lam I) P`` with ``P = I - u u^T`` (docs/math.md §3); it is negative semidefinite on the tangent space
 ``u^perp`` at a local maximum ("second-order positive KKT point", arXiv 2403.08121).
 """
 

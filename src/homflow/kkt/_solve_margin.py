@@ -1,4 +1,4 @@
-"""Polish a network into a certified KKT point of the max-margin problem (MATH.md section 5, arXiv 1906.05890).
+"""Polish a network into a certified KKT point of the max-margin problem (docs/math.md section 5, arXiv 1906.05890).
 
 Two stages. (1) Optional SLSQP on ``min 1/2 ||theta||^2`` s.t. ``q_i(theta) >= 1`` (SciPy, with JAX gradients and
 Jacobians) to get near a KKT point from a rough start. (2) Active-set Newton on the KKT system of the support ``S``:

@@ -1,6 +1,6 @@
 """Find many KKT points of the constrained NCF at once: vmapped ascent on the sphere, clustering, polish, dedupe.
 
-MATH.md section 3 (arXiv 2403.08121). Points are deduplicated *up to the network's symmetries* by comparing the
+docs/math.md section 3 (arXiv 2403.08121). Points are deduplicated *up to the network's symmetries* by comparing the
 functions they compute, not their parameters: two unit-norm parameter vectors related by a neuron permutation, a sign
 symmetry of an odd / even activation, or (for ``p = 1``) a split of one neuron into parallel copies compute the same
 outputs on every input. The signature of a point is its outputs on the data and on ``n_probe`` random inputs.
@@ -94,7 +94,7 @@ def solve_ncf(
 
     Arguments:
         model: fixes the architecture (its parameters are not used unless ``inits`` is None and ``n_starts`` = 0).
-        data, loss: the NCF's data and the loss that fixes ``ytilde`` (MATH.md section 3).
+        data, loss: the NCF's data and the loss that fixes ``ytilde`` (docs/math.md section 3).
         n_starts: number of random starts (i.i.d. Gaussian parameter vectors, normalised); key: a PRNG key.
         steps: iterations of :func:`sphere_ascent` (vmapped over the starts).
         inits: optional starting directions (B, P) used instead of random ones (any non-zero scale).

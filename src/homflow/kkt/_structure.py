@@ -1,6 +1,6 @@
 """Structure of a parameter vector: zero-preserving groups (neurons / channels), singular values per weight matrix.
 
-A *zero-preserving group* (MATH.md section 4) is a set of parameters whose gradient (of every network output) vanishes
+A *zero-preserving group* (docs/math.md §4) is a set of parameters whose gradient (of every network output) vanishes
 whenever the whole group is zero: the in- and out-weights of one hidden neuron of an MLP / two-layer net, one channel
 of a CNN (its kernel slice and the matching input slices of the next layer), or one coordinate ``u_i`` or ``v_i`` of a
 diagonal linear network of depth >= 2. KKT points are often exactly zero on such groups, and the polish sets them to

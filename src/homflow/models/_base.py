@@ -36,7 +36,7 @@ class AbstractHomogeneousModel(eqx.Module):
     @property
     @abc.abstractmethod
     def degree(self) -> int:
-        """The order ``L`` with ``Phi(c theta) = c^L Phi(theta)`` for ``c > 0`` (MATH.md section 1)."""
+        """The order ``L`` with ``Phi(c theta) = c^L Phi(theta)`` for ``c > 0`` (docs/math.md section 1)."""
 
     @property
     @abc.abstractmethod

@@ -115,7 +115,7 @@ class CNN(AbstractHomogeneousModel):
 
 
 class DiagonalLinear(AbstractHomogeneousModel):
-    """Diagonal linear network ``f(x) = sum_i (u_i^D - v_i^D) x_i`` of order ``D = depth`` (MATH.md section 1).
+    """Diagonal linear network ``f(x) = sum_i (u_i^D - v_i^D) x_i`` of order ``D = depth`` (docs/math.md section 1).
 
     The effective linear predictor is ``beta = u^D - v^D``; with ``depth = 2`` its max-margin KKT direction at the
     global optimum is the minimum-l1-norm margin predictor.

@@ -14,7 +14,7 @@ __all__ = ["TwoLayer", "MLP", "mlp_degree"]
 
 
 def mlp_degree(p: int, n_layers: int) -> int:
-    """Order ``L = 1 + p + ... + p^(K-1)`` of a bias-free net with ``K`` weight layers (MATH.md section 1)."""
+    """Order ``L = 1 + p + ... + p^(K-1)`` of a bias-free net with ``K`` weight layers (docs/math.md section 1)."""
     return sum(p**k for k in range(n_layers))
 
 

@@ -1,7 +1,7 @@
 """The early phase of gradient flow from a tiny initialisation ``theta(0) = delta * theta_hat`` (arXiv 2403.08121).
 
 While ``||theta|| = O(delta)`` the flow follows the rescaled NCF flow, ``theta(t) ~ delta * u(delta^(L-2) t)`` with
-``du/ds = grad N(u)``, ``u(0) = theta_hat`` (MATH.md section 3). For ``L > 2`` the NCF flow blows up at a finite ``s*``
+``du/ds = grad N(u)``, ``u(0) = theta_hat`` (docs/math.md §3). For ``L > 2`` the NCF flow blows up at a finite ``s*``
 with its direction converging to a positive KKT point ``u*`` of the constrained NCF, so the weights escape after a time
 of order ``s* / delta^(L-2)``; for ``L = 2`` it grows exponentially and the escape takes ``O(log(1/delta))``.
 """
@@ -52,7 +52,7 @@ def _ncf_values(problem, us):
 
 def direction_residual(problem: Problem, u):
     """Relative KKT residual of a direction for the constrained NCF: ``||g - <u_hat, g> u_hat|| / ||g||`` with
-    ``g = grad N(u_hat)``, ``u_hat = u / ||u||`` (the tangential gradient, MATH.md section 3; 0 at a KKT point, 1 when
+    ``g = grad N(u_hat)``, ``u_hat = u / ||u||`` (the tangential gradient, docs/math.md §3; 0 at a KKT point, 1 when
     the gradient is orthogonal to ``u``). ``u`` is one vector (returns a float) or a batch (P,)-rows (an array).
     ``problem`` comes from :func:`make_problem`."""
     u = np.asarray(u, dtype=float)

@@ -1,6 +1,6 @@
 """The escape-time law: from ``delta * theta_hat`` the weights escape after a time ``~ s* / delta^(L-2)`` for ``L > 2``
 and ``~ log(1/delta) / lambda`` for ``L = 2`` (``lambda = L N(u*)``, the growth rate along the KKT direction);
-arXiv 2403.08121, MATH.md section 3."""
+arXiv 2403.08121, docs/math.md section 3."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""After the escape (arXiv 2502.15952, MATH.md section 4): the limiting path ``p(t)`` (the flow from ``b * u*``,
+"""After the escape (arXiv 2502.15952, docs/math.md section 4): the limiting path ``p(t)`` (the flow from ``b * u*``,
 time-shifted so that its norm crosses a fixed level at ``t = 0``, as ``b -> 0``), the first saddle it reaches and the
 sparsity pattern it keeps."""
 
@@ -56,7 +56,7 @@ def _shifted(problem, theta0, level, taus, t_max, rtol, max_steps):
 def limiting_path(model: AbstractHomogeneousModel, data, u_star, *, loss="square", bs=(1e-2, 1e-3, 1e-4),
                   level: float = 0.1, tau_max: float = 100.0, n_save: int = 100, real_delta: float | None = None,
                   rtol: float = 1e-9, max_steps: int = 200_000) -> LimitingPath:
-    """Compute the limiting path from the KKT direction ``u_star`` (MATH.md section 4).
+    """Compute the limiting path from the KKT direction ``u_star`` (docs/math.md section 4).
 
     Arguments:
         model: the architecture (and, with ``real_delta``, the direction ``theta_hat`` of the real flow).

@@ -1,4 +1,4 @@
-"""Rank-one structure of NCF KKT points of deep feed-forward nets (arXiv 2403.08121; MATH.md sections 3 and 5).
+"""Rank-one structure of NCF KKT points of deep feed-forward nets (arXiv 2403.08121; docs/math.md sections 3 and 5).
 
 A KKT point of ``max N(u)`` s.t. ``||u|| = 1`` of a deep (leaky) ReLU or ReLU^p MLP is often *rank one*: every weight
 matrix is ``W_k = s_k u_k v_k^T``. When the hidden vectors ``u_k`` (k < K) are entrywise non-negative,
@@ -7,7 +7,7 @@ matrix is ``W_k = s_k u_k v_k^T``. When the hidden vectors ``u_k`` (k < K) are e
     ``w_1 = s_1 v_1^T``,  ``w_k = s_k <v_k, u_{k-1}^p>`` (k >= 2)   (``u_K = +-1``, folded into ``w_K``),
 
 and, because the gradient of ``N`` with respect to ``W_{k+1}`` has row space ``u_k^p``, a KKT point has
-``v_{k+1} = +-u_k^p / ||u_k^p||``. For ``p = 1`` the point is therefore exactly the split (MATH.md section 5) of that
+``v_{k+1} = +-u_k^p / ||u_k^p||``. For ``p = 1`` the point is therefore exactly the split (docs/math.md §5) of that
 width-one network with coefficients ``u_k`` in every hidden layer: an isometry that maps NCF KKT points to NCF KKT
 points, so the width-one network is itself a KKT point (re-certified here by its own residual). For ``p != 1`` a
 non-trivial split does not carry KKT points (``homflow.embedding`` refuses it); one-hot hidden vectors (one neuron
@@ -76,7 +76,7 @@ def width_one_network(model: MLP, *, rank_rtol: float = 1e-6, sign_tol: float = 
 
     ``w_1 = s_1 v_1^T``, ``w_k = s_k <v_k, u_{k-1}^p>`` for ``k >= 2`` (times ``u_K = +-1`` in the last layer); the
     outputs agree exactly because ``sigma(c z) = c^p sigma(z)`` for ``c >= 0``. For ``p = 1`` this is the network whose
-    split (:func:`split_back`) is ``model`` (MATH.md section 5).
+    split (:func:`split_back`) is ``model`` (docs/math.md section 5).
     """
     f = rank_one_factors(model, rank_rtol=rank_rtol, sign_tol=sign_tol)
     if f is None:

@@ -1,4 +1,4 @@
-"""Plateaus and saddles after the escape (arXiv 2502.15952, MATH.md section 4): segment a trajectory into plateaus and
+"""Plateaus and saddles after the escape (arXiv 2502.15952, docs/math.md §4): segment a trajectory into plateaus and
 transitions, measure each plateau (gradient norm, loss, extreme Hessian eigenvalues by Lanczos on Hessian-vector
 products, never a dense Hessian for large models), classify it, and polish a plateau point into a critical point."""
 

@@ -1,8 +1,8 @@
 """The flows of the phase measurements, as thin callers of :func:`homflow.flow.integrate` (the one integrate path,
 with homflow's stiff-aware engine :class:`homflow.flow.Auto` by default).
 
-Two vector fields are integrated: the loss gradient flow ``d theta/dt = -grad L(theta)`` (MATH.md section 2) and the
-NCF flow ``du/ds = grad N(u)`` with ``N(u) = sum_i ytilde_i Phi(u; x_i)`` (MATH.md section 3, arXiv 2403.08121).
+Two vector fields are integrated: the loss gradient flow ``d theta/dt = -grad L(theta)`` (docs/math.md §2) and the
+NCF flow ``du/ds = grad N(u)`` with ``N(u) = sum_i ytilde_i Phi(u; x_i)`` (docs/math.md section 3, arXiv 2403.08121).
 Both stop at the first time the norm reaches ``level`` (:class:`homflow.flow.NormAbove`, located on the step's dense
 output). The stopping level, the final time and the tolerances are traced and the save grids padded to a few lengths,
 so a sweep over initial scales ``delta`` compiles once per architecture instead of once per ``delta``.

@@ -1,4 +1,4 @@
-"""Sparsity kept through the escape (arXiv 2502.15952, MATH.md section 4): zero-preserving groups (the in- and
+"""Sparsity kept through the escape (arXiv 2502.15952, docs/math.md section 4): zero-preserving groups (the in- and
 out-weights of a neuron) that are zero at the KKT direction stay exactly zero along the limiting path and small along
 the real flow; the saddle reached is then a critical point of the smaller network with those neurons removed."""
 

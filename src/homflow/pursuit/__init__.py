@@ -1,7 +1,7 @@
 """Neuron pursuit (arXiv 2509.12154): a network grown one neuron at a time from the saddles of its training loss.
 
 Each new neuron's in- and out-weights are a certified KKT point of the constrained NCF of the residual restricted to
-that neuron (MATH.md section 4); the enlarged network is then trained by gradient descent. See ``docs/pursuit.md``.
+that neuron (docs/math.md section 4); the enlarged network is then trained by gradient descent. See ``docs/pursuit.md``.
 """
 
 from ._algorithm import (

@@ -1,6 +1,6 @@
 """Neuron pursuit (arXiv 2509.12154): grow a bias-free MLP one neuron at a time from the saddles of its training loss.
 
-The algorithm (MATH.md section 4):
+The algorithm (docs/math.md section 4):
 
 0. Start from the network with one neuron per hidden layer, at ``init_scale * u_0`` where ``u_0`` is the best KKT point
    of the constrained NCF ``max N(u) = sum_i ytilde_i H(u; x_i)`` s.t. ``||u|| = 1`` of that width-one network (the
@@ -234,7 +234,7 @@ def best_neuron(model: MLP, data: Dataset, opts: PursuitOptions, key):
 
 def neuron_pursuit(data: Dataset, options: PursuitOptions | None = None, *, progress=None,
                    **overrides) -> PursuitResult:
-    """Learn a bias-free MLP by neuron pursuit (arXiv 2509.12154; MATH.md section 4).
+    """Learn a bias-free MLP by neuron pursuit (arXiv 2509.12154; docs/math.md section 4).
 
     Arguments:
         data: the training set; options: a :class:`PursuitOptions` (``overrides`` replace single fields).

@@ -1,6 +1,6 @@
 """A new hidden neuron at a saddle: its network increment, the residual's NCF restricted to it, and its insertion.
 
-MATH.md section 4 (arXiv 2509.12154, building on 2502.15952). Let ``H(w; x)`` be a bias-free MLP
+docs/math.md section 4 (arXiv 2509.12154, building on 2502.15952). Let ``H(w; x)`` be a bias-free MLP
 ``W_K sigma(... sigma(W_1 x))`` at a point ``w`` (a saddle reached by training) and add one neuron to hidden layer
 ``l`` (``1 <= l < K``): a new row ``a`` of ``W_l`` (in-weights, length ``h_{l-1}``) and a new column ``b`` of
 ``W_{l+1}`` (out-weights, length ``h_{l+1}``; ``h_K = 1``). The pre-activations of layer ``l + 1`` move by
@@ -147,7 +147,7 @@ def lifted_inputs(model: MLP, X: Float[Array, "n d"], layer: int) -> Float[Array
 
 def residual_labels(model: AbstractHomogeneousModel, data: Dataset, loss="square") -> Float[Array, " n"]:
     """``r_i = -dl/dPhi`` at the current outputs (square loss: ``y_i - H(x_i)``; the NCF labels at ``Phi = 0``
-    generalise to this at any point). MATH.md section 4."""
+    generalise to this at any point). docs/math.md section 4."""
     loss = get_loss(loss)
     out = jax.vmap(model)(jnp.asarray(data.X))
     y = jnp.asarray(data.y, dtype=out.dtype)

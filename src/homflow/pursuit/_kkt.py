@@ -7,7 +7,7 @@ closed form; a point is accepted when its own pattern is the piece's (a fixed po
 tangential residual ``||grad N(u) - <u, grad N(u)> u||`` of :class:`homflow.kkt.NCF` (autodiff, independent of the
 closed form). Other activations (``p >= 2``, smooth) use :func:`homflow.kkt.polish_ncf_theta` (Newton).
 
-* New neuron (MATH.md section 4): on the pattern ``s_i = sigma'(a . f_i)`` (1 or ``alpha``) the residual NCF is the
+* New neuron (docs/math.md section 4): on the pattern ``s_i = sigma'(a . f_i)`` (1 or ``alpha``) the residual NCF is the
   bilinear form ``N_r(a, b) = a^T M_s b`` with ``M_s = sum_i r_i s_i f_i g_i^T``; its KKT points on the sphere are the
   singular pairs ``(a, b) = (u_j, v_j) / sqrt(2)`` with ``N_r = sigma_j / 2``; the largest is taken.
 * Width-one ReLU network (``alpha = 0``), ``H = w_K relu(w_{K-1} ... relu(w_2 relu(w_1 . x)))
@@ -166,7 +166,7 @@ def _bilinear_fixed_point(F, G, r, a, alpha, max_rounds, tie_tol, Z0=None, H0=No
 
 
 def clarke_residual(u, g, C, lower, upper):
-    """Smallest tangential residual over the Clarke subdifferential at a kinked point (MATH.md section 6).
+    """Smallest tangential residual over the Clarke subdifferential at a kinked point (docs/math.md section 6).
 
     At a tie the activation's slope ``s_i`` may be anything in ``[alpha, 1]``; the gradient is affine in the slopes,
     ``g(t) = g + C^T t`` with ``t_i = s_i - s_i(autodiff)`` in ``[lower_i, upper_i]``. Returns
