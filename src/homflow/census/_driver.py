@@ -67,6 +67,11 @@ class DriverOptions:
         chunk_steps: engine steps per member per chunk (refill only); a chunk restarts each member's step-size and
             stiffness detection, which costs a few steps, so chunks should be long against that.
         min_batch: compaction never shrinks the batch below this.
+        split_phases: (refill) advance the members still waiting for their escape and those past it in separate
+            calls, each of the smallest size (a power of two, at least ``min_batch``) that holds it, so that
+            early-phase members (explicit steps) do not pay for the RKC stages of stiff members past their escape.
+            Off by default: on the quick census's problem (64 members, batch 16) it raised the busy utilisation from
+            0.42 to 0.45 but the idle slots of the smaller calls cost more (927k vs 885k slot evaluations).
         n_saves: states saved per member per chunk, every ``save_dt`` of its time (the loss curve for the plateau
             detection; refill only: the classic call spreads them over its whole horizon).
         max_steps: most engine steps of one member over both phases.
@@ -77,6 +82,7 @@ class DriverOptions:
     refill: bool = True
     chunk_steps: int = 400
     min_batch: int = 4
+    split_phases: bool = False
     n_saves: int = 32
     max_steps: int = 2_000_000
     engine: EngineOptions = EngineOptions()
@@ -224,75 +230,87 @@ def run_members(objective: Objective, thetas0, *, levels, horizons, ends=None, t
                 B //= 2
         elif not slots:
             slots, queue = queue[:B], queue[B:]
-        active = list(slots)
-        n = len(active)
-        level = np.where(phase[active] == ESCAPE, levels[active], 0.0)
-        left = np.array([(horizons[i] if phase[i] == ESCAPE else member_end(i)) - clock[i] for i in active])
-        left = np.maximum(left, 0.0)
-        y0 = np.zeros((B, P + 2))
-        y0[:n, :P] = state[active]
-        y0[:n, P] = level * _KAPPA
-        y0[:n, P + 1] = left * _KAPPA
-        y0[n:, P + 1] = 1e-6 * _KAPPA  # idle slots: stop at once
-        at = np.ones(B)
-        at[:n] = atol_v[active]
-        span = float(max(left.max(initial=0.0), 1e-6))
-        if options.refill:
-            save_ts = save_dt * np.arange(1, options.n_saves + 1)
-            max_steps = options.chunk_steps
-        else:
-            save_ts = span * np.arange(1, options.n_saves + 1) / options.n_saves
-            max_steps = options.max_steps
-        t1 = max(span, float(save_ts[-1])) * (1 + 1e-12)
-        sol = ode_batch(_field, y0, t1, args=objective, ts=np.concatenate([[0.0], save_ts]), rtol=rtol, atol=at,
-                        event=_event, max_steps=int(max_steps), options=options.engine, method=options.engine.method)
-        calls += 1
-        sizes.append(B)
-        batched += int(sol.stats["batched_evals"])
-        slot += B * int(sol.stats["batched_evals"])
-        loops = max(int(sol.stats["loop_iterations"]), 1)
-        idle += (B * loops - float(np.sum(sol.stats["num_steps"][:n]))) * sol.stats["batched_evals"] / loops
-        ys_all = sol.ys[:, 1:, :P]
-        ok_all = np.all(np.isfinite(ys_all), axis=-1)
-        # losses of every slot's saves and end in one fixed shape (B * (S + 1), P): compiled once per batch size
-        flat = np.concatenate([np.where(ok_all[..., None], ys_all, 0.0).reshape(-1, P), sol.y_end[:, :P]])
-        ll_all = np.asarray(_diagnostics(objective, jnp.asarray(flat)))
-        ll = ll_all[: B * len(save_ts)].reshape(B, len(save_ts))[:n]
-        ll_end = ll_all[B * len(save_ts):][:n]
-        ys, ok_rows = ys_all[:n], ok_all[:n]
-        y_end = sol.y_end[:n, :P]
-        g_saves, g_end = gnorms(ys), gnorms(y_end)
         keep = []
-        for k, i in enumerate(active):
-            evals[i] += int(sol.stats["grad_evals"][k])
-            steps[i] += int(sol.stats["num_steps"][k])
-            t_loc = float(sol.t_end[k])
-            for j in np.flatnonzero(ok_rows[k]):
-                if save_ts[j] < t_loc:
-                    curve_t[i].append(clock[i] + float(save_ts[j]))
-                    curve_l[i].append(float(ll[k, j]))
-                    curve_g[i].append(g_saves[k, j])
-            clock[i] += t_loc
-            state[i] = y_end[k]
-            curve_t[i].append(clock[i])
-            curve_l[i].append(float(ll_end[k]))
-            curve_g[i].append(g_end[k])
-            code, ev = int(sol.status[k]), int(sol.event[k])
-            if code == 2 and ev == 0:  # escaped
-                t_esc[i] = clock[i]
-                th_esc[i] = y_end[k]
-                phase[i] = AFTER
-                keep.append(i)
-            elif code in (1, 2):  # reached the end of its phase
-                if phase[i] == ESCAPE:
-                    outcome[i], reason[i] = NO_ESCAPE, f"the norm did not reach {levels[i]:.3g} by t = {clock[i]:.4g}"
-                phase[i] = DONE
-            elif code == 3 and steps[i] < options.max_steps and options.refill:
-                keep.append(i)  # chunk done, member continues
+        B_cap = B
+        if options.refill and options.split_phases:  # members in their escape and after it, in separate calls
+            groups = [[i for i in slots if phase[i] == ESCAPE], [i for i in slots if phase[i] != ESCAPE]]
+        else:
+            groups = [list(slots)]
+        for active in groups:
+            if not active:
+                continue
+            B_call = B_cap
+            while options.refill and options.split_phases and B_call // 2 >= max(len(active), options.min_batch):
+                B_call //= 2
+            n = len(active)
+            B = B_call
+            level = np.where(phase[active] == ESCAPE, levels[active], 0.0)
+            left = np.array([(horizons[i] if phase[i] == ESCAPE else member_end(i)) - clock[i] for i in active])
+            left = np.maximum(left, 0.0)
+            y0 = np.zeros((B, P + 2))
+            y0[:n, :P] = state[active]
+            y0[:n, P] = level * _KAPPA
+            y0[:n, P + 1] = left * _KAPPA
+            y0[n:, P + 1] = 1e-6 * _KAPPA  # idle slots: stop at once
+            at = np.ones(B)
+            at[:n] = atol_v[active]
+            span = float(max(left.max(initial=0.0), 1e-6))
+            if options.refill:
+                save_ts = save_dt * np.arange(1, options.n_saves + 1)
+                max_steps = options.chunk_steps
             else:
-                outcome[i] = FAILED
-                reason[i] = sol.reasons[k] + f" at t = {clock[i]:.4g}"
-                phase[i] = DONE
+                save_ts = span * np.arange(1, options.n_saves + 1) / options.n_saves
+                max_steps = options.max_steps
+            t1 = max(span, float(save_ts[-1])) * (1 + 1e-12)
+            sol = ode_batch(_field, y0, t1, args=objective, ts=np.concatenate([[0.0], save_ts]), rtol=rtol, atol=at,
+                            event=_event, max_steps=int(max_steps), options=options.engine, method=options.engine.method)
+            calls += 1
+            sizes.append(B)
+            batched += int(sol.stats["batched_evals"])
+            slot += B * int(sol.stats["batched_evals"])
+            loops = max(int(sol.stats["loop_iterations"]), 1)
+            idle += (B * loops - float(np.sum(sol.stats["num_steps"][:n]))) * sol.stats["batched_evals"] / loops
+            ys_all = sol.ys[:, 1:, :P]
+            ok_all = np.all(np.isfinite(ys_all), axis=-1)
+            # losses of every slot's saves and end in one fixed shape (B * (S + 1), P): compiled once per batch size
+            flat = np.concatenate([np.where(ok_all[..., None], ys_all, 0.0).reshape(-1, P), sol.y_end[:, :P]])
+            ll_all = np.asarray(_diagnostics(objective, jnp.asarray(flat)))
+            ll = ll_all[: B * len(save_ts)].reshape(B, len(save_ts))[:n]
+            ll_end = ll_all[B * len(save_ts):][:n]
+            ys, ok_rows = ys_all[:n], ok_all[:n]
+            y_end = sol.y_end[:n, :P]
+            g_saves, g_end = gnorms(ys), gnorms(y_end)
+            for k, i in enumerate(active):
+                evals[i] += int(sol.stats["grad_evals"][k])
+                steps[i] += int(sol.stats["num_steps"][k])
+                t_loc = float(sol.t_end[k])
+                for j in np.flatnonzero(ok_rows[k]):
+                    if save_ts[j] < t_loc:
+                        curve_t[i].append(clock[i] + float(save_ts[j]))
+                        curve_l[i].append(float(ll[k, j]))
+                        curve_g[i].append(g_saves[k, j])
+                clock[i] += t_loc
+                state[i] = y_end[k]
+                curve_t[i].append(clock[i])
+                curve_l[i].append(float(ll_end[k]))
+                curve_g[i].append(g_end[k])
+                code, ev = int(sol.status[k]), int(sol.event[k])
+                if code == 2 and ev == 0:  # escaped
+                    t_esc[i] = clock[i]
+                    th_esc[i] = y_end[k]
+                    phase[i] = AFTER
+                    keep.append(i)
+                elif code in (1, 2):  # reached the end of its phase
+                    if phase[i] == ESCAPE:
+                        outcome[i], reason[i] = NO_ESCAPE, f"the norm did not reach {levels[i]:.3g} by t = {clock[i]:.4g}"
+                    phase[i] = DONE
+                elif code == 3 and steps[i] < options.max_steps and options.refill:
+                    keep.append(i)  # chunk done, member continues
+                else:
+                    outcome[i] = FAILED
+                    reason[i] = sol.reasons[k] + f" at t = {clock[i]:.4g}"
+                    phase[i] = DONE
+        B = B_cap
         slots = keep if (options.refill or keep) else []
         if progress is not None:
             progress(float(np.mean(phase == DONE)), f"{int(np.sum(phase == DONE))}/{N} members done")
