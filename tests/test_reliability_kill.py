@@ -142,7 +142,8 @@ def _start_sweep(tmp_path, *extra):
     return proc, store
 
 
-def _wait_workers(proc, n=2, timeout=240):
+def _wait_workers(proc, n=1, timeout=240):
+    """The spawned workers of a sweep (``--workers 2``: one process beside the driver's own thread)."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         kids = [c for c in children(proc.pid) if alive(c)]

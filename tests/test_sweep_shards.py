@@ -31,7 +31,7 @@ def test_dead_worker_retried_and_every_shard_once(tmp_path):
     got, failed = [], {}
     payloads = {i: (i, str(tmp_path / f"m{i}") if i in (1, 4) else None, i == 5) for i in range(7)}
     run_shards(crash_once, payloads, on_result=lambda k, v: got.append((k, v)),
-               on_failure=lambda k, r: failed.__setitem__(k, r), workers=2, max_retries=2)
+               on_failure=lambda k, r: failed.__setitem__(k, r), workers=2, max_retries=2, inline=False)
     assert sorted(got) == [(i, i * i) for i in range(7) if i != 5]  # each once, retried ones included
     assert list(failed) == [5] and "died" in failed[5] and "3 times" in failed[5]
     assert (tmp_path / "m1").exists() and (tmp_path / "m4").exists()
@@ -66,7 +66,8 @@ def test_killing_the_driver_stops_its_workers(tmp_path):
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from homflow.shards import run_shards
         from test_sweep_shards import sleeper
-        run_shards(sleeper, {{i: {str(pids)!r} for i in range(4)}}, on_result=print, on_failure=print, workers=2)
+        run_shards(sleeper, {{i: {str(pids)!r} for i in range(4)}}, on_result=print, on_failure=print, workers=2,
+                   inline=False)
     """)
     proc = subprocess.Popen([sys.executable, "-c", driver], env={**os.environ, "HOMFLOW_JAX_CACHE": "off"})
     deadline = time.time() + 180
@@ -80,6 +81,19 @@ def test_killing_the_driver_stops_its_workers(tmp_path):
     while time.time() < deadline and any(_alive(w) for w in workers):
         time.sleep(0.1)
     assert not any(_alive(w) for w in workers), "workers outlived their driver"
+
+
+def test_inline_driver_slot(tmp_path):
+    """workers = 2: one spawned process and the driver's own thread share the shards; every shard arrives once."""
+    got = {}
+    run_shards(square_and_pid, {i: i for i in range(8)}, on_result=got.__setitem__, on_failure=print, workers=2)
+    assert {k: v[0] for k, v in got.items()} == {i: i * i for i in range(8)}
+    assert os.getpid() in {v[1] for v in got.values()}  # the driver computed some of them
+
+
+def square_and_pid(x):
+    time.sleep(0.3)
+    return x * x, os.getpid()
 
 
 def sleeper(pid_dir):

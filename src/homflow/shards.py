@@ -8,8 +8,9 @@ again (at most ``max_retries`` more times) on a fresh worker, and the healthy wo
 Backends:
 
 * ``'local'`` with ``workers = 1``: in the driver's process.
-* ``'local'`` with ``workers > 1``: long-lived spawned processes (JAX does not survive ``fork``), one shard at a time
-  each. A worker watches its parent and exits when the parent dies, so killing the driver stops its workers.
+* ``'local'`` with ``workers > 1``: the driver itself (a thread, already warm) and ``workers - 1`` long-lived spawned
+  processes (JAX does not survive ``fork``), one shard at a time each. A worker watches its parent and exits when the
+  parent dies, so killing the driver stops its workers.
 * ``'ray'``: Ray tasks with declared resources (``num_cpus``, ``num_gpus``), ``max_retries`` for a task whose worker
   died, at most ``workers`` shards in flight; ``ray.init(address=...)`` gives up with a clear message after
   ``connect_timeout_s`` when no cluster answers.
@@ -97,7 +98,8 @@ def run_shards(fn: Callable[[Any], Any], payloads: Mapping[Any, Any], *, on_resu
                on_failure: Callable[[Any, str], None], backend: str = "local", workers: int = 1,
                max_retries: int = DEFAULT_MAX_RETRIES, address: str | None = None, num_cpus: float = 1.0,
                num_gpus: float = 0.0, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
-               cache_dir: str | None = None, progress: Callable[[float, str], None] | None = None) -> None:
+               cache_dir: str | None = None, progress: Callable[[float, str], None] | None = None,
+               inline: bool = True) -> None:
     """Run ``fn(payload)`` for every ``payloads[key]`` and hand each value to ``on_result(key, value)`` in the
     driver as it arrives; a shard that raised, or whose worker died more than ``max_retries`` times, goes to
     ``on_failure(key, reason)``.
@@ -107,6 +109,8 @@ def run_shards(fn: Callable[[Any], Any], payloads: Mapping[Any, Any], *, on_resu
         backend: ``'local'`` or ``'ray'``. workers: shards in flight at once (processes for ``'local'``).
         max_retries: extra attempts for a shard whose worker died. num_cpus, num_gpus: Ray resources per shard.
         address: Ray cluster address (``None``: start a local Ray with ``workers`` CPUs).
+        inline: with the local backend and ``workers > 1``, the driver computes shards too (in a thread, while it
+            waits), beside ``workers - 1`` spawned processes; ``False``: ``workers`` processes, the driver only waits.
         cache_dir: the compilation cache shared by the workers (default :func:`compilation_cache_dir`;
             ``$HOMFLOW_JAX_CACHE=off`` disables it; see :func:`enable_compilation_cache`).
 
@@ -143,7 +147,7 @@ def run_shards(fn: Callable[[Any], Any], payloads: Mapping[Any, Any], *, on_resu
             on_result(k, v)
         progress(1.0, "done")
     else:
-        _run_pool(fn, todo, on_result, on_failure, workers, max_retries, cache_dir, progress)
+        _run_pool(fn, todo, on_result, on_failure, workers, max_retries, cache_dir, progress, inline)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -168,15 +172,29 @@ def _pool_main(conn, cache_dir: str | None, parent_pid: int) -> None:  # pragma:
         conn.send((key, out))
 
 
-def _run_pool(fn, todo, on_result, on_failure, workers, max_retries, cache_dir, progress) -> None:
+def _run_pool(fn, todo, on_result, on_failure, workers, max_retries, cache_dir, progress, inline=True) -> None:
+    """``workers - 1`` spawned processes plus the driver itself (``inline``: a thread of the driver computes shards
+    while the processes start; it has imported and compiled already, so two workers beat one even for short sweeps).
+    """
     import multiprocessing as mp
+    import queue as _queue
     from multiprocessing.connection import wait
 
     ctx = mp.get_context("spawn")
     queue = list(todo)
     attempts = {k: 0 for k in queue}
     n, done = len(queue), 0
+    lock = threading.Lock()
     procs: dict[int, tuple[Any, Any, Any]] = {}  # slot -> (process, connection, key in flight or None)
+    local: _queue.Queue = _queue.Queue()
+
+    def take():
+        with lock:
+            if not queue:
+                return None
+            k = queue.pop(0)
+            attempts[k] += 1
+            return k
 
     def start(slot: int) -> None:
         a, b = ctx.Pipe()
@@ -188,33 +206,63 @@ def _run_pool(fn, todo, on_result, on_failure, workers, max_retries, cache_dir, 
 
     def feed(slot: int) -> None:
         p, conn, _ = procs[slot]
-        if queue:
-            k = queue.pop(0)
-            attempts[k] += 1
+        k = take()
+        if k is not None:
             conn.send((fn, k, todo[k]))
-            procs[slot] = (p, conn, k)
-        else:
-            procs[slot] = (p, conn, None)
+        procs[slot] = (p, conn, k)
 
+    def inline_loop() -> None:
+        while (k := take()) is not None:
+            try:
+                out = ("ok", fn(todo[k]))
+            except Exception as e:  # noqa: BLE001
+                out = ("error", f"{type(e).__name__}: {e}")
+            local.put((k, out))
+        local.put(None)
+
+    def deliver(key, kind, value) -> None:
+        nonlocal done
+        done += 1
+        (on_result if kind == "ok" else on_failure)(key, value)
+        progress(done / n, f"{done}/{n} done")
+
+    n_procs = min(workers - 1 if inline else workers, n)
+    thread = None
     try:
-        for slot in range(min(workers, n)):
+        for slot in range(n_procs):
             start(slot)
             feed(slot)
-        while any(k is not None for _, _, k in procs.values()):
-            ready = wait([c for _, c, k in procs.values() if k is not None]
-                         + [p.sentinel for p, _, k in procs.values() if k is not None])
+        if inline:
+            thread = threading.Thread(target=inline_loop, daemon=True, name="homflow-inline-shards")
+            thread.start()
+        inline_busy = inline
+        while inline_busy or any(k is not None for _, _, k in procs.values()) or (queue and procs):
+            watched = [c for _, c, k in procs.values() if k is not None] \
+                + [p.sentinel for p, _, k in procs.values() if k is not None]
+            ready = wait(watched, timeout=0.05 if inline_busy else None) if watched else []
+            if not watched and inline_busy:
+                time.sleep(0.05)
+            while True:
+                try:
+                    item = local.get_nowait()
+                except _queue.Empty:
+                    break
+                if item is None:
+                    inline_busy = False
+                else:
+                    deliver(item[0], *item[1])
             for slot, (p, conn, k) in list(procs.items()):
                 if k is None:
+                    if queue:  # a retried shard came back after this worker went idle
+                        feed(slot)
                     continue
                 if conn in ready or conn.poll():
                     try:
                         key, (kind, value) = conn.recv()
                     except (EOFError, OSError):
-                        kind = None  # died while sending: treated as a dead worker below
+                        pass  # died while sending: treated as a dead worker below
                     else:
-                        done += 1
-                        (on_result if kind == "ok" else on_failure)(key, value)
-                        progress(done / n, f"{done}/{n} done")
+                        deliver(key, kind, value)
                         feed(slot)
                         continue
                 if p.sentinel in ready or not p.is_alive():
@@ -222,13 +270,16 @@ def _run_pool(fn, todo, on_result, on_failure, workers, max_retries, cache_dir, 
                     conn.close()
                     reason = f"its worker process died (exit code {p.exitcode})"
                     if attempts[k] <= max_retries:
-                        queue.insert(0, k)
+                        with lock:
+                            queue.insert(0, k)
                         progress(done / n, f"retrying a shard: {reason}")
                     else:
-                        done += 1
-                        on_failure(k, f"{reason}, {attempts[k]} times")
+                        deliver(k, "error", f"{reason}, {attempts[k]} times")
                     start(slot)
                     feed(slot)
+            if not procs and not inline_busy and queue:  # no worker left to take a retried shard
+                start(0)
+                feed(0)
     finally:
         for p, conn, _ in procs.values():
             try:
