@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -21,13 +22,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CPU: list[float] = []  # CPU seconds (user + sys) of each command and its workers
 
 
 def run(cmd: list[str], env: dict) -> float:
     """Seconds of one command; exits if any point of the sweep did not complete."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.run([*cmd, "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     dt = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU.append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
     try:
         runs = json.loads(p.stdout.strip().splitlines()[-1])["runs"]
     except (ValueError, KeyError, IndexError):
@@ -50,14 +55,14 @@ def main() -> None:
         configs = [("local", 1), ("local", 2)] + ([("ray", 1), ("ray", 2)] if a.ray else [])
         print(f"load average before: {os.getloadavg()[0]:.1f}; cpus: {os.cpu_count()}")
         cold = run([homflow, "sweep", a.sweep, "--workers", "1", "--store", str(Path(tmp) / "cold")], env)
-        print(f"cold cache, local, workers=1: {cold:.1f} s")
+        print(f"cold cache, local, workers=1: {cold:.1f} s wall, {CPU[-1]:.1f} s CPU")
         times: dict = {c: [] for c in configs}
         for r in range(a.repeat):
             for backend, w in configs:
                 store = Path(tmp) / f"{backend}-{w}-{r}"
                 times[(backend, w)].append(run([homflow, "sweep", a.sweep, "--backend", backend, "--workers", str(w),
                                                 "--store", str(store)], env))
-                print(f"warm cache, {backend}, workers={w}: {times[(backend, w)][-1]:.1f} s "
+                print(f"warm cache, {backend}, workers={w}: {times[(backend, w)][-1]:.1f} s wall, {CPU[-1]:.1f} s CPU "
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)
         for backend in ("local", "ray"):
             if (backend, 1) in times:
