@@ -100,7 +100,7 @@ def test_joint_flow_carries_eta_equal_T_theta():
     a, b = joint_flow(s, m, data, t1=5.0, ts=ts, rtol=1e-10)
     assert a.success and a.stats["error_norm"] == "narrow" and np.allclose(a.ts, ts)
     assert np.max(trajectory_error(s, a, b)) <= 1e-12
-    alone = gradient_flow(m, data, loss="exponential", t1=5.0, ts=ts, rtol=1e-10, time="linear")  # same solver: auto
+    alone = gradient_flow(m, data, loss="exponential", t1=5.0, ts=ts, rtol=1e-10, time="linear", solver="auto")
     assert alone.stats["num_steps"] == a.stats["num_steps"] and np.array_equal(alone.thetas, a.thetas)
     assert np.all(np.diff(a.log_loss) < 0) and np.allclose(a.log_loss, b.log_loss, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="error_norm"):

@@ -14,6 +14,9 @@ from ._ode import gradient_flow, gradient_flow_batch, largest_hessian_eigenvalue
 from ._results import RESULTS, SolverError
 from ._solution import FlowResult, Trajectory
 from ._solvers import DOPRI5, RKC, SOLVERS, AbstractFlowSolver, Auto, Diffrax, FlowOutput, as_solver, default_atol
+from ._clarke import clarke_min_norm
+from ._nonsmooth import Clarke, ClarkeFlow, nonsmooth_flow
+from ._nonsmooth_joint import joint_nonsmooth_flow
 
 __all__ = [
     "integrate",
@@ -22,6 +25,11 @@ __all__ = [
     "RKC",
     "DOPRI5",
     "Diffrax",
+    "Clarke",
+    "ClarkeFlow",
+    "nonsmooth_flow",
+    "joint_nonsmooth_flow",
+    "clarke_min_norm",
     "as_solver",
     "default_atol",
     "FlowOutput",

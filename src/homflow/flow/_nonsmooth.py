@@ -39,10 +39,6 @@ from ._clarke import KinkedProblem, clarke_min_norm, default_kink_tol, default_s
 from ._results import RESULTS
 from ._solution import Trajectory
 
-import os
-
-_DEBUG = bool(os.environ.get("HOMFLOW_NONSMOOTH_DEBUG"))
-
 __all__ = ["ClarkeFlow", "Clarke", "nonsmooth_flow", "integrate_nonsmooth", "kinked_default"]
 
 
@@ -352,8 +348,6 @@ class _Driver:
             return best
 
         target = pick(ev0, ev1, hits)
-        if _DEBUG:
-            print("event", u, h, target, mode.sliding)
         ha, hb, ev_a, ev_b = 0.0, h, ev0, ev1
         best_a, out, hc = None, None, 0.0
         pts = [(ha, max(val(ev_a, target), 0.0)), (hb, val(ev_b, target))]  # the last two trials (secant)
@@ -373,8 +367,6 @@ class _Driver:
             ec = val(ev_c, target)
             others = [("c", int(e)) for e in hit_c[0]] + [("s", int(e)) for e in hit_c[1]]
             others = [o for o in others if o != target]
-            if _DEBUG:
-                print("   it", ha, hb, hc, target, ec, len(others))
             if abs(ec) <= tol_t and not others:
                 return hc, out, target
             if ec < -tol_t or others:

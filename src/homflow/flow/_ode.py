@@ -54,7 +54,7 @@ def gradient_flow(
     atol: float | None = None,
     ts=None,
     n_save: int = 200,
-    solver="auto",
+    solver=None,
     time: str = "auto",
     events=None,
     max_steps: int = 1_000_000,
@@ -69,9 +69,10 @@ def gradient_flow(
         loss: ``'square'``, ``'logistic'``, ``'exponential'`` or a :class:`homflow.losses.Loss` (summed over samples).
         t1: final time.
         solver: a solver object (:class:`Auto`, :class:`RKC`, :class:`DOPRI5`, :class:`Diffrax`, ...), a name of
-            :data:`SOLVERS` (``'auto'`` default: DOPRI5 switching to RKC2 when the flow turns stiff; ``'rkc'``;
+            :data:`SOLVERS` (``'auto'``: DOPRI5 switching to RKC2 when the flow turns stiff; ``'rkc'``;
             ``'tsit5'``, ``'dopri5'``, ``'dopri8'``, ``'bosh3'``, ``'kvaerno5'``, ``'kvaerno3'``), or a diffrax solver.
-            ``stats['grad_evals']`` counts gradient evaluations.
+            ``stats['grad_evals']`` counts gradient evaluations. Default ``None``: the non-smooth solver
+            :class:`Clarke` (docs/nonsmooth.md) for ReLU / leaky-ReLU networks without ``events``, else ``'auto'``.
         rtol, atol: tolerances replacing the solver's (``rtol`` default 1e-8; ``atol`` default
             ``0.1 * rtol * ||theta(0)||``, :func:`default_atol`).
         ts: save times (default :func:`log_times` ``(t1, n_save)``: 0 and log-spaced times).
@@ -90,6 +91,10 @@ def gradient_flow(
         SolverError: when the flow fails and ``throw``.
     """
     problem, theta = _setup(model, data, loss, theta0)
+    if solver is None:  # kinked (ReLU-type) nets: the flow is a differential inclusion (docs/nonsmooth.md)
+        from ._nonsmooth import Clarke, kinked_default
+
+        solver = Clarke() if events is None and kinked_default(problem, theta) else "auto"
     return integrate(problem, as_solver(solver, rtol=rtol, atol=atol), theta, t1=t1, ts=ts, n_save=n_save,
                      time=time, events=events, max_steps=max_steps, throw=throw)
 
