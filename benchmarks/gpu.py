@@ -70,7 +70,7 @@ def diffrax_vmap_run(objective, thetas, t1, rtol, max_steps=200_000):
             sol = diffrax.diffeqsolve(term, diffrax.Tsit5(), 0.0, t1, None, th, args=objective,
                                       stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol, pcoeff=0.4,
                                                                                 icoeff=0.3, dtmin=None),
-                                      dt0=None, saveat=diffrax.SaveAt(t1=True), max_steps=max_steps, throw=False)
+                                      saveat=diffrax.SaveAt(t1=True), max_steps=max_steps, throw=False)
             return sol.ys[-1], sol.stats["num_steps"]
 
         return jax.vmap(one)(th0)
