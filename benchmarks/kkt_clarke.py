@@ -9,6 +9,10 @@ start, then
 - ``new``: ``solve_max_margin`` (Clarke certificate, kink polish, guards): converged, reason, stationarity, kinks,
   distance from the start's direction, normalized margin over the start's, wall time.
 
+(The well-separated ``gaussian_toy`` is not among them: there the loss-based schedule overflows ``log L`` to -1.8e308
+within 440 steps and the direction GD leaves is meaningless; ``solve_max_margin`` then refuses the KKT point it finds,
+1.03 away, as ``'too_far'``.)
+
 Run: ``OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/kkt_clarke.py [--steps 100000] [--cases 0,1,2,3,4]``
 (one BLAS thread: the dense solves are small, and a multi-threaded BLAS on a busy machine is far slower).
 """
@@ -27,17 +31,19 @@ import numpy as np  # noqa: E402
 
 from homflow import kkt  # noqa: E402
 from homflow.activations import leaky_relu  # noqa: E402
-from homflow.data import gaussian_toy, sphere, teacher_student  # noqa: E402
+from homflow.data import sphere, teacher_student  # noqa: E402
 from homflow.flow import gradient_descent  # noqa: E402
 from homflow.models import MLP  # noqa: E402
 
 CASES = [
     ("sphere n=20 d=3", lambda: sphere(20, 3, seed=0, labels="linear")),
     ("teacher n=30 d=4", lambda: teacher_student(30, 4, teacher_width=2, p=1, seed=1)),
-    ("gaussian n=16 d=2", lambda: gaussian_toy(16, seed=2)),
+    ("sphere random labels n=10 d=5", lambda: sphere(10, 5, seed=5, labels="random")),
     ("sphere n=40 d=5", lambda: sphere(40, 5, seed=3, labels="linear")),
     ("teacher n=10 d=2", lambda: teacher_student(10, 2, teacher_width=2, p=1, seed=4)),
 ]
+
+KEYS = (0, 1, 5, 3, 4)  # initialisation seed per case
 
 
 def main():
@@ -50,7 +56,7 @@ def main():
     for k in (int(c) for c in args.cases.split(",")):
         name, make = CASES[k]
         data = make()
-        m = MLP(data.X.shape[1], (10, 10), leaky_relu(0.1), key=jax.random.PRNGKey(k), scale=1.0)
+        m = MLP(data.X.shape[1], (10, 10), leaky_relu(0.1), key=jax.random.PRNGKey(KEYS[k]), scale=1.0)
         t0 = time.perf_counter()
         tr = gradient_descent(m, data, loss="exponential", lr=0.05, steps=args.steps, schedule="loss_based")
         t_gd = time.perf_counter() - t0
