@@ -215,6 +215,7 @@ def test_width_one_start_is_a_certified_kkt_point_checked_in_numpy():
     assert pt.lam == pytest.approx(3 * pt.value, rel=1e-10)
 
 
+@pytest.mark.slow
 def test_pursuit_finds_a_teacher_width_and_the_loss_never_increases():
     teacher = relu_teacher(6, 2, seed=3)
     data = labelled(teacher, hypercube(300, 6, seed=0))

@@ -170,7 +170,7 @@ def neuron_pursuit_experiment(params: dict, ctx: Context) -> Outcome:
     arrays["test_learned"] = np.asarray(jax.vmap(res.model)(jax.numpy.asarray(X_test[:k])))
     figs = [
         Figure("architecture", "architecture per iteration (hidden widths)", "iteration", ("widths",),
-               ("layer 1", "layer 2"), xlabel="iteration", ylabel="width", kind="bar"),
+               ("layer 1", "layer 2"), xlabel="iteration", ylabel="width"),
         Figure("loss_iterations", "training loss and test error after each iteration", "iteration",
                ("loss_after", "test_error"), ("mean training loss", "relative test error"), xlabel="iteration",
                logy=True),
