@@ -164,7 +164,7 @@ def test_insertion_lowers_the_loss_by_delta_squared_times_the_ncf():
 
 def _np_tangential(u, g, C=None, lo=None, hi=None):
     """Relative tangential residual ``||P_u g(t)|| / ||g||``, minimised over the slopes of samples on a kink
-    (``g(t) = g + C^T t``, ``lo <= t <= hi``; MATH.md section 6) when ``C`` is given."""
+    (``g(t) = g + C^T t``, ``lo <= t <= hi``; docs/math.md section 6) when ``C`` is given."""
     P = np.eye(u.size) - np.outer(u, u)
     if C is None or C.shape[0] == 0:
         return np.linalg.norm(P @ g) / np.linalg.norm(g)
