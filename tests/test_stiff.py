@@ -9,7 +9,7 @@ from scipy.integrate import solve_ivp
 
 from homflow.activations import relu_power
 from homflow.data import Dataset
-from homflow.flow import LossBelow, gradient_flow, make_objective
+from homflow.flow import LossBelow, gradient_flow, make_problem
 from homflow.flow._stiff import dense_eval, dopri5_step, rkc_stages, rkc_step, spectral_radius
 from homflow.models import MLP, TwoLayer
 
@@ -116,7 +116,7 @@ def test_stiff_solver_agrees_with_scipy_on_a_small_net_near_a_minimum():
     X = rng.standard_normal((15, 3)) * np.array([2.0, 1.0, 0.3])
     data = Dataset(X, np.tanh(X[:, 0]))
     model = TwoLayer(3, 4, relu_power(2), key=jax.random.PRNGKey(3), scale=0.5)
-    objective, theta0 = make_objective(model, data, "square")
+    objective, theta0 = make_problem(model, data, "square")
     grad = jax.jit(lambda th: objective.grad(th))
     hess = jax.jit(jax.hessian(lambda th: objective.value(th)))
     ts = np.array([0.0, 2.0, 10.0, 30.0])
@@ -137,7 +137,7 @@ def test_events_and_saving_in_the_stiff_phase():
     data = _stiff_linear_problem()
     model = MLP(4, (), None, key=jax.random.PRNGKey(0))
     theta0 = np.asarray(model.weights[0]).ravel()
-    objective, _ = make_objective(model, data, "square")
+    objective, _ = make_problem(model, data, "square")
     loss_inf = float(objective.value(jnp.asarray(_linear_solution(data, theta0, [1e9])[0])))
     target = loss_inf * (1 + 1e-3)
     tr = gradient_flow(model, data, loss="square", t1=1e3, rtol=1e-8, events=LossBelow(target), n_save=50)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._engine import EVENT, REACHED, EngineOptions, run_engine
+from ._solvers import default_atol
 
 __all__ = ["ode_batch", "BatchSolution", "STATUS_MESSAGES", "EngineOptions"]
 
@@ -102,7 +103,7 @@ def ode_batch(f: Callable, y0, t1: float, *, args=None, ts=None, t0: float = 0.0
         t1: final time (> t0). args: a pytree passed to ``f``.
         ts: save times in [t0, t1] (default ``[t0, t1]``).
         rtol, atol: tolerances of the mixed error test ``|err| <= atol + rtol max(|y0|, |y1|)`` (RMS over components);
-            ``atol`` defaults to ``rtol * ||y0[b]||`` per member.
+            ``atol`` defaults to :func:`homflow.flow.default_atol` (``0.1 * rtol * ||y0[b]||``) per member.
         method: ``'auto'`` (default), ``'stiff'`` or ``'explicit'`` (see :class:`EngineOptions`).
         event: optional ``g(t, y, args) -> (E,)``: a member stops where a component of ``g`` changes sign.
         max_steps: per member.
@@ -131,7 +132,7 @@ def ode_batch(f: Callable, y0, t1: float, *, args=None, ts=None, t0: float = 0.0
         raise ValueError("`ts` must be increasing times in [t0, t1].")
     rtol = _check_positive("rtol", rtol)
     if atol is None:
-        atol_v = rtol * jnp.maximum(jnp.linalg.norm(y0, axis=1), 1e-300)
+        atol_v = jnp.asarray(default_atol(rtol, np.asarray(y0)), y0.dtype)
     else:
         atol_v = jnp.broadcast_to(jnp.asarray(atol, y0.dtype), (y0.shape[0],))
         if not bool(jnp.all(atol_v > 0)):

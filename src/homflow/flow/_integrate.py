@@ -178,6 +178,8 @@ def integrate(problem: Problem, solver=None, theta0=None, *, t1: float, ts=None,
     solver = as_solver(solver)
     if not isinstance(problem, Problem):
         raise ValueError(f"`problem` must be a homflow.flow.Problem (make_problem); got {type(problem).__name__}.")
+    if theta0 is None:
+        raise ValueError("`theta0` is required: the initial parameters, (P,) or (B, P).")
     dtype = problem.X.dtype
     y0 = jnp.asarray(theta0, dtype=dtype)
     single = y0.ndim == 1

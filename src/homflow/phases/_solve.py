@@ -97,8 +97,10 @@ def integrate(problem: Problem, theta0, *, field: str = "loss", t1: float, level
     # pad the grid with times in (ts[-1], t1] (a few distinct lengths: few compilations); the padding is dropped
     n_pad = _bucket(n_real + 1) - n_real
     last = ts_np[-1]
-    pad = last + (float(t1) - last) * np.arange(1, n_pad + 1) / n_pad if t1 > last else np.array([])
-    grid = np.concatenate([ts_np, pad]) if pad.size and np.all(np.diff(np.concatenate([ts_np, pad])) > 0) else ts_np
+    pad = last + (float(t1) - last) * np.arange(1, n_pad + 1) / (n_pad + 1) if t1 > last else np.array([])
+    grid = np.concatenate([ts_np, pad])
+    if not (np.all(np.diff(grid) > 0) and grid[-1] <= t1):  # a horizon too close to the last time: no padding
+        grid = ts_np
     tr = flow_integrate(problem, as_solver(solver, rtol=rtol, atol=atol), theta0, t1=float(t1), ts=grid,
                         field=field, time="linear", events=NormAbove(float(level)), max_steps=max_steps, throw=False)
     # the trajectory's rows: the grid times reached, then the end point (unless it is a grid time): keep the asked ones
