@@ -261,24 +261,21 @@ def solve_max_margin(
     def report(res):
         out, ok, its, messages = res
         dist = _direction_distance(out.theta, th0)
-        reason = out.reason
-        if ok and dist > max_distance:
-            ok, reason = False, TOO_FAR
-            messages = messages + [f"the KKT point found is {dist:.3g} from the start's direction "
-                                   f"(max_distance {max_distance:g})"]
-        elif ok and out.normalized_margin < min_margin_ratio * start.normalized_margin:
-            ok, reason = False, MARGIN_COLLAPSED
-            messages = messages + [f"its normalized margin {out.normalized_margin:.3g} is below {min_margin_ratio:g} "
-                                   f"times the start's {start.normalized_margin:.3g}"]
-        elif not ok:
-            messages = messages + [f"stationarity {out.stationarity:.2e} (target {tol:.0e}), "
-                                   f"feasibility {out.feasibility:.1e}, slackness {out.slackness:.1e}"]
-            if dist > max_distance:
-                messages.append(f"it is {dist:.3g} from the start's direction")
-            if out.normalized_margin < min_margin_ratio * start.normalized_margin:
-                messages.append(f"its normalized margin {out.normalized_margin:.3g} collapsed from the start's "
-                                f"{start.normalized_margin:.3g}")
-        return out.replace(converged=bool(ok), certified=bool(ok), reason=reason,
+        far = dist > max_distance
+        collapsed = out.normalized_margin < min_margin_ratio * start.normalized_margin
+        messages = list(messages)
+        if not ok:
+            messages.append(f"stationarity {out.stationarity:.2e} (target {tol:.0e}), feasibility "
+                            f"{out.feasibility:.1e}, slackness {out.slackness:.1e}")
+        if far:
+            messages.append(f"the point found is {dist:.3g} from the start's direction (max_distance {max_distance:g})")
+        if collapsed:
+            messages.append(f"its normalized margin {out.normalized_margin:.3g} is below {min_margin_ratio:g} times "
+                            f"the start's {start.normalized_margin:.3g}")
+        # the guards name the failure first: a far or collapsed point is never a result, certified or not
+        reason = TOO_FAR if far else (MARGIN_COLLAPSED if collapsed else out.reason)
+        ok = bool(ok and not far and not collapsed)
+        return out.replace(converged=ok, certified=ok, reason=reason,
                            message="; ".join(m for m in messages if m), iterations=int(its), distance=dist,
                            start_normalized_margin=start.normalized_margin)
 
