@@ -52,8 +52,8 @@ class ClarkeFlow:
         kink_tol: a unit is at its kink when ``|z_e| <= kink_tol * scale_e`` (default ``1000 eps``); events are
             located to this accuracy.
         slope_tol: a sliding slope within this of ``alpha`` or ``1`` is at its bound (default ``sqrt(eps)``).
-        n_slope_iters: Gauss-Newton iterations for the sliding slopes of nets with several hidden layers (two-layer
-            nets need one and get one).
+        n_slope_iters: BVLS re-linearisations of the mode decision at an event for nets with several hidden layers
+            (the gradient is multilinear in the slopes there; two-layer nets need one and get one).
         pcoeff, icoeff: PI controller coefficients; safety, factor_min, factor_max: step-size factor limits.
         max_steps: attempted steps (including event-location steps) before giving up.
         max_locate: regula-falsi iterations per event; zeno_limit: consecutive events without progress in time before
@@ -144,10 +144,9 @@ def _step(problem, y, f0, u, h, log_time, signs, idx, valid, rtol, atol):
     y1 = y + h * (A[6] @ ks)
     err = h * (E @ ks)
     ne = getattr(problem, "n_error", y.shape[0] - 1)  # a joint problem controls the error of its first part only
-    th0, th1 = y[:ne], y1[:ne]
-    scale = atol + rtol * jnp.maximum(jnp.abs(th0), jnp.abs(th1))
+    scale = atol + rtol * jnp.maximum(jnp.abs(y[:ne]), jnp.abs(y1[:ne]))
     errn = jnp.sqrt(jnp.mean((err[:ne] / scale) ** 2))
-    z1, sc1 = problem.preactivations(th1)
+    z1, sc1 = problem.preactivations(y1[:-1])
     return y1, ks[6], errn, z1, sc1, s1
 
 
