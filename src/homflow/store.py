@@ -120,6 +120,14 @@ def safe_component(name: str, *, max_len: int = MAX_COMPONENT) -> str:
     return s or "x"
 
 
+def _plain_component(name) -> bool:
+    """One path component that cannot leave its directory: no separator, NUL or control character, not hidden, not
+    ``.``/``..``, at most ``MAX_COMPONENT`` characters (new ids are :func:`safe_component`; older stores may hold ids
+    with other letters, which stay readable)."""
+    return (isinstance(name, str) and 0 < len(name) <= MAX_COMPONENT and not name.startswith(".")
+            and not any(c in name for c in "/\\\0") and name.isprintable() and name.strip() == name)
+
+
 def path_inside(root: os.PathLike | str, path: os.PathLike | str, what: str = "path") -> Path:
     """``path`` if it lies inside the directory ``root`` (after resolving ``..`` and links), else a
     :class:`ValueError` naming it."""
@@ -239,7 +247,7 @@ class Run:
     """
 
     def __init__(self, store: "RunStore", run_id: str):
-        if not isinstance(run_id, str) or run_id != safe_component(run_id) or run_id in RESERVED_DIRS:
+        if not _plain_component(run_id) or run_id in RESERVED_DIRS:
             raise ValueError(f"`run_id` must be a plain name of letters, digits, '-', '_' and '.'; got {run_id!r}.")
         self.store = store
         self.id = run_id
@@ -321,7 +329,7 @@ class Run:
 
 
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not name or name != safe_component(name):
+    if not _plain_component(name):
         raise ValueError(f"checkpoint `name` must be a plain file name (letters, digits, '-', '_', '.'); got {name!r}.")
 
 
