@@ -1,4 +1,4 @@
-"""Clarke-aware KKT certificates of ReLU-type networks (MATH.md sections 5 and 6), checked against an independent
+"""Clarke-aware KKT certificates of ReLU-type networks (docs/math.md sections 5 and 6), checked against an independent
 NumPy computation: own forward pass and backpropagation (no JAX), every extreme slope pattern at the kinks, SciPy NNLS.
 """
 
