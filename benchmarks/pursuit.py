@@ -42,7 +42,8 @@ def main() -> None:
     err = relative_error(res.model, target, X_test)
     budget = res.grad_evals + res.ncf_evals
     print(f"neuron pursuit: widths {res.widths}, {len(res.steps)} iterations, test error {err:.3g}, "
-          f"{res.grad_evals} loss + {res.ncf_evals} NCF gradient evaluations, wall {w1 - w0:.1f} s, CPU {c1 - c0:.1f} s")
+          f"{res.grad_evals} loss + {res.ncf_evals} NCF gradient evaluations, wall {w1 - w0:.1f} s, "
+          f"CPU {c1 - c0:.1f} s")
     for s in res.steps:
         print(f"  it {s.iteration}: layer {s.layer}, widths {s.widths}, N = {s.point.value:.4g}, rel. residual "
               f"{s.point.relative_residual:.2e}, loss {s.loss_before:.3e} -> {s.loss_after:.3e}, "
