@@ -39,7 +39,7 @@ def _options(params):
                         chunk_steps=params["chunk_steps"])
     return CensusOptions(
         n_directions=params["n_directions"], deltas=tuple(params["deltas"]), escape_factor=params["escape_factor"],
-        t1=params["t1"], t_after=None if params["t1"] else params["t_after"], rtol=params["rtol"],
+        t1=params["t_stop"], t_after=None if params["t_stop"] else params["t_after"], rtol=params["rtol"],
         seed=params["seed"], n_save=params["n_save"], cluster_cos=params["cluster_cos"],
         align_cos=params["align_cos"], slope_tol=params["slope_tol"], sparse_factor=params["sparse_factor"],
         law_rtol=params["law_rtol"], law_atol=params["law_atol"], driver=drv)
@@ -97,7 +97,7 @@ def _hist(values, bins):
           "the delta^-(L-2) law, the certified NCF KKT point each aligns with (clustered, certified once, matched by "
           "cosine), first-saddle level and sparsity kept, final loss/margin; one row per member in census.csv.",
           defaults={"problem": "canonical", "data": _DATA, "model": _MODEL, "loss": "square", "widths": [0],
-                    "n_directions": 64, "deltas": [1e-3, 1e-4], "escape_factor": 100.0, "t_after": 60.0, "t1": 0.0,
+                    "n_directions": 64, "deltas": [1e-3, 1e-4], "escape_factor": 100.0, "t_after": 60.0, "t_stop": 0.0,
                     "rtol": 1e-8, "seed": 0, "n_save": 200, "cluster_cos": 0.99, "align_cos": 0.99,
                     "slope_tol": 1e-3, "sparse_factor": 50.0, "law_rtol": 0.05, "law_atol": 0.1, "batch_size": 0,
                     "refill": True, "chunk_steps": 400},
@@ -127,10 +127,11 @@ def census_experiment(params, ctx):
 
 
 def _fix(params):
-    """Parameters with the TOML-friendly sentinels turned into None (``t1 = 0``: use ``t_after``; ``widths = [0]``:
+    """Parameters with the TOML-friendly sentinels turned into None (``t_stop = 0``: no absolute end time, use
+    ``t_after``; ``widths = [0]``:
     the problem's width)."""
     p = dict(params)
-    p["t1"] = p["t1"] or None
+    p["t_stop"] = p["t_stop"] or None
     p["widths"] = [int(w) for w in p["widths"] if w]
     return p
 
