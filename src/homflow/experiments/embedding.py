@@ -19,6 +19,7 @@ diverges (measured: every toy setting with ``lr < 2 / lambda_max(theta(0))`` ran
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -45,30 +46,33 @@ def top_curvature(model, data, loss: str = "exponential", *, tol: float = 1e-8) 
     parameters (dense up to :data:`DENSE_HESSIAN_MAX` parameters, else ``scipy.sparse.linalg.eigsh(which='LA')`` on
     jitted Hessian-vector products, relative tolerance ``tol``)."""
     theta, unflatten = flatten(model)
-    f = jax.jit(lambda t: loss_value(unflatten(t), data, loss) / data.n)
-    if theta.size <= DENSE_HESSIAN_MAX:
-        H = np.asarray(jax.hessian(f)(theta))
+
+    def f(t):
+        return loss_value(unflatten(t), data, loss) / data.n
+
+    if theta.size <= DENSE_HESSIAN_MAX:  # theta an argument of the compiled Hessian: nothing to constant-fold
+        H = np.asarray(jax.jit(jax.hessian(f))(theta))
         return float(np.linalg.eigvalsh(0.5 * (H + H.T))[-1])
     import scipy.sparse.linalg as sla
 
     g = jax.grad(f)
-    hvp = jax.jit(lambda v: jax.jvp(g, (theta,), (v,))[1])
+    hvp = jax.jit(lambda t, v: jax.jvp(g, (t,), (v,))[1])  # theta an argument: nothing to constant-fold
     op = sla.LinearOperator((theta.size, theta.size), dtype=np.float64,
-                            matvec=lambda v: np.asarray(hvp(jnp.asarray(v.ravel(), theta.dtype))))
+                            matvec=lambda v: np.asarray(hvp(theta, jnp.asarray(v.ravel(), theta.dtype))))
     v0 = np.random.default_rng(0).standard_normal(theta.size)
     return float(sla.eigsh(op, k=1, which="LA", tol=tol, v0=v0, return_eigenvectors=False)[0])
 
 
 def check_step_size(lr: float, cases, *, loss: str = "exponential") -> dict:
     """Refuse a GD step size that cannot work: ``lr < 2 / lambda_max`` (mean loss, at ``theta(0)``) for every
-    ``(name, model, data)`` in ``cases``; returns ``{name: lambda_max}``.
+    ``(name, model, data)`` in ``cases`` (or every ``name: lambda_max`` of a dict); returns ``{name: lambda_max}``.
 
     Raises:
         ValueError: naming ``lr`` and ``init_scale``, the case, ``lambda_max`` and the largest step allowed.
     """
+    curv = cases if isinstance(cases, dict) else {n: top_curvature(m, d, loss) for n, m, d in cases}
     out = {}
-    for name, model, data in cases:
-        lam = top_curvature(model, data, loss)
+    for name, lam in curv.items():
         out[name] = lam
         if lam > 0 and not lr < 2.0 / lam:
             raise ValueError(f"config keys `lr` = {lr:g} and `init_scale` cannot work together: for {name} the mean "
@@ -179,6 +183,23 @@ def _gd_cases(cases):
     return [(c[0], c[2], c[4]) for c in cases if c[1] in ("gd", "sgd")]
 
 
+# the keys of the cases (their models and data set the curvature at theta(0); lr and batch_size name them)
+_CURVATURE_KEYS = ("n", "init_scale", "alpha", "seed", "width", "channels", "cnn", "lr", "batch_size")
+
+
+@functools.lru_cache(maxsize=32)
+def _curvatures(kind: str, items: tuple) -> dict:
+    """``lambda_max(theta(0))`` of every GD / SGD case of the toy or digits experiment (cached: the config loader and
+    the run ask for the same)."""
+    params = dict(items)
+    cases = _toy_cases(params) if kind == "toy" else _digits_cases(params)
+    return {n: top_curvature(m, d) for n, m, d in _gd_cases(cases)}
+
+
+def _curvature_of(kind: str, params: dict) -> dict:
+    return dict(_curvatures(kind, tuple((k, params[k]) for k in _CURVATURE_KEYS)))
+
+
 TOY_DEFAULTS = {"n": 100, "init_scale": 0.5, "steps": 100_000, "lr": 0.1, "batch_size": 16, "alpha": 0.01, "seed": 0,
                 "n_save": 500, "width": 1, "channels": 2, "cnn": True}
 
@@ -210,7 +231,7 @@ def _toy_cases(params: dict):
 
 def _validate_toy(p: dict) -> None:
     _validate_common(p)
-    check_step_size(float(p["lr"]), _gd_cases(_toy_cases(p)))
+    check_step_size(float(p["lr"]), _curvature_of("toy", p))
 
 
 @register("embedding-toy", description="arXiv 2505.12419 on 2-D Gaussian data: MLP 2-1-1 -> 2-2-1 (c = 1/sqrt 2) "
@@ -222,7 +243,7 @@ def toy(params: dict, ctx: Context) -> Outcome:
     """The toy reproduction (leaky ReLU ``alpha``, exponential loss, float64); ``width`` and ``channels`` are the narrow
     MLP's hidden width (neuron 0 is split) and the narrow CNN's channels (all are split)."""
     cases = _toy_cases(params)
-    curv = check_step_size(float(params["lr"]), _gd_cases(cases))
+    curv = check_step_size(float(params["lr"]), _curvature_of("toy", params))
     arrays, checks, summary = _run_cases(cases, params, ctx)
     summary["lambda_max_at_init"] = curv
     if jax.numpy.result_type(float) != jax.numpy.float64:
@@ -257,7 +278,7 @@ def _digits_cases(params: dict):
 
 def _validate_digits(p: dict) -> None:
     _validate_common(p)
-    check_step_size(float(p["lr"]), _gd_cases(_digits_cases(p)))
+    check_step_size(float(p["lr"]), _curvature_of("digits", p))
 
 
 @register("embedding-digits", description="arXiv 2505.12419 on scikit-learn digits 3 vs 5: MLP width 128 -> 256 and "
@@ -268,7 +289,7 @@ def _validate_digits(p: dict) -> None:
 def digits_experiment(params: dict, ctx: Context) -> Outcome:
     """The real-data reproduction (leaky ReLU ``alpha``, exponential loss, float64)."""
     cases = _digits_cases(params)
-    curv = check_step_size(float(params["lr"]), _gd_cases(cases))
+    curv = check_step_size(float(params["lr"]), _curvature_of("digits", params))
     arrays, checks, summary = _run_cases(cases, params, ctx)
     summary["lambda_max_at_init"] = curv
     return Outcome(checks=checks, arrays=arrays, figures=_figures(cases, "digits 3 vs 5"), summary=summary)
