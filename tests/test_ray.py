@@ -143,6 +143,7 @@ def test_ray_cluster_sweep_survives_a_killed_worker(tmp_path):
                 head.wait()
 
 
+@pytest.mark.slow  # needs Ray, which `make test-slow` installs (the optional extra homflow[ray])
 def test_ray_address_without_cluster_fails_fast(tmp_path):
     _require_ray()
     from homflow.shards import ShardError, ray_connect
