@@ -28,7 +28,7 @@ FLOW_BUILTINS = {"early-alignment", "escape-law", "first-saddle", "max-margin", 
 
 SPHERE_XFAIL = pytest.mark.xfail(
     strict=True, reason="max-margin on sphere data: the leaky-ReLU flow stalls at an activation kink (a sliding mode; "
-                        "the non-smooth flow of MATH.md section 6 is its fix); strict, so the fix shows")
+                        "the non-smooth flow of docs/math.md section 6 is its fix); strict, so the fix shows")
 
 # (built-in, overrides): accepted settings, every check must pass.
 ACCEPTED = [

@@ -1,5 +1,5 @@
 """Neuron/channel splitting maps T: isometry, outputs, gradients, merge, composition, degree p != 1, zero coefficients
-and bad input (arXiv 2505.12419; MATH.md section 5)."""
+and bad input (arXiv 2505.12419; docs/math.md section 5)."""
 
 import equinox as eqx
 import jax

@@ -1,4 +1,4 @@
-"""Max-margin KKT points: known answers (SVM, min-l1 LP), honest residuals, multipliers, late phase (MATH.md 5)."""
+"""Max-margin KKT points: known answers (SVM, min-l1 LP), honest residuals, multipliers, late phase (docs/math.md section 5)."""
 
 import equinox as eqx
 import jax

@@ -1,4 +1,4 @@
-"""KKT points of the constrained NCF: values, gradients, honest residuals, polish, brute force (MATH.md section 3)."""
+"""KKT points of the constrained NCF: values, gradients, honest residuals, polish, brute force (docs/math.md section 3)."""
 
 import equinox as eqx
 import jax

@@ -88,7 +88,7 @@ def test_ncf_value_gradient_and_euler_identity(loss, scale):
 
 
 def test_the_gradient_flow_starts_along_the_ncf_gradient_at_small_scale():
-    """grad L(delta u) = -delta^(L-1) grad N(u) + O(delta^(2L-1)) (MATH.md section 3): the NCF is the small-scale
+    """grad L(delta u) = -delta^(L-1) grad N(u) + O(delta^(2L-1)) (docs/math.md section 3): the NCF is the small-scale
     limit of the loss, an independent check that ``ncf`` uses the right labels."""
     data = _data(4)
     model = TwoLayer(3, 4, relu_power(2), key=jax.random.PRNGKey(7), scale=1.0)
