@@ -361,17 +361,7 @@ def run_sweep(sweep: Sweep | None, store, *, backend: str = "local", workers: in
 
 
 def run_grid_values(run, keys) -> dict[str, Any]:
-    """The values of dotted ``keys`` in a stored run's config.toml."""
-    import tomllib
+    """The values of dotted ``keys`` in a stored run's config.toml (``None`` where absent)."""
+    from .report import grid_values
 
-    p = Path(run.path) / "config.toml"
-    if not p.exists():
-        return {}
-    d = tomllib.loads(p.read_text())
-    out = {}
-    for k in keys:
-        cur: Any = d
-        for part in k.split("."):
-            cur = cur.get(part) if isinstance(cur, Mapping) else None
-        out[k] = cur
-    return out
+    return grid_values(run, keys)
