@@ -75,6 +75,7 @@ def _task_pids(name: str = "ray::_ray_shard") -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.ray_cluster
 def test_ray_cluster_sweep_survives_a_killed_worker(tmp_path):
     ray_bin = _require_ray()
     import ray
@@ -143,6 +144,7 @@ def test_ray_cluster_sweep_survives_a_killed_worker(tmp_path):
                 head.wait()
 
 
+@pytest.mark.ray_cluster
 @pytest.mark.slow  # needs Ray, which `make test-slow` installs (the optional extra homflow[ray])
 def test_ray_address_without_cluster_fails_fast(tmp_path):
     _require_ray()
