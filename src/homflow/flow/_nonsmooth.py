@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._clarke import KinkedProblem, clarke_min_norm, default_kink_tol, default_slope_tol, is_kinked, make_kinked
+from ._ode import _setup
 from ._results import RESULTS
 from ._solution import Trajectory
 
@@ -533,7 +534,6 @@ def nonsmooth_flow(model, data, *, loss="square", t1: float, ts=None, n_save: in
         ValueError: on bad arguments or a network without kinks.
     """
     from ._integrate import check_times
-    from ._problem import make_problem
 
     sol = solver or ClarkeFlow()
     upd = {k: v for k, v in (("rtol", rtol), ("atol", atol), ("max_steps", max_steps)) if v is not None}
@@ -542,14 +542,7 @@ def nonsmooth_flow(model, data, *, loss="square", t1: float, ts=None, n_save: in
     if not is_kinked(model):
         raise ValueError(f"`model` must have a kinked degree-1 activation (relu / leaky_relu); got "
                          f"{getattr(model, 'activation', None)!r}. Use gradient_flow for smooth networks.")
-    objective, theta = make_problem(model, data, loss)
-    if theta0 is not None:
-        th = jnp.asarray(theta0, dtype=theta.dtype)
-        if th.shape != theta.shape:
-            raise ValueError(f"`theta0` must have shape {theta.shape}; got {th.shape}.")
-        theta = th
-    if not bool(jnp.all(jnp.isfinite(theta))):
-        raise ValueError("the initial parameters hold NaN or inf.")
+    objective, theta = _setup(model, data, loss, theta0)
     eps = float(jnp.finfo(theta.dtype).eps)
     if sol.rtol < 10 * eps:
         raise ValueError(f"`rtol` must be >= 10 eps = {10 * eps:.3g} for {theta.dtype}; got {sol.rtol!r}.")
