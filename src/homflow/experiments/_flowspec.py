@@ -21,7 +21,9 @@ MODEL_KINDS = ("two_layer", "mlp", "diagonal_linear", "cnn")
 ACTIVATIONS = ("relu", "leaky_relu", "relu_power", "leaky_relu_power", "linear")
 LOSSES = ("square", "logistic", "exponential")
 METHODS = ("flow", "gd", "sgd", "adam")
-SOLVERS = tuple(_FLOW_SOLVERS)  # the one table of solver names (homflow.flow.SOLVERS); "auto" is the default
+# the one table of solver names (homflow.flow.SOLVERS) and "default": homflow.flow.select_solver's choice (the
+# non-smooth Clarke flow for ReLU / leaky-ReLU nets without stop events, else "auto"), the default
+SOLVERS = ("default",) + tuple(_FLOW_SOLVERS)
 METRICS = ("loss_final", "log_loss_final", "norm_final", "balance_drift", "normalized_margin_final",
            "smoothed_margin_final", "min_margin_final", "alignment_final", "success", "num_steps", "escape_time")
 ANALYSES = ("loss_norm", "alignment", "margins", "balance", "neurons")
@@ -124,14 +126,16 @@ class InitSpec:
 @dataclasses.dataclass(frozen=True)
 class FlowSpec:
     """How to train: the exact flow (``method = 'flow'``, integrated in ``segments`` equal segments with a checkpoint
-    after each, by ``solver``: a name of :data:`homflow.flow.SOLVERS`, default ``'auto'``, homflow's stiff-aware
-    engine) or a discrete method (``gd``, ``sgd``, ``adam`` with ``lr`` and ``steps``)."""
+    after each, by ``solver``: ``'default'``, the solver :func:`homflow.flow.gradient_flow` picks (the non-smooth
+    :class:`homflow.flow.Clarke` for ReLU / leaky-ReLU networks without stop events, else ``'auto'``, homflow's
+    stiff-aware engine), or a name of :data:`homflow.flow.SOLVERS` to force it) or a discrete method (``gd``,
+    ``sgd``, ``adam`` with ``lr`` and ``steps``)."""
 
     method: str = "flow"
     t1: float = 100.0
     rtol: float = 1e-8
     atol: float = 0.0
-    solver: str = "auto"
+    solver: str = "default"
     time: str = "auto"
     segments: int = 4
     n_save: int = 25

@@ -10,7 +10,7 @@ from ._problem import Problem, make_problem, tangent_gradient
 from ._batched import BatchSolution, ode_batch
 from ._engine import EngineOptions
 from ._integrate import LossField, NCFField, check_times, integrate, log_times
-from ._ode import gradient_flow, gradient_flow_batch, largest_hessian_eigenvalue
+from ._ode import gradient_flow, gradient_flow_batch, largest_hessian_eigenvalue, select_solver
 from ._results import RESULTS, SolverError
 from ._solution import FlowResult, Trajectory
 from ._solvers import DOPRI5, RKC, SOLVERS, AbstractFlowSolver, Auto, Diffrax, FlowOutput, as_solver, default_atol
@@ -39,6 +39,7 @@ __all__ = [
     "SolverError",
     "check_times",
     "gradient_flow",
+    "select_solver",
     "gradient_flow_batch",
     "ode_batch",
     "BatchSolution",

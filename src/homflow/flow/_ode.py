@@ -12,7 +12,7 @@ from ._integrate import integrate
 from ._problem import Problem, make_problem
 from ._solvers import as_solver
 
-__all__ = ["gradient_flow", "gradient_flow_batch", "largest_hessian_eigenvalue"]
+__all__ = ["gradient_flow", "gradient_flow_batch", "largest_hessian_eigenvalue", "select_solver"]
 
 
 def largest_hessian_eigenvalue(problem: Problem, theta, iters: int = 50, *, key=None) -> float:
@@ -44,6 +44,26 @@ def _setup(model, data, loss, theta0):
     return problem, theta
 
 
+def select_solver(problem: Problem, theta0, solver=None, *, events=None, rtol: float | None = None,
+                  atol: float | None = None):
+    """The solver object of a gradient flow of ``problem`` from ``theta0`` ((P,) or (B, P)): the one selection rule of
+    :func:`gradient_flow` and of every flow built on it (the checkpointed segments of ``homflow run``, the built-ins).
+
+    ``solver=None`` (the default) picks the non-smooth solver :class:`homflow.flow.Clarke` (docs/nonsmooth.md) for
+    networks with kinked degree-1 activations (ReLU, leaky ReLU) when there are no ``events`` (it does not support
+    them yet), else :class:`homflow.flow.Auto`; any other ``solver`` (a name of :data:`homflow.flow.SOLVERS`, a solver
+    object, a diffrax solver) is taken as given. ``rtol`` / ``atol`` replace the solver's tolerances where given.
+
+    Raises:
+        ValueError: for an unknown solver name or type (:func:`homflow.flow.as_solver`).
+    """
+    if solver is None:  # kinked (ReLU-type) nets: the flow is a differential inclusion (docs/nonsmooth.md)
+        from ._nonsmooth import Clarke, kinked_default
+
+        solver = Clarke() if not events and kinked_default(problem, theta0) else "auto"
+    return as_solver(solver, rtol=rtol, atol=atol)
+
+
 def gradient_flow(
     model: AbstractHomogeneousModel,
     data,
@@ -72,7 +92,8 @@ def gradient_flow(
             :data:`SOLVERS` (``'auto'``: DOPRI5 switching to RKC2 when the flow turns stiff; ``'rkc'``;
             ``'tsit5'``, ``'dopri5'``, ``'dopri8'``, ``'bosh3'``, ``'kvaerno5'``, ``'kvaerno3'``), or a diffrax solver.
             ``stats['grad_evals']`` counts gradient evaluations. Default ``None``: the non-smooth solver
-            :class:`Clarke` (docs/nonsmooth.md) for ReLU / leaky-ReLU networks without ``events``, else ``'auto'``.
+            :class:`Clarke` (docs/nonsmooth.md) for ReLU / leaky-ReLU networks without ``events``, else ``'auto'``
+            (:func:`select_solver`, the one rule).
         rtol, atol: tolerances replacing the solver's (``rtol`` default 1e-8; ``atol`` default
             ``0.1 * rtol * ||theta(0)||``, :func:`default_atol`).
         ts: save times (default :func:`log_times` ``(t1, n_save)``: 0 and log-spaced times).
@@ -91,12 +112,8 @@ def gradient_flow(
         SolverError: when the flow fails and ``throw``.
     """
     problem, theta = _setup(model, data, loss, theta0)
-    if solver is None:  # kinked (ReLU-type) nets: the flow is a differential inclusion (docs/nonsmooth.md)
-        from ._nonsmooth import Clarke, kinked_default
-
-        solver = Clarke() if events is None and kinked_default(problem, theta) else "auto"
-    return integrate(problem, as_solver(solver, rtol=rtol, atol=atol), theta, t1=t1, ts=ts, n_save=n_save,
-                     time=time, events=events, max_steps=max_steps, throw=throw)
+    return integrate(problem, select_solver(problem, theta, solver, events=events, rtol=rtol, atol=atol), theta,
+                     t1=t1, ts=ts, n_save=n_save, time=time, events=events, max_steps=max_steps, throw=throw)
 
 
 def gradient_flow_batch(model: AbstractHomogeneousModel, data, thetas0, *, method: str = "batched", loss="square",
