@@ -26,10 +26,6 @@ pytestmark = pytest.mark.slow
 FLOW_BUILTINS = {"early-alignment", "escape-law", "first-saddle", "max-margin", "embedding-toy", "embedding-digits",
                  "demo"}
 
-SPHERE_XFAIL = pytest.mark.xfail(
-    strict=True, reason="max-margin on sphere / teacher data: the leaky-ReLU flow stalls at an activation kink (a sliding mode; "
-                        "the non-smooth flow of docs/math.md section 6 is its fix); strict, so the fix shows")
-
 # (built-in, overrides): accepted settings, every check must pass.
 ACCEPTED = [
     ("early-alignment", {}),
@@ -62,9 +58,15 @@ ACCEPTED = [
     ("max-margin", {"seed": 2, "width": 4}),
     ("max-margin", {"seed": 3, "n": 30}),
     ("max-margin", {"loss": "logistic"}),
-    pytest.param("max-margin", {"data": "teacher_student", "d": 4, "seed": 4}, marks=SPHERE_XFAIL),
-    pytest.param("max-margin", {"data": "sphere"}, marks=SPHERE_XFAIL),
-    pytest.param("max-margin", {"data": "sphere", "d": 4, "seed": 5}, marks=SPHERE_XFAIL),
+    # sphere and teacher data: the leaky-ReLU / ReLU flow slides on activation kinks; the non-smooth flow (the
+    # segmented flow's default for kinked nets) integrates it, the KKT certificate allows Clarke subgradients
+    ("max-margin", {"data": "teacher_student", "d": 4, "seed": 4}),
+    ("max-margin", {"data": "sphere"}),
+    ("max-margin", {"data": "sphere", "d": 4, "seed": 5}),
+    ("max-margin", {"data": "sphere", "d": 5, "seed": 7}),
+    ("max-margin", {"data": "teacher_student", "d": 3, "alpha": 0.3, "seed": 8}),
+    ("max-margin", {"activation": "relu", "seed": 6}),
+    ("max-margin", {"data": "sphere", "activation": "relu", "width": 12, "seed": 10}),
     ("embedding-toy", {}),
     ("embedding-toy", {"seed": 1, "init_scale": 1.0}),
     ("embedding-toy", {"seed": 2, "width": 3, "channels": 3, "n": 60}),
@@ -95,6 +97,7 @@ REFUSED = [
     ("first-saddle", {"d": 1}, ("d",)),
     ("rank-one", {"labels": "none"}, ("labels",)),
     ("max-margin", {"loss": "square"}, ("loss",)),
+    ("max-margin", {"solver": "euler"}, ("solver",)),
     ("embedding-toy", {"init_scale": 2.0}, ("lr", "init_scale")),
     ("embedding-digits", {"lr": 50.0}, ("lr", "init_scale")),
     ("demo", {"p": 1}, ("p",)),

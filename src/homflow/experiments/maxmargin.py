@@ -3,7 +3,12 @@
 Lyu & Li (arXiv 1906.05890): once the loss is below 1 the smoothed margin ``log(1/L) / ||theta||^L`` is
 non-decreasing (Thm 4.1) and lower-bounds the normalized margin; the normalized direction becomes an
 ``(eps, delta)``-KKT point of ``min 1/2 ||theta||^2 s.t. y_i Phi(theta; x_i) >= 1`` with both going to 0 (docs/math.md
-sections 2 and 5). The flow is integrated in log time, in checkpointed segments (resumable).
+sections 2 and 5). The flow is integrated in log time, in checkpointed segments (resumable), by the solver
+:func:`homflow.flow.select_solver` picks (config key ``solver = 'default'``): for the default leaky-ReLU network, and
+ReLU, the non-smooth flow :class:`homflow.flow.Clarke` (a differential inclusion; the smooth engine stalls in a sliding
+mode on sphere and teacher data, docs/nonsmooth.md); a name of :data:`homflow.flow.SOLVERS` forces another. The KKT
+measures along the flow and the polished point's certificate use Clarke subgradients at kinks
+(:func:`homflow.kkt.max_margin_kkt`, :func:`homflow.kkt.solve_max_margin`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import numpy as np
 
 from .. import data as hdata
 from ..activations import get_activation
+from ..flow import SOLVERS
 from ..models import TwoLayer
 from ._registry import Context, Figure, Outcome, check, register
 from ._segments import segmented_flow
@@ -44,6 +50,7 @@ MAX_MARGIN_DEFAULTS = {
     "stationarity_tol": 0.05,
     "kkt_gap_tol": 0.05,
     "active_tol": 0.1,
+    "solver": "default",
 }
 MAX_MARGIN_QUICK = {"t1": 1e8, "segments": 2, "n_save": 15}
 
@@ -66,6 +73,9 @@ def _validate(p: dict) -> None:
         if not p[k] > 0:
             raise ValueError(f"config key `{k}` must be > 0; got {p[k]!r}.")
     get_activation(p["activation"], p=p["p"], alpha=p["alpha"])
+    solvers = ("default",) + tuple(SOLVERS)
+    if not (isinstance(p["solver"], str) and p["solver"].lower() in solvers):
+        raise ValueError(f"config key `solver` must be one of {solvers}; got {p['solver']!r}.")
 
 
 def _data(p: dict):
@@ -81,7 +91,7 @@ def _data(p: dict):
 def late_phase(model, data, *, loss: str, t1: float, segments: int, n_save: int, rtol: float, ctx: Context,
                name: str = "late", progress=(0.0, 0.8), theta0=None, prefix: str = "",
                monotone_tol: float = 1e-6, shrink_factor: float = 0.5, stationarity_tol: float = 0.1,
-               kkt_gap_tol: float = 0.05, solve_kkt: bool = True, active_tol: float = 0.1):
+               kkt_gap_tol: float = 0.05, solve_kkt: bool = True, active_tol: float = 0.1, solver=None):
     """Integrate the late phase and measure it: returns ``(trajectory, arrays, checks, figures, summary)``.
 
     Checks: the smoothed margin is non-decreasing once ``L < 1`` (relative decrease ``<= monotone_tol``) and stays
@@ -90,7 +100,8 @@ def late_phase(model, data, *, loss: str, t1: float, segments: int, n_save: int,
     ``stationarity_tol`` and has shrunk by ``shrink_factor``, the direction counts as converged and the normalized
     margin is checked to be within ``kkt_gap_tol`` (relative) of the KKT point polished from the final direction
     (:func:`homflow.kkt.solve_max_margin`); otherwise both are reported as informational lines (raise ``t1``). A
-    flow that has not separated the data by ``t1`` (no point with ``L < 1``) is reported, not failed.
+    flow that has not separated the data by ``t1`` (no point with ``L < 1``) is reported, not failed. ``solver``:
+    as for :func:`homflow.experiments.segmented_flow` (``None``: :func:`homflow.flow.select_solver`'s choice).
     """
     from ..kkt import margin_along, solve_max_margin
 
@@ -101,7 +112,7 @@ def late_phase(model, data, *, loss: str, t1: float, segments: int, n_save: int,
 
         model = unflatten_like(model, jax.numpy.asarray(theta0))
     traj = segmented_flow(model, data, loss=loss, t1=t1, segments=segments, n_save=n_save, rtol=rtol, ctx=ctx,
-                          name=name, progress=progress)
+                          name=name, progress=progress, solver=solver)
     ctx.progress(progress[1], f"{name}: margins and (eps, delta)-KKT along the flow")
     path = margin_along(traj, data, loss=loss, active_tol=active_tol)
     v = path.valid
@@ -150,14 +161,20 @@ def late_phase(model, data, *, loss: str, t1: float, segments: int, n_save: int,
             try:
                 kkt = solve_max_margin(traj.final, data)
                 gap = abs(kkt.normalized_margin - q[-1]) / abs(kkt.normalized_margin)
+                cert = (f"Clarke certificate (any slope in [alpha, 1] at {kkt.n_kinks} pre-activations within "
+                        f"{kkt.kink_tol:.1e} of a kink; one-subgradient stationarity {kkt.smooth_stationarity:.2e})"
+                        if kkt.clarke else "gradient certificate (no kinked activation)")
                 desc = (f"1906.05890: the direction converges to a KKT point (threshold from a convergence study); "
-                        f"KKT point converged: {kkt.converged}; stationarity {kkt.stationarity:.2e}")
+                        f"KKT point converged: {kkt.converged} ({kkt.reason}); stationarity {kkt.stationarity:.2e}, "
+                        f"{cert}")
                 checks.append(check(f"{tag}normalized margin vs polished KKT point (relative gap)", gap, kkt_gap_tol,
                                     "<=", desc) if converged else
                               info(f"{tag}normalized margin vs polished KKT point (relative gap)", gap, kkt_gap_tol,
                                    f"the flow has not converged by t1 (see the stationarity); {desc}"))
                 summary.update(kkt_normalized_margin=float(kkt.normalized_margin), kkt_converged=bool(kkt.converged),
-                               kkt_stationarity=float(kkt.stationarity))
+                               kkt_stationarity=float(kkt.stationarity), kkt_reason=str(kkt.reason),
+                               kkt_clarke=bool(kkt.clarke), kkt_n_kinks=int(kkt.n_kinks),
+                               kkt_smooth_stationarity=float(kkt.smooth_stationarity))
                 arrays[f"{prefix}kkt_polished_residuals"] = np.array([kkt.stationarity, kkt.feasibility,
                                                                       abs(kkt.slackness)])
                 arrays[f"{prefix}kkt_normalized_margin"] = np.array([kkt.normalized_margin])
@@ -203,6 +220,7 @@ def max_margin(params: dict, ctx: Context) -> Outcome:
     _, arrays, checks, figs, summary = late_phase(
         model, data, loss=p["loss"], t1=p["t1"], segments=p["segments"], n_save=p["n_save"], rtol=p["rtol"],
         ctx=ctx, monotone_tol=p["monotone_tol"], shrink_factor=p["shrink_factor"],
-        stationarity_tol=p["stationarity_tol"], kkt_gap_tol=p["kkt_gap_tol"], active_tol=p["active_tol"])
+        stationarity_tol=p["stationarity_tol"], kkt_gap_tol=p["kkt_gap_tol"], active_tol=p["active_tol"],
+        solver=p["solver"])
     summary = {k: v for k, v in summary.items() if not (isinstance(v, float) and not math.isfinite(v))}
     return Outcome(checks=checks, arrays=arrays, figures=figs, summary=summary)
