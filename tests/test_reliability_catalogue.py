@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -223,9 +223,14 @@ def test_random_bad_positive_numbers(files, key, value):
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.text(min_size=1, max_size=30))
+@example(text="-0")
+@example(text="--help")
+@example(text="-")
+@example(text="[/x]")
 def test_random_run_names_are_plain_text(files, text):
-    """Any text as a run id is refused as bad input, printed literally (markup and escapes never interpreted)."""
-    res = _invoke(["show", text], files["store"])
+    """Any text as a run id is refused as bad input, printed literally (markup and escapes never interpreted). A
+    name that starts with '-' reads as an option unless it follows '--' (as in every POSIX command line)."""
+    res = _invoke(["show", "--store", str(files["store"]), *(["--"] if text.startswith("-") else []), text], None)
     err = _judge(res, 2, "run")
     assert "\x1b" not in err
 

@@ -304,6 +304,27 @@ def _ray_shard(fn, payload, cache_dir):  # pragma: no cover - runs in a Ray work
     return fn(payload)
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _keep_ray_on_loopback(ray) -> None:
+    """A cluster on this machine stays on 127.0.0.1.
+
+    Ray resolves a loopback address (``ray.init(address="127.0.0.1:PORT")``, and the node address of a new local
+    cluster) to the host's outward-facing address (the source address of a route to the internet). A head started
+    with ``ray start --head --node-ip-address=127.0.0.1`` listens on loopback only, so the driver then dials an
+    address where nothing listens and fails (or, behind a firewall, waits). Ray's switch for single-machine use
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read when Ray is imported) makes it resolve loopback to loopback; it
+    is applied here for loopback and local clusters only, so a remote address is resolved as Ray does.
+    """
+    try:
+        import ray._private.ray_constants as ray_constants
+    except ImportError:  # pragma: no cover - a Ray without the switch resolves as it does
+        return
+    if hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def ray_connect(address: str | None, *, num_cpus: int | None = None,
                 timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S):
     """``ray.init`` that never waits forever: a TCP probe of ``host:port`` first, then ``ray.init`` in a thread that
@@ -319,6 +340,9 @@ def ray_connect(address: str | None, *, num_cpus: int | None = None,
                          "'homflow[ray]' (or use --backend local).") from None
     if ray.is_initialized():
         return ray
+    host = address.rpartition(":")[0] if address and not address.startswith("ray://") else None
+    if address is None or host in LOOPBACK_HOSTS:
+        _keep_ray_on_loopback(ray)
     if address and address not in ("auto", "local") and not address.startswith("ray://"):
         import socket
 
@@ -341,10 +365,17 @@ def ray_connect(address: str | None, *, num_cpus: int | None = None,
         except Exception as e:  # noqa: BLE001
             box["error"] = e
 
-    t = threading.Thread(target=init, daemon=True, name="homflow-ray-init")
-    t.start()
-    t.join(timeout_s)
-    if t.is_alive():
+    if address is None:
+        # A new local cluster starts in this thread: Ray's daemons die with the *thread* that started them (Linux
+        # parent-death signal), so starting them in a helper thread would kill the cluster as soon as it returns.
+        # Starting a local cluster cannot wait on an unreachable address, so no timeout is needed.
+        init()
+        t = None
+    else:
+        t = threading.Thread(target=init, daemon=True, name="homflow-ray-init")
+        t.start()
+        t.join(timeout_s)
+    if t is not None and t.is_alive():
         raise ShardError(f"no Ray cluster answered at --address {address!r} within {timeout_s:g} s; check that "
                          f"`ray status --address {address}` works there, or leave out --address for a local Ray.")
     if "error" in box:
