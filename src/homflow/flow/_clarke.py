@@ -41,6 +41,20 @@ __all__ = ["is_kinked", "KinkedProblem", "make_kinked", "clarke_min_norm", "MinN
            "default_kink_tol", "default_slope_tol"]
 
 
+# XLA options of the non-smooth flow's compiled pieces: LLVM optimisation level 1 compiles these small, loop-heavy
+# programs 2-3x faster than the default level with the same run time (benchmarks/nonsmooth.py); every sliding-set
+# capacity is a separate compilation, so compile time is a large part of one flow's cost.
+COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+
+
+def jit(fun=None, *, static_argnames=()):
+    """``jax.jit`` with :data:`COMPILER_OPTIONS` (a decorator; models and problems are pytrees, their static fields
+    part of the cache key)."""
+    if fun is None:
+        return lambda f: jit(f, static_argnames=static_argnames)
+    return jax.jit(fun, static_argnames=static_argnames, compiler_options=COMPILER_OPTIONS)
+
+
 def default_kink_tol(dtype=None) -> float:
     """``1000 eps``: a pre-activation with ``|z_e| <= kink_tol * scale_e`` is at its kink (``scale_e`` bounds ``|z_e|``
     by Cauchy-Schwarz: row norm of the weights times the norm of the layer's input)."""
@@ -239,7 +253,7 @@ class KinkedProblem(eqx.Module):
 
         def sliding(g):
             Nz = self.normals(theta, idx) * valid[:, None].astype(g.dtype)
-            lam = _min_norm_solve(Nz.T, g, valid)
+            lam = gram_solve(Nz.T, Nz @ g, valid)
             ce = c[idx]
             tiny = jnp.finfo(g.dtype).tiny
             s = s0 - lam / jnp.where(jnp.abs(ce) > tiny, ce, tiny)
@@ -249,16 +263,36 @@ class KinkedProblem(eqx.Module):
         return F, g, s
 
 
-def _min_norm_solve(J, r, valid):
-    """Least-squares ``argmin ||J d - r||`` of minimal norm (columns of invalid entries are zero), by the eigen-
-    decomposition of ``J^T J`` with a relative cut-off ``K eps`` and one step of iterative refinement."""
+def gram_solve(J, b, valid, cond_max=None):
+    """``lambda = (J^T J)^+ b`` (J (P, K), zero columns at invalid entries), zero at invalid entries.
+
+    Cholesky of ``G = J^T J`` with one step of iterative refinement when ``G`` is well conditioned (the smallest over
+    the largest squared diagonal of the factor above ``1 / cond_max``, default ``cond_max = 1 / (1000 K eps)``, and a
+    finite factor); otherwise the eigendecomposition with a relative cut-off ``K eps`` (the minimal-norm solution for
+    dependent kink normals). Both with one step of iterative refinement."""
     G = J.T @ J
-    lam, V = jnp.linalg.eigh(G)
-    cut = lam[-1] * G.shape[0] * jnp.finfo(G.dtype).eps
-    inv = jnp.where(lam > cut, 1.0 / jnp.where(lam > cut, lam, 1.0), 0.0)
-    solve = lambda b: V @ (inv * (V.T @ b))  # noqa: E731
-    d = solve(J.T @ r)
-    d = d + solve(J.T @ (r - J @ d))
+    K = G.shape[0]
+    eps = jnp.finfo(G.dtype).eps
+    cond_max = 1.0 / (1e3 * K * eps) if cond_max is None else cond_max
+    G = G + jnp.diag(jnp.where(valid, 0.0, 1.0).astype(G.dtype))  # padded entries: identity rows
+    Lc = jnp.linalg.cholesky(G)
+    dL = jnp.diagonal(Lc)
+    ok = jnp.all(jnp.isfinite(Lc)) & (jnp.min(dL) ** 2 * cond_max > jnp.max(dL) ** 2)
+
+    def chol(b):
+        solve = lambda r: jax.scipy.linalg.cho_solve((Lc, True), r)  # noqa: E731
+        d = solve(b)
+        return d + solve(b - G @ d)
+
+    def eig(b):
+        lam, V = jnp.linalg.eigh(G)
+        cut = lam[-1] * K * eps
+        inv = jnp.where(lam > cut, 1.0 / jnp.where(lam > cut, lam, 1.0), 0.0)
+        solve = lambda r: V @ (inv * (V.T @ r))  # noqa: E731
+        d = solve(b)
+        return d + solve(b - G @ d)
+
+    d = jax.lax.cond(ok, chol, eig, b)
     return jnp.where(valid, d, 0.0)
 
 
@@ -296,23 +330,35 @@ def make_kinked(objective, model=None) -> KinkedProblem:
 # ----------------------------------------------------------------------------------------------------------------------
 # The minimal-norm element (host side: BVLS), used to decide the mode at an event and by the tests.
 
-@eqx.filter_jit
+@jit
 def _jac_at(problem, theta, signs, idx, valid, s):
     return problem.slope_jacobian(theta, signs, idx, valid, s)
 
 
+MIN_CAPACITY = 16  # smallest padded size of a set of kinked units (compiled programs take fixed shapes)
+CAPACITY_GROWTH = 4  # the next capacity when a set outgrows one: one compilation per capacity, so few of them
+
+
+def capacity(k: int) -> int:
+    """Padded size for ``k`` units: :data:`MIN_CAPACITY` times a power of :data:`CAPACITY_GROWTH`."""
+    cap = MIN_CAPACITY
+    while cap < k:
+        cap *= CAPACITY_GROWTH
+    return cap
+
+
 def _padded(kinks):
-    """Indices padded to a power-of-two capacity (one compilation per capacity) and their validity mask."""
+    """Indices padded to :func:`capacity` (one compilation per capacity) and their validity mask."""
     k = len(kinks)
-    cap = 1 << max(k - 1, 0).bit_length()
+    cap = capacity(k)
     idx = np.zeros(cap, np.int32)
     idx[:k] = kinks
     valid = np.zeros(cap, bool)
     valid[:k] = True
-    return jnp.asarray(idx), jnp.asarray(valid)
+    return idx, valid
 
 
-@eqx.filter_jit
+@jit
 def _preacts(problem, theta):
     return problem.preactivations(theta)
 
@@ -369,7 +415,7 @@ def clarke_min_norm(problem: KinkedProblem, theta, *, signs=None, kinks=None, ki
     kinks = np.asarray(kinks, dtype=np.int32)
     if signs is None:
         signs = np.where(z > 0, 1, -1).astype(np.int8)
-    signs_j = jnp.asarray(signs)
+    signs_j = np.asarray(signs)
     a = problem.alpha
     s = np.full(kinks.size, 0.5 * (1.0 + a))
     iters = 1 if problem.n_hidden == 1 else max(1, int(n_slope_iters))  # re-linearisations (multilinear g)
@@ -378,7 +424,7 @@ def clarke_min_norm(problem: KinkedProblem, theta, *, signs=None, kinks=None, ki
     for _ in range(iters):
         s_pad = np.full(idx.shape[0], 0.5 * (1.0 + a))
         s_pad[:k] = s
-        f, g, J = (np.asarray(x) for x in _jac_at(problem, theta, signs_j, idx, valid, jnp.asarray(s_pad)))
+        f, g, J = jax.device_get(_jac_at(problem, theta, signs_j, idx, valid, s_pad))
         J = J[:, :k]
         s_new = bvls(J, g - J @ s, a, 1.0)
         g = g + J @ (s_new - s)

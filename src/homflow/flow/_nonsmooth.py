@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
 import time as _time
 from typing import ClassVar
 
@@ -35,7 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._clarke import KinkedProblem, clarke_min_norm, default_kink_tol, default_slope_tol, is_kinked, make_kinked
+from ._clarke import KinkedProblem, _padded, clarke_min_norm, jit, default_kink_tol, default_slope_tol, is_kinked, make_kinked
+from ._nonsmooth_kernel import BUDGET, SAVE, UNDERFLOW, Controls, advance
 from ._ode import _setup
 from ._results import RESULTS
 from ._solution import Trajectory
@@ -60,7 +62,10 @@ class ClarkeFlow:
         max_locate: regula-falsi iterations per event; zeno_limit: consecutive events without progress in time before
             the solve stops (a Zeno point or an inconsistent mode).
         project: project onto the sliding set's kink surfaces after every accepted step (exact for two-layer nets, a
-            Newton step for deeper ones).
+            Gauss-Newton step for deeper ones).
+        chatter_limit: a unit flipped this many times in consecutive events without progress in time is chattering
+            at its kink; when the mode decision would flip it again it slides instead (its slope from the sliding
+            field, which must lie in ``[alpha, 1]``; docs/nonsmooth.md).
     """
 
     rtol: float = 1e-8
@@ -77,6 +82,7 @@ class ClarkeFlow:
     max_locate: int = 60
     zeno_limit: int = 200
     project: bool = True
+    chatter_limit: int = 3
 
     def __post_init__(self):
         for name in ("rtol", "safety", "factor_max"):
@@ -89,101 +95,35 @@ class ClarkeFlow:
                 raise ValueError(f"`{name}` must be None or a finite number > 0; got {v!r}.")
         if not 0 < self.factor_min < 1:
             raise ValueError(f"`factor_min` must lie in (0, 1); got {self.factor_min!r}.")
-        for name in ("n_slope_iters", "max_steps", "max_locate", "zeno_limit"):
+        for name in ("n_slope_iters", "max_steps", "max_locate", "zeno_limit", "chatter_limit"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1; got {v!r}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Compiled pieces (one compilation per architecture, data shape and sliding-set capacity K).
+# Compiled pieces (one compilation per architecture, data shape and sliding-set capacity K); the per-step loop is
+# flow/_nonsmooth_kernel.py.
 
-def _aug_field(problem, y, u, log_time, signs, idx, valid):
-    v, rate, s = problem.velocity(y[:-1], u if log_time else jnp.zeros_like(u), signs, idx, valid)
-    return jnp.concatenate([v, rate[None]]), s
-
-
-@eqx.filter_jit
-def _eval(problem, y, u, log_time, signs, idx, valid):
-    """``(f, s, z, scale)`` at ``y``: the augmented field, sliding slopes and pre-activations with their bounds."""
-    f, s = _aug_field(problem, y, u, log_time, signs, idx, valid)
-    z, sc = problem.preactivations(y[:-1])
-    return f, s, z, sc
-
-
-# Dormand-Prince 5(4) (Hairer, Norsett & Wanner, Solving ODEs I, II.5): the tableau rows, the 7th row being the
-# 5th-order weights (first same as last), and the error weights.
-_A = np.zeros((7, 7))
-_A[1, :1] = [1 / 5]
-_A[2, :2] = [3 / 40, 9 / 40]
-_A[3, :3] = [44 / 45, -56 / 15, 32 / 9]
-_A[4, :4] = [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729]
-_A[5, :5] = [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656]
-_A[6, :6] = [35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84]
-_C = np.array([0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0])
-_E = np.array([71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40])
-
-
-@eqx.filter_jit
-def _step(problem, y, f0, u, h, log_time, signs, idx, valid, rtol, atol):
-    """One Dormand-Prince 5(4) step of the mode's field, its stages in a ``lax.scan`` (the field is compiled once).
-
-    Returns ``(y1, f1, err_norm, z1, scale1, s1)``; ``err_norm`` is the RMS of the local error of ``theta`` scaled by
-    ``atol + rtol max(|theta_0|, |theta_1|)``."""
-    dtype = y.dtype
-    A, C, E = jnp.asarray(_A, dtype), jnp.asarray(_C, dtype), jnp.asarray(_E, dtype)
-    ks = jnp.zeros((7,) + y.shape, dtype).at[0].set(f0)
-
-    def body(carry, i):
-        ks, _ = carry
-        yi = y + h * (A[i] @ ks)
-        fi, si = _aug_field(problem, yi, u + C[i] * h, log_time, signs, idx, valid)
-        return (ks.at[i].set(fi), si), None
-
-    s_init = jnp.zeros(idx.shape, dtype)
-    (ks, s1), _ = jax.lax.scan(body, (ks, s_init), jnp.arange(1, 7))
-    y1 = y + h * (A[6] @ ks)
-    err = h * (E @ ks)
-    ne = getattr(problem, "n_error", y.shape[0] - 1)  # a joint problem controls the error of its first part only
-    scale = atol + rtol * jnp.maximum(jnp.abs(y[:ne]), jnp.abs(y1[:ne]))
-    errn = jnp.sqrt(jnp.mean((err[:ne] / scale) ** 2))
-    z1, sc1 = problem.preactivations(y1[:-1])
-    return y1, ks[6], errn, z1, sc1, s1
-
-
-@eqx.filter_jit
-def _project(problem, theta, idx, valid, iters):
-    """Newton projection onto ``{z_e(theta) = 0, e in S}`` (minimal-norm correction; exact in one step for two-layer
-    nets, whose constraints are linear)."""
-    def zS(th):
-        return jnp.where(valid, problem.preactivations(th)[0][idx], 0.0)
-
-    before = zS(theta)
-    for _ in range(iters):
-        Jz = jax.jacrev(zS)(theta)
-        theta = theta - jnp.linalg.lstsq(Jz, zS(theta))[0]
-    return theta, before, zS(theta)
-
-
-@eqx.filter_jit
+@jit
 def _preacts(problem, theta):
     return problem.preactivations(theta)
 
 
-@eqx.filter_jit
+@jit
 def _dz(problem, theta, v):
     return jax.jvp(lambda th: problem.preactivations(th)[0], (theta,), (v,))[1]
 
 
-@eqx.filter_jit
+@jit
 def _diag(problem, thetas):
     return jax.vmap(lambda th: (problem.log_loss(th), jnp.linalg.norm(th)))(thetas)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The host-side driver.
+# The host-side driver: one compiled call per save time / event; the mode decision at events.
 
-_MIN_CAPACITY = 8  # sliding-set capacity of the compiled field (doubled when exceeded: one compilation each)
+_CALL_STEPS = 20_000  # attempted steps per compiled call at most (the host checks max_steps and reports between calls)
 
 
 class _Mode:
@@ -192,20 +132,18 @@ class _Mode:
     def __init__(self, signs: np.ndarray, sliding=()):
         self.signs = np.asarray(signs).astype(np.int8)
         self.sliding = sorted(int(e) for e in sliding)
-        k = len(self.sliding)
-        cap = max(_MIN_CAPACITY, 1 << max(k - 1, 0).bit_length())
-        idx = np.zeros(cap, np.int32)
-        valid = np.zeros(cap, bool)
-        idx[:k] = self.sliding
-        valid[:k] = True
-        self._arrays = (jnp.asarray(self.signs), jnp.asarray(idx), jnp.asarray(valid))
+        idx, valid = _padded(self.sliding)  # capacity 16, 64, 256, ...: one compilation each
+        self._arrays = (self.signs, idx, valid)
 
     def arrays(self):
         return self._arrays
 
+    def key(self):
+        return self.signs.tobytes(), tuple(self.sliding)
+
 
 class _Driver:
-    """Host-side loop state of one non-smooth solve: the problem, options, tolerances and statistics."""
+    """Host-side state of one non-smooth solve: the problem, options, tolerances and statistics."""
 
     def __init__(self, problem: KinkedProblem, sol: ClarkeFlow, theta0, log_time: bool):
         self.problem, self.sol, self.log_time = problem, sol, log_time
@@ -217,50 +155,55 @@ class _Driver:
         nrm0 = float(jnp.linalg.norm(theta0))
         self.nrm0 = nrm0
         atol = sol.atol if sol.atol is not None else 0.1 * sol.rtol * max(nrm0, float(jnp.finfo(dtype).tiny))
-        self.rtol_a, self.atol_a = self.A(sol.rtol), self.A(atol)
         self.atol = atol
+        A = self.A
+        self.ctl = Controls(rtol=A(sol.rtol), atol=A(atol), kt=A(self.kt), st=A(self.st), alpha=A(self.alpha),
+                            pcoeff=A(sol.pcoeff), icoeff=A(sol.icoeff), safety=A(sol.safety),
+                            factor_min=A(sol.factor_min), factor_max=A(sol.factor_max),
+                            max_locate=jnp.asarray(sol.max_locate, jnp.int32))
+        self.proj_iters = 1 if problem.n_hidden == 1 else 2
         self.stats = dict(num_steps=0, num_accepted_steps=0, num_rejected_steps=0, num_locate_steps=0,
                           grad_evals=0, kink_normals=0, events=0, pattern_changes=0, sliding_entered=0,
                           sliding_left=0, max_sliding=0, max_constraint_drift=0.0, max_constraint_residual=0.0,
-                          solver="clarke", log_time=bool(log_time))
+                          chatter_slides=0, solver="clarke", log_time=bool(log_time))
 
     def A(self, x):
-        return jnp.asarray(x, self.dtype)
+        return np.asarray(x, self.dtype)
 
     def evaluate(self, y, u, mode):
-        signs, idx, valid = mode.arrays()
-        f, s, z, sc = _eval(self.problem, y, self.A(u), self.log_time, signs, idx, valid)
-        self.stats["grad_evals"] += 1
-        self.stats["kink_normals"] += len(mode.sliding)
-        return f, np.asarray(s), np.asarray(z), np.asarray(sc)
+        """``(f, s, z, scale)`` at ``y``: the augmented field of ``mode``, its sliding slopes, the pre-activations and
+        their bounds (the compiled loop called for no step)."""
+        out = self.advance(y, u, 0.0, 1.0, u, mode, 0)
+        return out["f0"], out["s0"], out["z0"], out["scale0"]
 
-    def step(self, y, f0, u, h, mode):
+    def advance(self, y, u, h, err_prev, u_stop, mode, n_max, project_first=False):
+        """Many steps of ``mode`` in one compiled call (flow/_nonsmooth_kernel.py); updates the statistics."""
         signs, idx, valid = mode.arrays()
-        y1, f1, errn, z1, sc1, s1 = _step(self.problem, y, f0, self.A(u), self.A(h), self.log_time, signs, idx,
-                                          valid, self.rtol_a, self.atol_a)
-        self.stats["num_steps"] += 1
-        self.stats["grad_evals"] += 6
-        self.stats["kink_normals"] += 6 * len(mode.sliding)
-        return y1, f1, float(errn), np.asarray(z1), np.asarray(sc1), np.asarray(s1)
-
-    def event_values(self, mode, z, sc, s):
-        """Normalised event functions: ``sign_e z_e / scale_e`` for units outside ``S`` (tolerance ``kink_tol``) and
-        the distance of each sliding slope to its box (tolerance ``slope_tol``); negative means it has happened."""
-        cross = mode.signs * z / np.maximum(sc, np.finfo(float).tiny)
-        if mode.sliding:
-            cross[mode.sliding] = np.inf
-        k = len(mode.sliding)
-        slide = np.minimum(s[:k] - self.alpha, 1.0 - s[:k]) if k else np.zeros(0)
-        return cross, slide
+        out = advance(self.problem, y, self.A(u), self.A(h), self.A(err_prev), self.A(u_stop), signs, idx, valid,
+                      self.ctl, np.asarray(n_max, np.int32), np.asarray(bool(project_first)), self.log_time,
+                      bool(self.sol.project), self.proj_iters)
+        out = jax.device_get(out)
+        st = self.stats
+        n_att, n_loc = int(out["n_att"]), int(out["n_loc"])
+        st["num_steps"] += n_att + n_loc
+        st["num_accepted_steps"] += int(out["n_acc"])
+        st["num_rejected_steps"] += int(out["n_rej"])
+        st["num_locate_steps"] += n_loc
+        st["grad_evals"] += 1 + 6 * (n_att + n_loc)  # the start value and six stages per step
+        st["kink_normals"] += len(mode.sliding) * (1 + 6 * (n_att + n_loc))
+        st["max_constraint_drift"] = max(st["max_constraint_drift"], float(out["drift"]))
+        st["max_constraint_residual"] = max(st["max_constraint_residual"], float(out["resid"]))
+        return out
 
     def _tiny_dz(self, theta, v, sc, ids):
-        return self.kt * sc[ids] * (np.linalg.norm(v) / max(float(jnp.linalg.norm(theta)), np.finfo(float).tiny))
+        return self.kt * sc[ids] * (np.linalg.norm(v) / max(float(np.linalg.norm(theta)), np.finfo(float).tiny))
 
-    def resolve(self, y, u, mode, cands):
+    def resolve(self, y, u, mode, cands, chatter=()):
         """The mode after an event at ``y``: from the minimal-norm element (interior slope: slides; bound: crosses to
         the side its velocity points to), then made consistent: a sliding slope of the new mode outside ``[alpha, 1]``
         leaves on that bound's side; a unit at its kink whose new field points into the other side is flipped, and if
-        both sides point into the kink it slides."""
+        both sides point into the kink it slides. Units in ``chatter`` (at their kink and crossing back and forth
+        without progress in time) slide when the new mode would flip them again and their slope is admissible."""
         problem, theta = self.problem, y[:-1]
         C = np.asarray(sorted(set(mode.sliding) | set(int(c) for c in cands)), np.int64)
         mn = clarke_min_norm(problem, theta, signs=mode.signs, kinks=C, kink_tol=self.kt, slope_tol=self.st,
@@ -268,6 +211,7 @@ class _Driver:
         self.stats["grad_evals"] += 1
         self.stats["kink_normals"] += len(C)
         slide = set(C[mn.interior].tolist())
+        chatter = set(int(e) for e in chatter) & set(C.tolist())
         signs = mode.signs.copy()
         bound = C[~mn.interior]
         _, _, z, sc = self.evaluate(y, u, mode)
@@ -297,8 +241,10 @@ class _Driver:
             if wrong.size == 0:
                 break
             e = int(wrong[0])
-            if e in flipped:
+            if e in flipped or e in chatter:
                 slide.add(e)
+                if e in chatter and e not in flipped:
+                    self.stats["chatter_slides"] += 1
             else:
                 signs[e] = -signs[e]
                 flipped.add(e)
@@ -312,86 +258,14 @@ class _Driver:
         self.stats["max_sliding"] = max(self.stats["max_sliding"], len(new_s))
         return new
 
-    def project(self, theta, mode):
-        """Back onto ``z_e = 0`` for the sliding set (records the drift before and the residual after, relative to
-        ``scale_e``)."""
-        if not (self.sol.project and mode.sliding):
-            return theta
-        _, idx, valid = mode.arrays()
-        th, before, after = _project(self.problem, theta, idx, valid, 1 if self.problem.n_hidden == 1 else 2)
-        _, sc = _preacts(self.problem, th)
-        k = len(mode.sliding)
-        scs = np.maximum(np.asarray(sc)[mode.sliding], np.finfo(float).tiny)
-        st = self.stats
-        st["max_constraint_drift"] = max(st["max_constraint_drift"], float(np.max(np.abs(np.asarray(before)[:k]) / scs)))
-        st["max_constraint_residual"] = max(st["max_constraint_residual"],
-                                            float(np.max(np.abs(np.asarray(after)[:k]) / scs)))
-        return th
-
-    def locate(self, y, f0, u, h, mode, ev0, ev1, hits):
-        """The earliest event inside a step of size ``h``: regula falsi (Illinois) on the step size, each trial an
-        actual Runge-Kutta step. Returns ``(h_event, step_output, target)``."""
-        kt, st, sol = self.kt, self.st, self.sol
-
-        def val(ev, tg):
-            return ev[0][tg[1]] if tg[0] == "c" else ev[1][tg[1]]
-
-        def pick(ev_a, ev_b, hit):
-            best, tau = None, np.inf
-            for kind, ids in (("c", hit[0]), ("s", hit[1])):
-                for e in ids:
-                    tg = (kind, int(e))
-                    ea, eb = max(val(ev_a, tg), 0.0), val(ev_b, tg)
-                    t_lin = ea / (ea - eb) if ea - eb > 0 else 0.0
-                    if t_lin < tau:
-                        best, tau = tg, t_lin
-            return best
-
-        target = pick(ev0, ev1, hits)
-        ha, hb, ev_a, ev_b = 0.0, h, ev0, ev1
-        best_a, out, hc = None, None, 0.0
-        pts = [(ha, max(val(ev_a, target), 0.0)), (hb, val(ev_b, target))]  # the last two trials (secant)
-        for _ in range(sol.max_locate):
-            (h1, e1), (h2, e2) = pts
-            hc = h2 - e2 * (h2 - h1) / (e2 - e1) if e2 != e1 else 0.5 * (ha + hb)
-            if not (ha < hc < hb):  # secant outside the bracket: regula falsi on the bracket, else bisection
-                ea, eb = max(val(ev_a, target), 0.0), val(ev_b, target)
-                hc = ha + (hb - ha) * ea / (ea - eb) if ea - eb > 0 else 0.5 * (ha + hb)
-                if not (ha < hc < hb):
-                    hc = 0.5 * (ha + hb)
-            out = self.step(y, f0, u, hc, mode)
-            self.stats["num_locate_steps"] += 1
-            ev_c = self.event_values(mode, out[3], out[4], out[5])
-            hit_c = (np.flatnonzero(ev_c[0] < -kt), np.flatnonzero(ev_c[1] < -st))
-            tol_t = kt if target[0] == "c" else st
-            ec = val(ev_c, target)
-            others = [("c", int(e)) for e in hit_c[0]] + [("s", int(e)) for e in hit_c[1]]
-            others = [o for o in others if o != target]
-            if abs(ec) <= tol_t and not others:
-                return hc, out, target
-            if ec < -tol_t or others:
-                new_t = pick(ev_a, ev_c, hit_c) if others else target
-                hb, ev_b = hc, ev_c
-                if new_t != target:
-                    target = new_t
-                    pts = [(ha, max(val(ev_a, target), 0.0)), (hb, val(ev_b, target))]
-                    continue
-            else:
-                ha, ev_a, best_a = hc, ev_c, (hc, out)
-            pts = [pts[1], (hc, ec)]
-            if hb - ha <= 4 * np.finfo(float).eps * max(abs(u) + hb, 1.0):
-                break
-        if best_a is not None:
-            return best_a[0], best_a[1], target
-        return hc, out, target
-
 
 def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_time: bool = False,
                         solver: ClarkeFlow | None = None, progress=None) -> Trajectory:
     """Integrate the minimal-norm flow of ``problem`` from ``theta0``, saving at ``ts`` (increasing, from 0, within
     ``[0, t1]``). ``log_time``: integrate in ``u = log(1 + t)``. Returns a :class:`Trajectory` whose ``stats`` count
     steps, gradient evaluations, events, sliding modes entered and left and pattern changes, and whose
-    ``extras['energy']`` holds ``int_0^t ||dtheta/dt||^2`` at the saved times."""
+    ``extras['energy']`` holds ``int_0^t ||dtheta/dt||^2`` at the saved times. ``progress(t, stats)`` is called
+    between compiled calls (at save times, events and every ``_CALL_STEPS`` steps)."""
     sol = solver or ClarkeFlow()
     theta0 = jnp.asarray(theta0)
     dtype = theta0.dtype
@@ -399,27 +273,30 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
     stats = D.stats
     ts = np.asarray(ts, float)
     us = np.log1p(ts) if log_time else ts.copy()
-    u1 = math.log1p(t1) if log_time else float(t1)
     t_start = _time.perf_counter()
     tiny_h = 16 * float(np.finfo(float).eps)
 
-    theta = theta0
+    theta = np.asarray(theta0)
     z, sc = (np.asarray(a) for a in _preacts(problem, theta))
     mode = _Mode(np.where(z > 0, 1, -1))
-    y = jnp.concatenate([theta, jnp.zeros((1,), dtype)])
+    y = np.concatenate([theta, np.zeros((1,), dtype)])
     u = 0.0
     near = np.flatnonzero(np.abs(z) <= D.kt * sc)
     if near.size:
         stats["events"] += 1
         mode = D.resolve(y, u, mode, near)
-        y = jnp.concatenate([D.project(y[:-1], mode), y[-1:]])
-    f0, s0, z0, sc0 = D.evaluate(y, u, mode)
-    v0 = float(jnp.linalg.norm(f0[:-1]))
-    h = min(u1, 0.01 * max(D.nrm0, D.atol) / v0) if v0 > 0 else u1
+    out = D.advance(y, u, 0.0, 1.0, u, mode, 0, project_first=True)  # onto the sliding set's surfaces; f(0)
+    y, f0 = out["y0"], out["f0"]
+    pending_projection = False
+    v0 = float(np.linalg.norm(f0[:-1]))
+    u_end = float(us[-1])
+    h = min(u_end, 0.01 * max(D.nrm0, D.atol) / v0) if v0 > 0 else max(u_end, tiny_h)
+    h = max(h, tiny_h)
     saves_th, saves_E, saves_t = [np.asarray(y[:-1])], [0.0], [0.0]
     k_save = 1 if us[0] == 0.0 else 0
     err_prev = 1.0
     no_progress = 0
+    recent = []  # (unit, sign) flips of the last events without progress in time: chattering units
     reason, success, failure = None, True, None
 
     while k_save < len(us):
@@ -428,59 +305,59 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
             reason = (f"max_steps = {sol.max_steps} reached at t = {_t(u, log_time):.6g} before t1 = {t1:g} "
                       f"({stats['events']} events, {len(mode.sliding)} units sliding); raise max_steps")
             break
-        h = min(h, us[k_save] - u)
-        if h <= tiny_h * max(abs(u), 1.0):  # at a save time
-            saves_th.append(np.asarray(y[:-1]))
-            saves_E.append(float(y[-1]))
-            saves_t.append(float(ts[k_save]))
-            k_save += 1
-            h = max(h, D.last_h if hasattr(D, "last_h") else h)
-            continue
-        y1, f1, errn, z1, sc1, s1 = D.step(y, f0, u, h, mode)
-        if not np.isfinite(errn) or errn > 1.0:
-            stats["num_rejected_steps"] += 1
-            fac = sol.factor_min if not np.isfinite(errn) else \
-                max(sol.factor_min, sol.safety * errn ** (-(sol.icoeff + sol.pcoeff) / 5))
-            h *= fac
-            if h <= tiny_h * max(abs(u), 1.0):
-                success, failure = False, "underflow"
-                reason = (f"the step size underflowed at t = {_t(u, log_time):.6g}: the state became non-finite or "
-                          "the field is not resolved (diverging flow?)")
-                break
-            continue
-        ev1 = D.event_values(mode, z1, sc1, s1)
-        hits = (np.flatnonzero(ev1[0] < -D.kt), np.flatnonzero(ev1[1] < -D.st))
-        if hits[0].size or hits[1].size:
+        n_max = min(_CALL_STEPS, sol.max_steps - stats["num_steps"])
+        out = D.advance(y, u, h, err_prev, float(us[k_save]), mode, n_max, project_first=pending_projection)
+        pending_projection = False
+        status = int(out["status"])
+        if status in (SAVE, BUDGET):
+            y, u, h, err_prev = out["y"], float(out["u"]), float(out["h"]), float(out["err_prev"])
+            if int(out["n_acc"]):
+                no_progress = 0
+                recent = []
+            if status == SAVE:
+                saves_th.append(np.asarray(out["y"][:-1]))
+                saves_E.append(float(out["y"][-1]))
+                saves_t.append(float(ts[k_save]))
+                k_save += 1
+                h = max(h, float(out["last_h"]))
+        elif status == UNDERFLOW:
+            y, u = out["y"], float(out["u"])
+            success, failure = False, "underflow"
+            reason = (f"the step size underflowed at t = {_t(u, log_time):.6g}: the state became non-finite or the "
+                      "field is not resolved (diverging flow?)")
+            break
+        else:  # EVENT
             stats["events"] += 1
-            ev0 = D.event_values(mode, z0, sc0, s0)
-            hc, out, target = D.locate(y, f0, u, h, mode, ev0, ev1, hits)
-            y, u = out[0], u + hc
-            stats["num_accepted_steps"] += 1
+            u0 = float(out["u"])
+            if int(out["n_acc"]):
+                no_progress = 0
+                recent = []
+            hc, h_step = float(out["h_event"]), float(out["h_step"])
+            y, u = out["y_event"], u0 + hc
+            err_prev = float(out["err_prev"])
             no_progress = no_progress + 1 if hc <= tiny_h * max(abs(u), 1.0) else 0
             if no_progress > sol.zeno_limit:
                 success, failure = False, "zeno"
                 reason = (f"{no_progress} events without progress in time at t = {_t(u, log_time):.6g}: a Zeno point "
                           "or a kink where no mode is consistent (try a larger kink_tol)")
                 break
-            zc, scc = out[3], out[4]
+            zc, scc = np.asarray(out["z_event"]), np.asarray(out["scale_event"])
             cands = np.flatnonzero(np.abs(zc) <= 10 * D.kt * scc)
-            if target[0] == "c":
-                cands = np.union1d(cands, [target[1]])
-            mode = D.resolve(y, u, mode, cands)
-            y = jnp.concatenate([D.project(y[:-1], mode), y[-1:]])
-            f0, s0, z0, sc0 = D.evaluate(y, u, mode)
-            h = max(h - hc, h / 4) if hc < h else h
-            continue
-        stats["num_accepted_steps"] += 1
-        no_progress = 0
-        u, y = u + h, y1
-        D.last_h = h
-        if mode.sliding and sol.project:  # a rounding-level correction: the step's last stage stays valid (FSAL)
-            y = jnp.concatenate([D.project(y[:-1], mode), y[-1:]])
-        f0, s0, z0, sc0 = f1, s1, z1, sc1
-        fac = sol.safety * max(errn, 1e-10) ** (-(sol.icoeff + sol.pcoeff) / 5) * max(err_prev, 1e-10) ** (sol.pcoeff / 5)
-        h *= min(sol.factor_max, max(sol.factor_min, fac))
-        err_prev = errn
+            target = int(out["target"])
+            N = mode.signs.shape[0]
+            if target < N:
+                cands = np.union1d(cands, [target])
+            chatter = _chattering(recent, sol.chatter_limit) if no_progress else set()
+            new = D.resolve(y, u, mode, cands, chatter)
+            if no_progress:
+                flips = np.flatnonzero(new.signs != mode.signs)
+                recent = (recent + [int(e) for e in flips])[-64 * max(sol.chatter_limit, 1):]
+            else:
+                recent = [int(e) for e in np.flatnonzero(new.signs != mode.signs)]
+            mode = new
+            pending_projection = True  # onto the new sliding set's kink surfaces, at the start of the next call
+            h = max(h_step - hc, h_step / 4) if hc < h_step else h_step
+            h = max(h, tiny_h * max(abs(u), 1.0) * 2)
         if progress is not None:
             progress(_t(u, log_time), stats)
     if not success:
@@ -501,6 +378,14 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
                       stats=stats, result=result, reason=reason, unflatten=problem.unflatten,
                       degree=problem.unflatten(jnp.asarray(thetas[0])).degree,
                       extras={"energy": np.asarray(saves_E), "sliding_units": np.asarray(mode.sliding, np.int64)})
+
+
+def _chattering(recent, limit):
+    """Units flipped at least ``limit`` times in the recent events without progress in time."""
+    if not recent:
+        return set()
+    vals, counts = np.unique(np.asarray(recent), return_counts=True)
+    return set(int(v) for v in vals[counts >= limit])
 
 
 # Failures of the non-smooth solve as RESULTS items: the step budget; a step size underflow (non-finite state); a Zeno

@@ -1,0 +1,280 @@
+"""The compiled core of the non-smooth flow (flow/_nonsmooth.py): many Dormand-Prince 5(4) steps of one mode in one
+``lax.while_loop``, with error control, the rounding-level projection onto the sliding set, event detection and the
+location of the earliest event (secant / regula falsi on the step size), returning to the host only at a save time, a
+located event (pattern change, sliding entry or exit), a step size underflow or the step budget of one call.
+
+The host (``integrate_nonsmooth``) decides the new mode at an event (BVLS over the kink slopes, ``clarke_min_norm``):
+that is the only part that needs an active-set solver and happens once per event. Everything per step runs here.
+
+Event functions are normalised so that every one has tolerance 1: ``sign_e z_e / (kink_tol scale_e)`` for units outside
+the sliding set and ``min(s_e - alpha, 1 - s_e) / slope_tol`` for sliding slopes; an event has happened when one is
+below ``-1`` and is located when the target's value lies in ``[-1, 1]`` with no other below ``-1``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._clarke import gram_solve, jit
+
+__all__ = ["advance", "RUN", "SAVE", "EVENT", "UNDERFLOW", "BUDGET", "project_sliding"]
+
+RUN, SAVE, EVENT, UNDERFLOW, BUDGET = 0, 1, 2, 3, 4
+
+# Dormand-Prince 5(4) (Hairer, Norsett & Wanner, Solving ODEs I, II.5): the tableau rows, the 7th row being the
+# 5th-order weights (first same as last), and the error weights.
+_A = np.zeros((7, 7))
+_A[1, :1] = [1 / 5]
+_A[2, :2] = [3 / 40, 9 / 40]
+_A[3, :3] = [44 / 45, -56 / 15, 32 / 9]
+_A[4, :4] = [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729]
+_A[5, :5] = [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656]
+_A[6, :6] = [35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84]
+_C = np.array([0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0])
+_E = np.array([71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40])
+
+
+def _normals(problem, theta, idx, valid):
+    return problem.normals(theta, idx) * valid[:, None].astype(theta.dtype)
+
+
+def project_sliding(problem, theta, idx, valid, iters):
+    """Gauss-Newton projection onto ``{z_e(theta) = 0, e in S}`` with the minimal-norm correction
+    ``-N^T (N N^T)^+ z_S`` (``N`` the kink normals): exact in one step for two-layer nets, whose constraints are linear.
+    Returns ``(theta, z_S before, z_S after)``."""
+    def zS(th):
+        return jnp.where(valid, problem.preactivations(th)[0][idx], 0.0)
+
+    before = zS(theta)
+    z = before
+    for _ in range(iters):
+        J = _normals(problem, theta, idx, valid).T
+        theta = theta - J @ gram_solve(J, z, valid)
+        z = zS(theta)
+    return theta, before, z
+
+
+def _aug_field(problem, y, u, log_time, signs, idx, valid):
+    v, rate, s = problem.velocity(y[:-1], u if log_time else jnp.zeros_like(u), signs, idx, valid)
+    return jnp.concatenate([v, rate[None]]), s
+
+
+def _rk_step(problem, y, f0, u, h, log_time, signs, idx, valid, rtol, atol):
+    """One DOPRI5 step: ``(y1, f1, err_norm, z1, scale1, s1)``; the error norm is the RMS of the local error of the
+    error-controlled part of ``theta`` scaled by ``atol + rtol max(|y0|, |y1|)``."""
+    dtype = y.dtype
+    A, C, E = jnp.asarray(_A, dtype), jnp.asarray(_C, dtype), jnp.asarray(_E, dtype)
+    ks = jnp.zeros((7,) + y.shape, dtype).at[0].set(f0)
+
+    def body(carry, i):
+        ks, _ = carry
+        yi = y + h * (A[i] @ ks)
+        fi, si = _aug_field(problem, yi, u + C[i] * h, log_time, signs, idx, valid)
+        return (ks.at[i].set(fi), si), None
+
+    (ks, s1), _ = jax.lax.scan(body, (ks, jnp.zeros(idx.shape, dtype)), jnp.arange(1, 7))
+    y1 = y + h * (A[6] @ ks)
+    err = h * (E @ ks)
+    ne = getattr(problem, "n_error", y.shape[0] - 1)  # a joint problem controls the error of its first part only
+    scale = atol + rtol * jnp.maximum(jnp.abs(y[:ne]), jnp.abs(y1[:ne]))
+    errn = jnp.sqrt(jnp.mean((err[:ne] / scale) ** 2))
+    z1, sc1 = problem.preactivations(y1[:-1])
+    return y1, ks[6], errn, z1, sc1, s1
+
+
+def _event_values(signs, in_S, valid, z, sc, s, kt, st, alpha):
+    tiny = jnp.finfo(z.dtype).tiny
+    cross = jnp.where(in_S, jnp.inf, signs.astype(z.dtype) * z / (kt * jnp.maximum(sc, tiny)))
+    slide = jnp.where(valid, jnp.minimum(s - alpha, 1.0 - s) / st, jnp.inf)
+    return jnp.concatenate([cross, slide])
+
+
+def _pick(ev_a, ev_b, hit):
+    """The entry of ``hit`` whose linear interpolation between ``ev_a`` (at 0) and ``ev_b`` (at 1) crosses first."""
+    ea = jnp.maximum(ev_a, 0.0)
+    den = ea - ev_b
+    tl = jnp.where(den > 0, ea / jnp.where(den > 0, den, 1.0), 0.0)
+    return jnp.argmin(jnp.where(hit, tl, jnp.inf)).astype(jnp.int32)
+
+
+class Controls(eqx.Module):
+    """Scalars of one solve (traced, so changing them does not recompile)."""
+
+    rtol: jax.Array
+    atol: jax.Array
+    kt: jax.Array
+    st: jax.Array
+    alpha: jax.Array
+    pcoeff: jax.Array
+    icoeff: jax.Array
+    safety: jax.Array
+    factor_min: jax.Array
+    factor_max: jax.Array
+    max_locate: jax.Array
+
+
+@partial(jit, static_argnames=("log_time", "project", "proj_iters"))
+def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls, n_max, project_first,
+            log_time: bool, project: bool, proj_iters: int):
+    """Integrate the mode ``(signs, idx, valid)`` from ``(u, y)`` with proposed step ``h`` until ``u_stop`` (status
+    ``SAVE``), a located event (``EVENT``), a step size underflow (``UNDERFLOW``) or ``n_max`` attempted steps
+    (``BUDGET``). ``project_first``: first project ``y`` onto the sliding set's kink surfaces (after a mode change).
+    ``n_max = 0`` only evaluates the mode at ``y`` (``f0``, ``s0``, ``z0``, ``scale0``): the host's mode decisions
+    use this, so that the field is compiled once per capacity.
+
+    Returns a dict of the state (``y``, ``u``, ``h``, ``err_prev``), the event (``h_event`` from the returned ``u``,
+    ``h_step``: the step that saw it, ``target``, ``y_event``, ``z_event``, ``scale_event``), the start values
+    (``y0`` after the projection, ``f0``, ``s0``, ``z0``, ``scale0``) and counters."""
+    dtype = y.dtype
+    N = signs.shape[0]
+    K = idx.shape[0]
+    in_S = jnp.zeros(N, bool).at[idx].max(valid)
+    eps = jnp.finfo(dtype).eps
+    tiny_h = 16 * eps
+    zero = jnp.zeros((), dtype)
+    i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
+
+    def proj(y1, sc1):
+        th, before, after = project_sliding(problem, y1[:-1], idx, valid, proj_iters)
+        scS = jnp.maximum(jnp.where(valid, sc1[idx], 1.0), jnp.finfo(dtype).tiny)
+        return jnp.concatenate([th, y1[-1:]]), jnp.max(jnp.abs(before) / scS), jnp.max(jnp.abs(after) / scS)
+
+    def no_proj(y1, sc1):
+        return y1, zero, zero
+
+    if project:
+        y, dr0, rs0 = jax.lax.cond(project_first & jnp.any(valid), proj, no_proj, y,
+                                   problem.preactivations(y[:-1])[1])
+    else:
+        dr0, rs0 = zero, zero
+    f0, s0 = _aug_field(problem, y, u, log_time, signs, idx, valid)
+    z0, sc0 = problem.preactivations(y[:-1])
+    y0 = y
+    ev0 = _event_values(signs, in_S, valid, z0, sc0, s0, ctl.kt, ctl.st, ctl.alpha)
+    at_stop = u_stop - u <= tiny_h * jnp.maximum(jnp.abs(u), 1.0)
+
+    c = dict(y=y, f0=f0, ev0=ev0, u=u, h=h, err_prev=err_prev, status=jnp.where(at_stop, SAVE, RUN).astype(jnp.int32),
+             locating=jnp.asarray(False), n_att=i32(0), n_acc=i32(0), n_rej=i32(0), n_loc=i32(0),
+             drift=dr0, resid=rs0, last_h=h,
+             # locate state
+             h_step=zero, ha=zero, hb=zero, ev_a=ev0, ev_b=ev0, target=i32(0), p1=jnp.zeros(2, dtype),
+             p2=jnp.zeros(2, dtype), n_it=i32(0), has_a=jnp.asarray(False),
+             ya=y, za=z0, sca=sc0, yc=y, zc=z0, scc=sc0, hc=zero)
+
+    def step_size(c):
+        ha, hb, t = c["ha"], c["hb"], c["target"]
+        (h1, e1), (h2, e2) = c["p1"], c["p2"]
+        mid = 0.5 * (ha + hb)
+        sec = jnp.where(e2 != e1, h2 - e2 * (h2 - h1) / jnp.where(e2 != e1, e2 - e1, 1.0), mid)
+        ea, eb = jnp.maximum(c["ev_a"][t], 0.0), c["ev_b"][t]
+        rf = jnp.where(ea - eb > 0, ha + (hb - ha) * ea / jnp.where(ea - eb > 0, ea - eb, 1.0), mid)
+        rf = jnp.where((ha < rf) & (rf < hb), rf, mid)
+        h_loc = jnp.where((ha < sec) & (sec < hb), sec, rf)
+        h_adv = jnp.minimum(c["h"], u_stop - c["u"])
+        return jnp.where(c["locating"], h_loc, h_adv)
+
+    def body(c):
+        hh = step_size(c)
+        y1, f1, errn, z1, sc1, s1 = _rk_step(problem, c["y"], c["f0"], c["u"], hh, log_time, signs, idx, valid,
+                                             ctl.rtol, ctl.atol)
+        ev1 = _event_values(signs, in_S, valid, z1, sc1, s1, ctl.kt, ctl.st, ctl.alpha)
+        hit1 = ev1 < -1.0
+        return jax.lax.cond(c["locating"], locate_update, advance_update, c, hh, y1, f1, errn, z1, sc1, s1, ev1,
+                            hit1)
+
+    def advance_update(c, hh, y1, f1, errn, z1, sc1, s1, ev1, hit1):
+        c = dict(c, n_att=c["n_att"] + 1)
+        u = c["u"]
+        ok = jnp.isfinite(errn) & (errn <= 1.0)
+        any_hit = jnp.any(hit1)
+        # rejected: shrink
+        fac_rej = jnp.where(jnp.isfinite(errn),
+                            jnp.maximum(ctl.factor_min,
+                                        ctl.safety * jnp.maximum(errn, 1e-10) ** (-(ctl.icoeff + ctl.pcoeff) / 5)),
+                            ctl.factor_min)
+        h_rej = hh * fac_rej
+        underflow = ~ok & (h_rej <= tiny_h * jnp.maximum(jnp.abs(u), 1.0))
+        # event: start locating in [0, hh]
+        t0 = _pick(c["ev0"], ev1, hit1)
+        ev_t0 = jnp.maximum(c["ev0"][t0], 0.0)
+        loc = dict(locating=jnp.asarray(True), h_step=hh, ha=zero, hb=hh, ev_a=c["ev0"], ev_b=ev1, target=t0,
+                   p1=jnp.stack([zero, ev_t0]), p2=jnp.stack([hh, ev1[t0]]), n_it=i32(0), has_a=jnp.asarray(False),
+                   yc=y1, zc=z1, scc=sc1, hc=hh)
+        # accepted
+        if project:
+            y_acc, dr, rs = jax.lax.cond(jnp.any(valid), proj, no_proj, y1, sc1)
+        else:
+            y_acc, dr, rs = y1, zero, zero
+        fac = ctl.safety * jnp.maximum(errn, 1e-10) ** (-(ctl.icoeff + ctl.pcoeff) / 5) * \
+            jnp.maximum(c["err_prev"], 1e-10) ** (ctl.pcoeff / 5)
+        h_acc = hh * jnp.minimum(ctl.factor_max, jnp.maximum(ctl.factor_min, fac))
+        h_acc = jnp.where(hh < c["h"], jnp.maximum(h_acc, c["h"]), h_acc)  # a step clipped at u_stop
+        u_acc = u + hh
+        saved = u_stop - u_acc <= tiny_h * jnp.maximum(jnp.abs(u_acc), 1.0)
+        acc = dict(y=y_acc, f0=f1, ev0=ev1, u=u_acc, h=h_acc, err_prev=errn, n_acc=c["n_acc"] + 1,
+                   drift=jnp.maximum(c["drift"], dr), resid=jnp.maximum(c["resid"], rs), last_h=hh,
+                   status=jnp.where(saved, SAVE, RUN).astype(jnp.int32))
+        rej = dict(h=h_rej, n_rej=c["n_rej"] + 1, status=jnp.where(underflow, UNDERFLOW, RUN).astype(jnp.int32))
+
+        def sel(key):
+            cur = c[key]
+            v = cur
+            if key in rej:
+                v = jnp.where(~ok, rej[key], v)
+            if key in loc:
+                v = jnp.where(ok & any_hit, loc[key], v)
+            if key in acc:
+                v = jnp.where(ok & ~any_hit, acc[key], v)
+            return v
+
+        out = {k: sel(k) for k in c}
+        return out
+
+    def locate_update(c, hc, y1, f1, errn, z1, sc1, s1, ev_c, hit_c):
+        t = c["target"]
+        ec = ev_c[t]
+        others = jnp.any(hit_c & (jnp.arange(ev_c.shape[0]) != t))
+        located = (jnp.abs(ec) <= 1.0) & ~others
+        go_b = ~located & ((ec < -1.0) | others)
+        go_a = ~located & ~go_b
+        new_t = jnp.where(others, _pick(c["ev_a"], ev_c, hit_c), t)
+        retarget = go_b & (new_t != t)
+        ha = jnp.where(go_a, hc, c["ha"])
+        hb = jnp.where(go_b, hc, c["hb"])
+        ev_a = jnp.where(go_a, ev_c, c["ev_a"])
+        ev_b = jnp.where(go_b, ev_c, c["ev_b"])
+        p1 = jnp.where(retarget, jnp.stack([ha, jnp.maximum(ev_a[new_t], 0.0)]), c["p2"])
+        p2 = jnp.where(retarget, jnp.stack([hb, ev_b[new_t]]), jnp.stack([hc, ec]))
+        n_it = c["n_it"] + 1
+        collapsed = ~located & ~retarget & (hb - ha <= 4 * eps * jnp.maximum(jnp.abs(c["u"]) + hb, 1.0))
+        done = located | collapsed | (n_it >= ctl.max_locate)
+        has_a = c["has_a"] | go_a
+        sel_a = lambda new, old: jnp.where(go_a, new, old)  # noqa: E731
+        ya, za, sca = sel_a(y1, c["ya"]), sel_a(z1, c["za"]), sel_a(sc1, c["sca"])
+        # at the end: the located trial, else the last trial before the event (best_a), else the last trial
+        use_a = done & ~located & has_a
+        yc = jnp.where(use_a, ya, y1)
+        zc = jnp.where(use_a, za, z1)
+        scc = jnp.where(use_a, sca, sc1)
+        h_out = jnp.where(use_a, ha, hc)
+        return dict(c, ha=ha, hb=hb, ev_a=ev_a, ev_b=ev_b, target=new_t, p1=p1, p2=p2, n_it=n_it, has_a=has_a,
+                    ya=ya, za=za, sca=sca, yc=yc, zc=zc, scc=scc, hc=h_out, n_loc=c["n_loc"] + 1,
+                    status=jnp.where(done, EVENT, RUN).astype(jnp.int32))
+
+    def cond(c):
+        return (c["status"] == RUN) & (c["n_att"] + c["n_loc"] < n_max)
+
+    c = jax.lax.while_loop(cond, body, c)
+    budget = c["status"] == RUN
+    status = jnp.where(budget, BUDGET, c["status"])
+    # a budget stop while locating: the next call retries the whole step from its start (nothing was accepted)
+    return dict(status=status, y=c["y"], u=c["u"], h=jnp.where(budget & c["locating"], c["h_step"], c["h"]),
+                err_prev=c["err_prev"], last_h=c["last_h"], h_event=c["hc"], h_step=c["h_step"], y_event=c["yc"],
+                z_event=c["zc"], scale_event=c["scc"], target=c["target"], n_att=c["n_att"], n_acc=c["n_acc"],
+                n_rej=c["n_rej"], n_loc=c["n_loc"], drift=c["drift"], resid=c["resid"], y0=y0, f0=f0, s0=s0, z0=z0,
+                scale0=sc0)
