@@ -89,8 +89,12 @@ def test_interrupted_nonsmooth_segments_resume_bit_for_bit(time, t1):
 @pytest.mark.slow  # compiles the smooth engine with and without events (~15 s)
 def test_a_named_solver_is_forced_and_clarke_with_events_refused():
     model, data = _net(seed=3, n=10, width=4)
-    tr = segmented_flow(model, data, loss="exponential", t1=2.0, segments=2, n_save=3, solver="auto")
+    store = _Store()
+    tr = segmented_flow(model, data, loss="exponential", t1=2.0, segments=2, n_save=3, solver="auto", ctx=store.ctx())
     assert tr.stats["solver"] == "auto"
+    # the smooth run's checkpoint is not taken up by the default (non-smooth) flow: it starts over
+    tr = segmented_flow(model, data, loss="exponential", t1=2.0, segments=2, n_save=3, ctx=store.ctx())
+    assert tr.stats["solver"] == "clarke" and tr.stats["resumed_from"] == 0 and tr.success
     tr = segmented_flow(model, data, loss="exponential", t1=2.0, segments=2, n_save=3, solver="default",
                         events=[LossBelow(1e-30)])
     assert tr.stats["solver"] == "auto"  # stop events: the smooth engine (the rule)

@@ -84,8 +84,9 @@ def segmented_flow(model, data, *, loss, t1: float, segments: int = 4, n_save: i
         solver = solver.with_tolerances(atol=float(default_atol(solver.rtol, th0)[0]))
     T = float(t1) / segments
     ck = ctx.load_checkpoint(name)
+    # a checkpoint of another flow (size, horizon, segments, or solver: older checkpoints name none) is not resumed
     if ck is not None and int(ck["n_params"]) == th0.size and float(ck["t1"]) == float(t1) \
-            and int(ck["segments"]) == segments:
+            and int(ck["segments"]) == segments and str(ck["solver"] if "solver" in ck else solver.name) == solver.name:
         done = int(ck["segment"]) + 1
         ts, thetas = list(ck["ts"]), list(ck["thetas"])
         log_l, norm = list(ck["log_loss"]), list(ck["norm"])
@@ -122,7 +123,7 @@ def segmented_flow(model, data, *, loss, t1: float, segments: int = 4, n_save: i
             reason = (f"reached t1 = {float(t1):g} in {segments} segments ({solver.name}, {stats['grad_evals']} "
                       "gradient evaluations)")
         ctx.save_checkpoint(name, {
-            "segment": k, "segments": segments, "t1": float(t1), "n_params": th0.size,
+            "segment": k, "segments": segments, "t1": float(t1), "n_params": th0.size, "solver": np.str_(solver.name),
             "ts": np.asarray(ts), "thetas": np.asarray(thetas), "log_loss": np.asarray(log_l),
             "norm": np.asarray(norm), **stats, "finished": finished, "success": res_name in ("successful",
                                                                                              "event_occurred"),
