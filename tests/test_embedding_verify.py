@@ -20,7 +20,7 @@ def toy_report():
     data = gaussian_toy(60, separable=True, seed=0)
     m = MLP(2, (2,), leaky_relu(0.01), key=jax.random.PRNGKey(1), scale=0.5)
     s = split(m, layer=0, neuron=1, coeffs=[0.28, 0.0, 0.96])
-    r = verify(s, m, data, steps=500, lr=0.01, batch_size=10, t1=2.0, rtol=1e-10, error_norm="full",
+    r = verify(s, m, data, steps=500, lr=0.01, batch_size=10, t1=2.0, rtol=1e-10, error_norm="full", solver="auto",
                trajectories=("flow", "flow_separate", "gd", "sgd", "sgd_shuffled", "adam"))
     return r, s, m, data
 
@@ -97,7 +97,7 @@ def test_joint_flow_carries_eta_equal_T_theta():
     m = MLP(2, (1,), leaky_relu(0.01), key=jax.random.PRNGKey(2), scale=0.5)
     s = split(m, layer=0, neuron=0, coeffs=[2**-0.5, 2**-0.5])
     ts = np.linspace(0.0, 5.0, 11)
-    a, b = joint_flow(s, m, data, t1=5.0, ts=ts, rtol=1e-10)
+    a, b = joint_flow(s, m, data, t1=5.0, ts=ts, rtol=1e-10, solver="auto")
     assert a.success and a.stats["error_norm"] == "narrow" and np.allclose(a.ts, ts)
     assert np.max(trajectory_error(s, a, b)) <= 1e-12
     alone = gradient_flow(m, data, loss="exponential", t1=5.0, ts=ts, rtol=1e-10, time="linear", solver="auto")

@@ -15,9 +15,16 @@ Error norm of the step-size controller (``error_norm``):
   steps a diffrax solve of the narrow flow alone would take (same solver, tolerances and first step), and the wide
   half is carried along; the wide error estimate is ``T`` of the narrow one anyway.
 * ``'full'``: RMS over the whole state ``(theta, eta)``.
+
+The solver is chosen by the one rule of :func:`homflow.flow.gradient_flow` (:func:`homflow.flow.select_solver`): for
+ReLU / leaky-ReLU networks the flow is a differential inclusion and the pair is integrated as one hybrid system by
+:func:`homflow.flow.joint_nonsmooth_flow` (every step, located event and sliding mode shared, the controller on the
+narrow half); else, or when a smooth solver is named, as one ODE through :func:`homflow.flow.integrate`.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import diffrax
 import equinox as eqx
@@ -25,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..flow import Diffrax, Problem, Trajectory, as_solver, check_times, default_atol, integrate, make_problem
+from ..flow import (Diffrax, Problem, SolverError, Trajectory, check_times, default_atol, integrate,
+                    joint_nonsmooth_flow, make_problem, select_solver)
 from ..losses import get_loss
 from ._split import AbstractSplit
 
@@ -68,7 +76,7 @@ def joint_flow(
     n_save: int = 50,
     rtol: float | None = 1e-10,
     atol: float | None = None,
-    solver="auto",
+    solver=None,
     error_norm: str = "narrow",
     max_steps: int = 1_000_000,
     throw: bool = True,
@@ -84,9 +92,12 @@ def joint_flow(
         t1: final time; ts: save times in ``[0, t1]`` (default :func:`homflow.flow.log_times` ``(t1, n_save)``).
         rtol: relative tolerance (default 1e-10); atol: absolute tolerance (default
             :func:`homflow.flow.default_atol` of ``theta(0)``, as in :func:`homflow.flow.gradient_flow`).
-        solver: a solver name or object (default ``'auto'``, homflow's stiff-aware engine). Every method whose step is
-            a linear combination of vector-field values keeps ``eta = T theta`` to rounding; with the narrow error
-            norm the narrow half takes the steps of the narrow flow solved alone by the same solver.
+        solver: a solver name or object; default ``None``: :func:`homflow.flow.select_solver`'s choice, the
+            non-smooth :class:`homflow.flow.Clarke` for ReLU / leaky-ReLU networks (through
+            :func:`homflow.flow.joint_nonsmooth_flow`, narrow error norm only), else ``'auto'``, homflow's stiff-aware
+            engine. Every method whose step is a linear combination of vector-field values keeps ``eta = T theta`` to
+            rounding; with the narrow error norm the narrow half takes the steps of the narrow flow solved alone by
+            the same solver.
         error_norm: ``'narrow'`` (default: the controller looks at the narrow half only) or ``'full'`` (RMS over
             ``(theta, eta)``).
         max_steps: the solve gives up after this many steps. throw: raise :class:`homflow.flow.SolverError` on failure.
@@ -96,17 +107,24 @@ def joint_flow(
         them with :func:`trajectory_error`); ``stats`` (shared) holds the step counts.
 
     Raises:
-        ValueError: on an unknown solver or error norm, bad times or tolerances, or a network that does not fit.
+        ValueError: on an unknown solver or error norm, bad times or tolerances, or a network that does not fit;
+            ``error_norm='full'`` with the non-smooth solver (its controller looks at the narrow half).
     """
     if error_norm not in ERROR_NORMS:
         raise ValueError(f"`error_norm` must be one of {ERROR_NORMS}; got {error_norm!r}.")
-    solver = as_solver(solver, rtol=rtol, atol=atol)
-    if isinstance(solver, Diffrax) and isinstance(solver.solver, diffrax.AbstractImplicitSolver):
-        raise ValueError(f"`solver` must be explicit (a Newton iteration mixes the halves: eta = T theta would hold "
-                         f"only to the root finder's tolerance); got {type(solver.solver).__name__}.")
     t1, ts = check_times(t1, ts, n_save)
     loss = get_loss(loss)
     prob_n, theta0 = make_problem(narrow, data, loss)
+    solver = select_solver(prob_n, theta0, solver, rtol=rtol, atol=atol)
+    if solver.name == "clarke":
+        if error_norm != "narrow":
+            raise ValueError(f"`error_norm` = {error_norm!r} is not available with the non-smooth solver 'clarke' (the "
+                             "default for ReLU / leaky-ReLU networks: its controller looks at the narrow half); use "
+                             "error_norm='narrow', or name a smooth solver (solver='auto').")
+        return _joint_clarke(split, narrow, data, loss, solver, theta0, t1, ts, max_steps, throw)
+    if isinstance(solver, Diffrax) and isinstance(solver.solver, diffrax.AbstractImplicitSolver):
+        raise ValueError(f"`solver` must be explicit (a Newton iteration mixes the halves: eta = T theta would hold "
+                         f"only to the root finder's tolerance); got {type(solver.solver).__name__}.")
     prob_w, _ = make_problem(split.wide, data, loss)
     eta0 = split.apply_flat(theta0)
     P = int(theta0.size)
@@ -123,3 +141,17 @@ def joint_flow(
                               norm=np.linalg.norm(part, axis=1), stats=st, result=tr.result, unflatten=prob.unflatten,
                               degree=prob.degree, reason=tr.reason, event=tr.event))
     return out[0], out[1]
+
+
+def _joint_clarke(split, narrow, data, loss, solver, theta0, t1, ts, max_steps, throw):
+    """The non-smooth pair through :func:`homflow.flow.joint_nonsmooth_flow` in linear time, with the solver's
+    tolerances (``atol`` default :func:`homflow.flow.default_atol` of ``theta(0)``, as the smooth path) and
+    ``max_steps``; a failure raises :class:`homflow.flow.SolverError` when ``throw``."""
+    atol = solver.atol if solver.atol is not None else float(default_atol(solver.rtol, np.asarray(theta0))[0])
+    opts = dataclasses.replace(solver.options, rtol=solver.rtol, atol=atol, max_steps=int(max_steps))
+    a, b = joint_nonsmooth_flow(split, narrow, data, loss=loss, t1=t1, ts=ts, time="linear", solver=opts)
+    for tr in (a, b):
+        tr.stats["error_norm"] = "narrow"
+    if throw and not a.success:
+        raise SolverError(a.reason, a.result, a)
+    return a, b

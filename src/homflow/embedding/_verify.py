@@ -215,6 +215,7 @@ def verify(
     t1: float = 10.0,
     rtol: float = 1e-10,
     error_norm: str = "narrow",
+    solver=None,
     seed: int = 0,
     kkt: bool = True,
     kkt_point=None,
@@ -239,6 +240,8 @@ def verify(
             their own steps and agree to the integration error, ~``1e5 rtol``; not run by default), ``gd`` (``steps``
             steps of size ``lr``), ``sgd`` (identical batches of ``batch_size``, replayed from the narrow run), and the
             negative controls ``sgd_shuffled`` (different batch orders) and ``adam``.
+        solver: the solver of ``flow`` and ``flow_separate`` (default ``None``: :func:`homflow.flow.select_solver`'s
+            choice, the non-smooth flow for ReLU-type networks, which takes ``error_norm='narrow'`` only).
         kkt: check the max-margin KKT transfer: the narrow KKT point is ``kkt_point`` (certified as given by
             :func:`homflow.kkt.max_margin_kkt`) or :func:`homflow.kkt.solve_max_margin` (to relative stationarity
             ``kkt_tol``) started from the last narrow GD / flow state that separates the data; it is mapped by ``T``
@@ -281,7 +284,7 @@ def verify(
     errors, curves, finals = {}, {}, [narrow]
     for method in trajectories:
         a, b = _runs(method, split, narrow, wide, data, loss, steps=steps, lr=lr, batch_size=batch_size, t1=t1,
-                     rtol=rtol, error_norm=error_norm, seed=seed, save_every=save_every)
+                     rtol=rtol, error_norm=error_norm, solver=solver, seed=seed, save_every=save_every)
         e = trajectory_error(split, a, b)
         errors[method] = float(np.max(e))
         curves[method] = (np.asarray(a.steps if a.steps is not None else a.ts), e, a.loss, b.loss)
@@ -306,13 +309,15 @@ def verify(
                            ncf_res, errors, curves, settings)
 
 
-def _runs(method, split, narrow, wide, data, loss, *, steps, lr, batch_size, t1, rtol, error_norm, seed, save_every):
+def _runs(method, split, narrow, wide, data, loss, *, steps, lr, batch_size, t1, rtol, error_norm, seed, save_every,
+          solver=None):
     """The narrow and the wide run of one method, saved at the same steps/times."""
     ts = log_times(t1, 50)
     if method == "flow":
-        return joint_flow(split, narrow, data, loss=loss, t1=t1, ts=ts, rtol=rtol, error_norm=error_norm)
+        return joint_flow(split, narrow, data, loss=loss, t1=t1, ts=ts, rtol=rtol, error_norm=error_norm,
+                          solver=solver)
     if method == "flow_separate":
-        kw = dict(loss=loss, t1=t1, rtol=rtol, ts=ts, time="linear")
+        kw = dict(loss=loss, t1=t1, rtol=rtol, ts=ts, time="linear", solver=solver)
         return gradient_flow(narrow, data, **kw), gradient_flow(wide, data, **kw)
     if method == "gd":
         kw = dict(loss=loss, lr=lr, steps=steps, save_every=save_every)
