@@ -3,7 +3,14 @@
 from the previous one's end state. Checked against independent computations: the one-shot non-smooth flow over the
 same horizon, the energy identity ``L(0) - L(T) = int_0^T ||dtheta/dt||^2`` summed over segments, and a run interrupted
 after its first segment and resumed from the checkpoint, which must give the uninterrupted numbers bit for bit (linear
-and log time)."""
+and log time; in-process, and through the CLI after a SIGKILL)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -100,3 +107,67 @@ def test_a_named_solver_is_forced_and_clarke_with_events_refused():
     assert tr.stats["solver"] == "auto"  # stop events: the smooth engine (the rule)
     with pytest.raises(ValueError, match="events"):
         segmented_flow(model, data, loss="exponential", t1=2.0, segments=2, solver=Clarke(), events=[LossBelow(1.0)])
+
+
+LEAKY_RUN = """
+experiment = "flow"
+name = "leaky"
+loss = "exponential"
+analyses = ["loss_norm", "balance"]
+[data]
+kind = "sphere"
+n = 20
+d = 4
+labels = "linear"
+[model]
+kind = "two_layer"
+width = 8
+activation = "leaky_relu"
+p = 1
+alpha = 0.1
+[init]
+scale = 0.5
+[flow]
+t1 = 1e6
+segments = 4
+n_save = 8
+"""
+
+
+@pytest.mark.slow  # three CLI processes (~2 min)
+def test_sigkilled_nonsmooth_run_resumes_bit_identical(tmp_path):
+    """`homflow run` of a leaky-ReLU flow (the non-smooth solver, log time) killed with SIGKILL once its first segment
+    is checkpointed, then `homflow resume`: the arrays equal those of an uninterrupted run bit for bit."""
+    cfg = tmp_path / "leaky.toml"
+    cfg.write_text(LEAKY_RUN)
+    env = {**os.environ, "HOMFLOW_JAX_CACHE": str(tmp_path / "cache")}
+
+    def cli(*args):
+        return [sys.executable, "-m", "homflow.cli", *args]
+
+    full = subprocess.run(cli("run", str(cfg), "--store", str(tmp_path / "s1"), "--json"), env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert full.returncode == 0, full.stderr
+    a = json.loads(full.stdout.strip().splitlines()[-1])
+    assert a["summary"]["stats"]["solver"] == "clarke"
+    store = tmp_path / "s2"
+    proc = subprocess.Popen(cli("run", str(cfg), "--store", str(store), "--json"), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 900
+    while not list(store.glob("*/checkpoints/flow.npz")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ck = list(store.glob("*/checkpoints/flow.npz"))
+    assert ck, "no checkpoint was written"
+    rid = ck[0].parent.parent.name
+    res = subprocess.run(cli("resume", rid, "--store", str(store), "--json"), env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr
+    b = json.loads(res.stdout.strip().splitlines()[-1])
+    assert b["summary"]["stats"]["resumed_from"] >= 1 and b["summary"]["stats"]["solver"] == "clarke"
+    A, B = np.load(os.path.join(a["path"], "arrays.npz")), np.load(os.path.join(b["path"], "arrays.npz"))
+    assert set(A.files) == set(B.files)
+    for k in A.files:
+        np.testing.assert_array_equal(A[k], B[k], err_msg=k)
