@@ -198,12 +198,13 @@ class _Driver:
     def _tiny_dz(self, theta, v, sc, ids):
         return self.kt * sc[ids] * (np.linalg.norm(v) / max(float(np.linalg.norm(theta)), np.finfo(float).tiny))
 
-    def resolve(self, y, u, mode, cands, chatter=()):
+    def resolve(self, y, u, mode, cands, chatter=(), z=None, sc=None):
         """The mode after an event at ``y``: from the minimal-norm element (interior slope: slides; bound: crosses to
         the side its velocity points to), then made consistent: a sliding slope of the new mode outside ``[alpha, 1]``
         leaves on that bound's side; a unit at its kink whose new field points into the other side is flipped, and if
         both sides point into the kink it slides. Units in ``chatter`` (at their kink and crossing back and forth
-        without progress in time) slide when the new mode would flip them again and their slope is admissible."""
+        without progress in time) slide when the new mode would flip them again and their slope is admissible.
+        ``z``, ``sc``: the pre-activations at ``y`` and their bounds when known."""
         problem, theta = self.problem, y[:-1]
         C = np.asarray(sorted(set(mode.sliding) | set(int(c) for c in cands)), np.int64)
         mn = clarke_min_norm(problem, theta, signs=mode.signs, kinks=C, kink_tol=self.kt, slope_tol=self.st,
@@ -214,7 +215,8 @@ class _Driver:
         chatter = set(int(e) for e in chatter) & set(C.tolist())
         signs = mode.signs.copy()
         bound = C[~mn.interior]
-        _, _, z, sc = self.evaluate(y, u, mode)
+        if z is None or sc is None:
+            _, _, z, sc = self.evaluate(y, u, mode)
         if bound.size:
             v = -np.asarray(mn.m)
             dz = np.asarray(_dz(problem, theta, self.A(v)))[bound]
@@ -249,6 +251,16 @@ class _Driver:
                 signs[e] = -signs[e]
                 flipped.add(e)
             new = _Mode(signs, slide)
+        # a unit that is not sliding must start on its side of the kink: one beyond kink_tol on the other side (the
+        # projection of a deep net's sliding set moves nearby pre-activations by its correction) keeps the side it
+        # is on, and crosses later as an event of its own
+        free = np.asarray([e for e in C if e not in set(new.sliding)], np.int64)
+        if free.size:
+            off = free[new.signs[free] * z[free] < -self.kt * sc[free]]
+            if off.size:
+                signs = new.signs.copy()
+                signs[off] = np.sign(z[off]).astype(np.int8)
+                new = _Mode(signs, new.sliding)
         old_s, new_s = set(mode.sliding), set(new.sliding)
         both_out = np.asarray([e for e in C if e not in old_s and e not in new_s], np.int64)
         if both_out.size:
@@ -348,7 +360,12 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
             if target < N:
                 cands = np.union1d(cands, [target])
             chatter = _chattering(recent, sol.chatter_limit) if no_progress else set()
-            new = D.resolve(y, u, mode, cands, chatter)
+            # the located state is a Runge-Kutta trial of the mode: onto its sliding set's kink surfaces first (for
+            # deep nets a step moves z_e of a sliding unit by its local error, ~rtol, not ~kink_tol: a unit leaving
+            # the set would start on the wrong side of its kink by that much and stop the flow at once)
+            pre = D.advance(y, u, 0.0, 1.0, u, mode, 0, project_first=True)
+            y = pre["y0"]
+            new = D.resolve(y, u, mode, cands, chatter, z=pre["z0"], sc=pre["scale0"])
             if no_progress:
                 flips = np.flatnonzero(new.signs != mode.signs)
                 recent = (recent + [int(e) for e in flips])[-64 * max(sol.chatter_limit, 1):]
