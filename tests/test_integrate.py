@@ -217,3 +217,30 @@ def test_rkc_step_is_second_order_and_stable_up_to_many_stages():
         assert np.all(err <= 10 * np.abs(z) ** 3), (s, err)
         zs = -np.linspace(0.0, ((s - 1) ** 2 - 1) / 1.54, 200)
         assert np.all(np.abs(R(s, zs)) <= 1.0 + 1e-12), s
+
+
+@pytest.mark.parametrize("act,loss", [(relu_power(2), "square"), (relu, "logistic")])
+def test_a_flow_from_the_origin_stays_there_at_no_cost(act, loss):
+    """theta = 0 is a critical point of a homogeneous net of degree >= 2 (L(theta) - L(0) = O(||theta||^2)): the flow
+    is the constant, returned at once (the solvers' error control has no scale there: atol = 0.1 rtol ||theta(0)||
+    = 0); in a batch, the other members are those of the batch without it."""
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((12, 3))
+    data = Dataset(X, np.sign(X[:, 0]))
+    model = TwoLayer(3, 4, act, key=jax.random.PRNGKey(4), scale=0.3)
+    P = 16
+    tr = gradient_flow(model, data, loss=loss, theta0=jnp.zeros(P), t1=50.0, n_save=7)
+    assert tr.success and tr.stats["num_steps"] == 0 and tr.stats["at_rest"]
+    np.testing.assert_array_equal(tr.thetas, np.zeros((7, P)))
+    assert np.all(tr.log_loss == tr.log_loss[0])
+    if act is relu:
+        return  # the non-smooth solver has no batch form
+    problem, theta = make_problem(model, data, loss)
+    batch = integrate(problem, Auto(rtol=1e-9), jnp.stack([jnp.zeros(P), theta, 0.5 * theta]), t1=50.0, n_save=7)
+    assert batch[0].stats["at_rest"] and batch[0].success
+    moving = integrate(problem, Auto(rtol=1e-9), jnp.stack([theta, 0.5 * theta]), t1=50.0, n_save=7)
+    for b, th in ((1, theta), (2, 0.5 * theta)):
+        np.testing.assert_array_equal(batch[b].thetas, moving[b - 1].thetas)  # the same batch without the origin
+        alone = integrate(problem, Auto(rtol=1e-9), th, t1=50.0, n_save=7)  # lock step: the same flow to tolerance
+        np.testing.assert_allclose(batch[b].thetas, alone.thetas, rtol=1e-7, atol=0)
+        assert "at_rest" not in batch[b].stats

@@ -21,7 +21,7 @@ from ._events import _check_events
 from ._problem import Problem
 from ._results import RESULTS, SolverError, classify_max_steps, reason_for
 from ._solution import Trajectory
-from ._solvers import as_solver, default_atol
+from ._solvers import FlowOutput, as_solver, default_atol
 
 __all__ = ["integrate", "LossField", "NCFField", "log_times", "check_times", "check_max_steps", "check_rtol"]
 
@@ -207,13 +207,71 @@ def integrate(problem: Problem, solver=None, theta0=None, *, t1: float, ts=None,
         ev_mod = _Events(traced, problem)
     save_us = np.log1p(ts) if log_time else ts
     u1 = math.log1p(t1) if log_time else t1
-    out = solver.run(fld, y0, 0.0, u1, save_us, atol, ev_mod, max_steps)
+    rest = _at_rest(fld, y0, solver)
+    if rest.all():
+        out = _rest_output(solver, y0, u1, save_us)
+    elif rest.any():
+        moving = np.flatnonzero(~rest)
+        part = solver.run(fld, y0[moving], 0.0, u1, save_us, atol[moving], ev_mod, max_steps)
+        out = _merge_rest(part, moving, _rest_output(solver, y0, u1, save_us))
+    else:
+        out = solver.run(fld, y0, 0.0, u1, save_us, atol, ev_mod, max_steps)
     trajs = [_trajectory(problem, fld, out, b, ts, t1, log_time, evs, rtol, diagnose_iters) for b in range(y0.shape[0])]
     if throw:
         for tr in trajs:
             if not tr.success:
                 raise SolverError(tr.reason, tr.result, tr)
     return trajs[0] if single else trajs
+
+
+@eqx.filter_jit
+def _velocities(fld, y0):
+    return jax.vmap(lambda y: fld(jnp.zeros((), y.dtype), y))(y0)
+
+
+def _at_rest(fld, y0, solver) -> np.ndarray:
+    """(B,) members that start at ``theta = 0`` where the velocity vanishes: a critical point, where the flow stays.
+
+    For a Lipschitz field the constant is then the only solution, and no solver should spend its step budget finding
+    it out: from ``theta = 0`` the error control has no scale (``atol = 0.1 rtol ||theta(0)||`` is zero). For a
+    non-smooth solver the autodiff velocity is one subgradient, not the minimal-norm one, so there ``theta = 0``
+    counts only for a network of degree ``L >= 2``: ``|L(theta) - L(0)| = O(||theta||^L)``, so every Clarke subgradient
+    vanishes. (Other critical points have a scale, and the solvers' steps grow there at once.)
+    """
+    y = np.asarray(y0)
+    rest = np.all(y == 0.0, axis=1)
+    if not rest.any():
+        return rest
+    if getattr(solver, "name", "") == "clarke":
+        return rest & (int(fld.problem.degree) >= 2)
+    v = np.asarray(_velocities(fld, jnp.asarray(y[rest])))
+    rest[np.flatnonzero(rest)] = np.all(v == 0.0, axis=1)
+    return rest
+
+
+def _rest_output(solver, y0, u1, save_us) -> FlowOutput:
+    """The exact (constant) solution of members at rest."""
+    B, S = y0.shape[0], len(save_us)
+    y = np.asarray(y0)
+    stats = [{"solver": solver.name, "num_steps": 0, "num_accepted_steps": 0, "num_rejected_steps": 0,
+              "grad_evals": 1, "at_rest": True} for _ in range(B)]
+    return FlowOutput(ys=np.broadcast_to(y[:, None, :], (B, S, y.shape[1])).copy(), n_saved=np.full(B, S),
+                      t_end=np.full(B, float(u1)), y_end=y.copy(), results=[RESULTS.successful] * B,
+                      event=np.full(B, -1), stats=stats)
+
+
+def _merge_rest(part: FlowOutput, moving, rest: FlowOutput) -> FlowOutput:
+    """``rest`` (every member at rest) with the members ``moving`` replaced by the solver's output ``part``."""
+    ys, n_saved, t_end, y_end = rest.ys.copy(), rest.n_saved.copy(), rest.t_end.copy(), rest.y_end.copy()
+    results, event, stats = list(rest.results), rest.event.copy(), list(rest.stats)
+    lam = None if part.lam_max is None else np.full(len(results), np.nan)
+    for i, b in enumerate(moving):
+        ys[b], n_saved[b], t_end[b], y_end[b] = part.ys[i], part.n_saved[i], part.t_end[i], part.y_end[i]
+        results[b], event[b], stats[b] = part.results[i], part.event[i], part.stats[i]
+        if lam is not None:
+            lam[b] = part.lam_max[i]
+    return FlowOutput(ys=ys, n_saved=n_saved, t_end=t_end, y_end=y_end, results=results, event=event, stats=stats,
+                      lam_max=lam, batch_stats=part.batch_stats)
 
 
 def _trajectory(problem, fld, out, b, ts, t1, log_time, events, rtol, diag_iters) -> Trajectory:

@@ -73,6 +73,16 @@ class JointKinked(eqx.Module):
         vw, rw, sw = self.wide.velocity(b, log_scale, signs[Nn:], i_w, v_w)
         return jnp.concatenate([vn, vw]), rn + rw, jnp.where(v_n, sn, sw)
 
+    def normals(self, theta, idx):
+        """``grad z_e`` (K, P_narrow + P_wide) of the joint system's units ``idx`` (narrow units first): each unit's
+        normal lives in its own network's block, zero in the other."""
+        a, b = self._blocks(theta)
+        Nn = self.narrow.n_entries
+        in_narrow = (idx < Nn)[:, None].astype(theta.dtype)
+        Jn = self.narrow.normals(a, jnp.clip(idx, 0, Nn - 1)) * in_narrow
+        Jw = self.wide.normals(b, jnp.clip(idx - Nn, 0, self.wide.n_entries - 1)) * (1 - in_narrow)
+        return jnp.concatenate([Jn, Jw], axis=1)
+
     def slope_jacobian(self, theta, signs, idx, valid, s):
         a, b = self._blocks(theta)
         Nn = self.narrow.n_entries
