@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 # Built-ins that integrate gradient flows report which solver ran and its gradient evaluations.
 FLOW_BUILTINS = {"early-alignment", "escape-law", "first-saddle", "max-margin", "embedding-toy", "embedding-digits",
-                 "demo"}
+                 "demo"}  # census and neuron-pursuit report their own costs (batched driver, gradient descent)
 
 # (built-in, overrides): accepted settings, every check must pass.
 ACCEPTED = [
@@ -85,6 +85,18 @@ ACCEPTED = [
     ("demo", {"seed": 3, "width": 6}),
     ("demo", {"seed": 4, "n": 24}),
     ("demo", {"seed": 5, "d": 4}),  # the late flow never separates the data (a point kept at margin 0): reported
+    ("census", {}),
+    ("census", {"seed": 2, "n_directions": 12}),
+    ("census", {"seed": 3, "widths": [6]}),
+    ("census", {"seed": 4, "deltas": [3e-3, 3e-4]}),
+    ("census", {"seed": 5, "escape_factor": 30.0}),
+    ("census", {"seed": 6}),
+    ("neuron-pursuit", {}),
+    ("neuron-pursuit", {"seed": 1}),
+    ("neuron-pursuit", {"data_seed": 2, "test_seed": 3}),
+    ("neuron-pursuit", {"teacher_seed": 4, "teacher_width": 3}),
+    ("neuron-pursuit", {"seed": 2, "n_train": 800}),
+    ("neuron-pursuit", {"seed": 3, "teacher_d": 8, "teacher_seed": 5}),
 ]
 
 # (built-in, overrides, the config keys the refusal must name)

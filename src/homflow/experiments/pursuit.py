@@ -51,6 +51,8 @@ PURSUIT_DEFAULTS = {
     "iteration_slack": 1,
     "test_tol": 1e-4,
     "insertion_tol": 0.1,
+    "insertion_ratio_tol": 0.6,
+    "insertion_floor": 1e-9,
     "kkt_tol": 0.05,
     "monotone_tol": 1e-10,
     "baseline_scale": 0.1,
@@ -74,7 +76,8 @@ def _validate(p: dict) -> None:
             raise ValueError(f"config key `{k}` must be an integer >= 1; got {p[k]!r}.")
     if int(p["d"]) < 4:
         raise ValueError(f"config key `d` must be >= 4 (the target reads x_1 .. x_4); got {p['d']!r}.")
-    for k in ("init_scale", "add_scale", "lr", "loss_tol", "test_tol", "insertion_tol", "kkt_tol", "baseline_scale"):
+    for k in ("init_scale", "add_scale", "lr", "loss_tol", "test_tol", "insertion_tol", "insertion_ratio_tol",
+              "insertion_floor", "kkt_tol", "baseline_scale"):
         if not float(p[k]) > 0:
             raise ValueError(f"config key `{k}` must be > 0; got {p[k]!r}.")
     if int(p["max_neurons"]) < 0 or int(p["iteration_slack"]) < 0:
@@ -140,12 +143,22 @@ def neuron_pursuit_experiment(params: dict, ctx: Context) -> Outcome:
     rise = np.maximum(la[1:] - la[:-1], 0.0) / np.maximum(la[:-1], np.finfo(float).tiny)
     checks.append(check("training loss never increases across iterations (max relative rise)",
                         float(rise.max()) if rise.size else 0.0, float(p["monotone_tol"]), "<="))
-    n = data.n
-    ins = [abs(n * (s.loss_before - s.loss_inserted) - opts.add_scale**2 * s.point.value)
-           / max(opts.add_scale**2 * s.point.value, np.finfo(float).tiny) for s in res.steps[1:]]
-    checks.append(check("insertion: loss drop = add_scale^2 N_r to leading order (max relative error)",
-                        float(max(ins)) if ins else 0.0, float(p["insertion_tol"]), "<=",
-                        "L(w + d z) = L(w) - d^2 N_r(z) + O(d^3) for a new ReLU neuron"))
+    from ..pursuit import insertion_errors
+
+    ins = insertion_errors(res, data, (1.0, 0.5))
+    if ins.size:
+        from .phases import info
+
+        checks.append(info("insertion: loss drop vs d^2 N_r / n at d = add_scale (max relative error)",
+                           float(ins[:, 0].max()), float(p["insertion_tol"]),
+                           "the leading order of L(w + d z) = L(w) - (d^2 / n) N_r(z) + O(d^3); its size at a finite d "
+                           "depends on N_r and the curvature, so it is reported, and its order is checked below"))
+        big = ins[:, 0] > float(p["insertion_floor"])  # errors at rounding level carry no order
+        ratio = float((ins[big, 1] / ins[big, 0]).max()) if big.any() else 0.0
+        checks.append(check("insertion: the loss drop's error shrinks with d (error at d/2 over error at d, max)",
+                            ratio, float(p["insertion_ratio_tol"]), "<=",
+                            "remainder O(d^4) off kinks (ratio 1/4), O(d^3) with a downstream unit on a kink (1/2); "
+                            f"{int(big.sum())} of {ins.shape[0]} insertions above the rounding floor"))
 
     # Plain gradient descent on the final architecture, from small random initialisations (several seeds: whether
     # plain GD leaves the plateaus within the budget depends on the start), at equal gradient evaluations (loss

@@ -11,6 +11,7 @@ from ._algorithm import (
     best_neuron,
     initial_network,
     neuron_pursuit,
+    insertion_errors,
     relative_error,
     train,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "initial_network",
     "best_neuron",
     "train",
+    "insertion_errors",
     "relative_error",
     "NeuronIncrement",
     "add_neuron",

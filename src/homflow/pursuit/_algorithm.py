@@ -180,6 +180,30 @@ def _mean_loss(loss, model, data) -> float:
     return float(loss.value(out, jnp.asarray(data.y, out.dtype))) / data.n
 
 
+def insertion_errors(result: PursuitResult, data: Dataset, factors=(1.0, 0.5)) -> np.ndarray:
+    """Relative errors of the leading-order loss drop of each insertion, at scales ``d = add_scale * factor``.
+
+    Inserting neuron ``k`` (KKT point ``z`` of the residual NCF ``N_r``) at scale ``d`` into the network at its saddle
+    changes the mean loss by ``-(d^2 / n) N_r(z)`` plus a remainder: ``O(d^4)`` when no downstream unit sits on a kink
+    (the new neuron's output is 2-homogeneous in ``d``, the loss smooth in it), ``O(d^3)`` otherwise. So the relative
+    error ``|n (L(w) - L(w + d z)) - d^2 N_r(z)| / (d^2 N_r(z))`` is ``O(d^2)`` (``O(d)`` at kinks): halving ``d`` divides
+    it by 4 (2). Returns an (iterations - 1, len(factors)) array.
+    """
+    loss = get_loss(result.options.loss)
+    out = np.zeros((max(len(result.steps) - 1, 0), len(factors)))
+    for k, step in enumerate(result.steps[1:]):
+        base = result.steps[k].model
+        m = base.weights[step.layer - 1].shape[1]
+        u = np.asarray(step.point.theta)
+        before = _mean_loss(loss, base, data)
+        for j, f in enumerate(factors):
+            d = result.options.add_scale * float(f)
+            grown = add_neuron(base, step.layer, d * u[:m], d * u[m:])
+            pred = d ** 2 * float(step.point.value)
+            out[k, j] = abs(data.n * (before - _mean_loss(loss, grown, data)) - pred) / max(pred, np.finfo(float).tiny)
+    return out
+
+
 def relative_error(model, target: Callable, X) -> float:
     """``sum_i (model(x_i) - target(x_i))^2 / sum_i target(x_i)^2`` on the inputs ``X`` (e.g. fresh test points)."""
     X = jnp.asarray(X)
