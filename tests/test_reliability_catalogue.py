@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from homflow.cli import app
+from homflow.experiments._config import SIZE_LIMITS
 from homflow.store import RunStore
 
 runner = CliRunner()
@@ -191,10 +192,17 @@ def test_bad_input_refused(files, args, code, needle):
         assert RunStore(files["store"]).list() == [] and RunStore(files["store"]).run_dirs() == []
 
 
-BAD_INT = st.one_of(st.integers(max_value=0), st.integers(min_value=100_001, max_value=2**70),
-                    st.floats(allow_nan=True, allow_infinity=True).filter(lambda x: x != int(x) if x == x and
+NOT_INT = st.one_of(st.floats(allow_nan=True, allow_infinity=True).filter(lambda x: x != int(x) if x == x and
                                                                           abs(x) != float("inf") else True),
                     st.text(max_size=12))
+
+
+def _bad_int(key):
+    """Sizes the config refuses for ``key``: <= 0, above the key's own bound, or not integers. (A value between two
+    keys' bounds, e.g. data.n = 100,001, is a valid size and would run a real, long flow.)"""
+    limit = SIZE_LIMITS[key.rsplit(".", 1)[-1]]
+    return st.one_of(st.integers(max_value=0), st.integers(min_value=limit + 1, max_value=max(2**70, limit + 1)),
+                     NOT_INT)
 BAD_POSITIVE = st.one_of(st.floats(max_value=0.0), st.just(float("nan")), st.just(float("inf")),
                          st.text(max_size=12), st.booleans())
 
@@ -210,8 +218,9 @@ def _toml(v):
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(key=st.sampled_from(["model.width", "data.n", "flow.segments", "data.teacher_width"]), value=BAD_INT)
-def test_random_bad_sizes(files, key, value):
+@given(key=st.sampled_from(["model.width", "data.n", "flow.segments", "data.teacher_width"]), data=st.data())
+def test_random_bad_sizes(files, key, data):
+    value = data.draw(_bad_int(key), label="value")
     _judge(_invoke(["run", str(files["cfg"]), "--set", f"{key}={_toml(value)}"], files["store"]), 2, key.split(".")[0])
 
 

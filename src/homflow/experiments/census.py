@@ -168,17 +168,24 @@ def ncf_agreement(c, model, data, loss: str, directions: np.ndarray, rtol: float
 
 
 def _checks(c, opts, tag, ncf_dist=None, ncf_tol: float = 1e-3):
+    from .phases import info
+
     t = c.table
     esc = t["escaped"]
     out = [check(f"{tag}members that escaped (fraction)", float(esc.mean()), 0.5, ">=", "the level is reached by "
                  "t_escape_max; flows that shrink to 0 never escape (2403.08121)")]
+    smallest = t["delta"] == np.min(t["delta"])
     if esc.any() and ncf_dist is not None:
-        out.append(check(f"{tag}every escape direction on the NCF flow's direction at the same norm (max distance)",
-                         float(np.nanmax(ncf_dist[esc])), ncf_tol, "<=",
+        # O(||theta(t_esc)||) = O(escape_factor delta): a statement as delta -> 0, checked at the smallest delta
+        first = esc & smallest
+        out.append(check(f"{tag}every escape direction on the NCF flow's direction at the same norm (max distance, "
+                         f"delta = {np.min(t['delta']):.3g})", float(np.nanmax(ncf_dist[first])) if first.any()
+                         else 0.0, ncf_tol, "<=",
                          "2403.08121: the direction of the flow from delta u0 follows the NCF flow from u0 up to "
                          "O(||theta||) corrections (distance of unit vectors at the escape; vanishes as delta -> 0)"))
-        from .phases import info
-
+        if (esc & ~smallest).any():
+            out.append(info(f"{tag}the same at the larger deltas (max)", float(np.nanmax(ncf_dist[esc & ~smallest])),
+                            ncf_tol, "the corrections grow with the escape norm escape_factor * delta"))
         out.append(info(f"{tag}escape directions within the stated cosine of a certified KKT point (min cos)",
                         float(np.nanmin(t["cos"][esc])), opts.align_cos,
                         "the NCF flow converges to a KKT point only as ||u|| -> inf, slowly near other critical "
@@ -186,23 +193,28 @@ def _checks(c, opts, tag, ncf_dist=None, ncf_tol: float = 1e-3):
     elif esc.any():
         out.append(check(f"{tag}every escape direction within the stated cosine of a certified KKT point (min cos)",
                          float(np.nanmin(t["cos"][esc])), opts.align_cos, ">="))
+    if esc.any():
         out.append(check(f"{tag}KKT points certified (largest relative residual)",
                          max(p.relative_residual for p in c.points.points), 1e-10))
-    # 2502.15952: the sparsity formed before the escape is kept until the saddle. Its premise is a direction that has
-    # reached the sparse KKT point u* by the escape; a member that has not (cos < align_cos) has not formed u*'s
-    # sparsity yet, so it is counted separately, not checked.
+    # 2502.15952: the sparsity formed before the escape is kept until the saddle, O(delta) as delta -> 0. Its premise is
+    # a direction that has reached the sparse KKT point u* by the escape; a member that has not (cos < align_cos) has
+    # not formed u*'s sparsity yet, so it is counted, not checked. The constant is a statement about small delta: it is
+    # checked at the smallest delta of the census, reported at the others (where a second neuron's own escape can come
+    # before the saddle), and the O(delta) scaling is checked across deltas.
     aligned = esc & (np.nan_to_num(t["cos"]) >= opts.align_cos)
     sp = np.where(aligned, t["sparse_max_over_delta"], np.nan)
     if (esc & ~aligned).any():
-        from .phases import info
-
         out.append(info(f"{tag}members not aligned with their KKT point at the escape (fraction; sparsity not "
                         "checked for them)", float((esc & ~aligned).mean() / max(esc.mean(), 1e-300)), 0.0,
                         f"cos(theta(t_esc), u*) < align_cos = {opts.align_cos:g}: u*'s zero neurons have not formed"))
-    if np.isfinite(sp).any():
+    if np.isfinite(sp[smallest]).any():
         out.append(check(f"{tag}sparsity kept until the saddle: zero neurons of u* / delta (max over aligned "
-                         "members)", float(np.nanmax(sp)), opts.sparse_factor, "<=",
+                         f"members, delta = {np.min(t['delta']):.3g})", float(np.nanmax(sp[smallest])),
+                         opts.sparse_factor, "<=",
                          "2502.15952: neurons zero at u* stay O(delta) from the escape to the first saddle"))
+    if np.isfinite(sp[~smallest]).any():
+        out.append(info(f"{tag}the same at the larger deltas (max)", float(np.nanmax(sp[~smallest])),
+                        opts.sparse_factor, "O(delta) is a statement as delta -> 0; its scaling is checked below"))
     if c.law is not None and c.law.law == "power":
         out.append(check(f"{tag}t_escape delta^(L-2) constant across deltas (max relative spread)",
                          c.law.rescaled_spread, opts.law_rtol))
@@ -216,8 +228,9 @@ def _checks(c, opts, tag, ncf_dist=None, ncf_tol: float = 1e-3):
         ok = np.isfinite(sp) & (sp > 0)
         s, _, n = within_slope(t["direction"][ok], np.log(t["delta"][ok]), np.log(sp[ok] * t["delta"][ok]))
         if n:
-            out.append(check(f"{tag}zero neurons of u* stay O(delta): slope of log max norm on log delta vs 1",
-                             abs(s - 1.0), opts.sparse_slope_atol))
+            out.append(check(f"{tag}zero neurons of u* stay O(delta): 1 - slope of log max norm on log delta "
+                             "(one-sided: shrinking faster than delta is O(delta) too)", 1.0 - s,
+                             opts.sparse_slope_atol, "<=", f"within-direction slope {s:.3g} over {n} directions"))
     return out
 
 
