@@ -195,7 +195,9 @@ def _checks(c, opts, tag, ncf_dist=None, ncf_tol: float = 1e-3):
                          float(np.nanmin(t["cos"][esc])), opts.align_cos, ">="))
     if esc.any():
         out.append(check(f"{tag}KKT points certified (largest relative residual)",
-                         max(p.relative_residual for p in c.points.points), 1e-10))
+                         max(p.relative_residual for p in c.points.points), 1e-10, "<=",
+                         "||grad N - lambda u|| / ||grad N|| of each polished cluster point (polish_ncf_theta; "
+                         "rounding level in float64 is ~1e-15, 1e-10 leaves room for the polish's stopping rule)"))
     # 2502.15952: the sparsity formed before the escape is kept until the saddle, O(delta) as delta -> 0. Its premise is
     # a direction that has reached the sparse KKT point u* by the escape; a member that has not (cos < align_cos) has
     # not formed u*'s sparsity yet, so it is counted, not checked. The constant is a statement about small delta: it is
@@ -217,11 +219,13 @@ def _checks(c, opts, tag, ncf_dist=None, ncf_tol: float = 1e-3):
                         opts.sparse_factor, "O(delta) is a statement as delta -> 0; its scaling is checked below"))
     if c.law is not None and c.law.law == "power":
         out.append(check(f"{tag}t_escape delta^(L-2) constant across deltas (max relative spread)",
-                         c.law.rescaled_spread, opts.law_rtol))
-        out.append(check(f"{tag}escape-time exponent vs L - 2 = {c.degree - 2}", c.law.deviation, opts.law_atol))
+                         c.law.rescaled_spread, opts.law_rtol, "<=",
+                         "2403.08121: t_escape ~ s* delta^-(L-2) for L > 2 (law_rtol)"))
+        out.append(check(f"{tag}escape-time exponent vs L - 2 = {c.degree - 2}", c.law.deviation, opts.law_atol, "<=",
+                         "the exponent fitted within directions across deltas (law_atol)"))
     elif c.law is not None:
         out.append(check(f"{tag}log law: slope d t / d log(1/delta) vs 1 / lambda (relative)", c.law.deviation,
-                         opts.law_atol))
+                         opts.law_atol, "<=", "2403.08121 for L = 2: t_escape ~ log(1/delta) / lambda (law_atol)"))
     if len(opts.deltas) >= 2 and np.isfinite(sp).any():
         from ..census import within_slope
 

@@ -142,7 +142,9 @@ def neuron_pursuit_experiment(params: dict, ctx: Context) -> Outcome:
     la = res.losses
     rise = np.maximum(la[1:] - la[:-1], 0.0) / np.maximum(la[:-1], np.finfo(float).tiny)
     checks.append(check("training loss never increases across iterations (max relative rise)",
-                        float(rise.max()) if rise.size else 0.0, float(p["monotone_tol"]), "<="))
+                        float(rise.max()) if rise.size else 0.0, float(p["monotone_tol"]), "<=",
+                        "an inserted neuron lowers the loss to leading order and descent then lowers it further "
+                        "(monotone_tol allows rounding)"))
     from ..pursuit import insertion_errors
 
     ins = insertion_errors(res, data, (1.0, 0.5))
@@ -222,7 +224,8 @@ def neuron_pursuit_experiment(params: dict, ctx: Context) -> Outcome:
         terr = relative_error(tres.model, teacher, hypercube(int(p["n_test"]), td, seed=int(p["test_seed"])))
         checks.append(check(f"teacher of width {tw}: |neurons found - {tw}|", abs(tres.widths[0] - tw), 0.0, "<=",
                             f"found widths {tres.widths}; stopped: {tres.stop_reason}"))
-        checks.append(check(f"teacher of width {tw}: relative test error", terr, float(p["test_tol"]), "<="))
+        checks.append(check(f"teacher of width {tw}: relative test error", terr, float(p["test_tol"]), "<=",
+                            f"fresh points of {{-1,+1}}^{td} (test_tol, as for the worked example)"))
         arrays.update(_arrays(tres, "teacher_"))
         summary.update(teacher_widths=list(tres.widths), teacher_test_error=float(terr),
                        teacher_stop_reason=tres.stop_reason)
