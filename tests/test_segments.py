@@ -171,34 +171,3 @@ def test_sigkilled_nonsmooth_run_resumes_bit_identical(tmp_path):
     assert set(A.files) == set(B.files)
     for k in A.files:
         np.testing.assert_array_equal(A[k], B[k], err_msg=k)
-
-
-def test_log_time_segments_cut_one_log_grid_and_equal_the_one_shot_flow():
-    """In log time the segments are pieces of one log-spaced grid (evenly dense on a log axis, checkpoints at
-    geometrically growing times) and the segmented flow is the one-shot flow at the same save times, to tolerance;
-    a checkpoint of the older linear cut is not resumed."""
-    from homflow.activations import relu_power
-    from homflow.experiments._segments import segment_grid
-    from homflow.flow import gradient_flow, log_times
-
-    b, saves = segment_grid(1e8, 4, 6, True)
-    g = log_times(1e8, 21)
-    np.testing.assert_array_equal(b, g[::5])
-    np.testing.assert_array_equal(np.unique(np.concatenate(saves)), g)
-    assert all(s[0] == b[k] and s[-1] == b[k + 1] and s.size == 6 for k, s in enumerate(saves))
-    bl, _ = segment_grid(90.0, 3, 6, False)
-    np.testing.assert_allclose(bl, [0.0, 30.0, 60.0, 90.0])
-
-    model, data = _net(seed=3, act=relu_power(2))
-    store = _Store()
-    seg = segmented_flow(model, data, loss="exponential", t1=1e6, segments=3, n_save=6, rtol=1e-10, ctx=store.ctx())
-    assert seg.success and seg.stats["segments"] == 3
-    assert np.all(np.diff(np.log10(seg.ts[2:])) < 0.9)  # no decade without a saved state after the first save
-    one = gradient_flow(model, data, loss="exponential", t1=1e6, ts=seg.ts, rtol=1e-10, time="log")
-    err = np.linalg.norm(seg.thetas - one.thetas, axis=1) / np.linalg.norm(one.thetas, axis=1)
-    assert err.max() < 1e-6, err
-    assert str(store.saved["flow"]["grid"]) == "log"
-    store.saved["flow"] = {k: v for k, v in store.saved["flow"].items() if k != "grid"}  # an older checkpoint
-    again = segmented_flow(model, data, loss="exponential", t1=1e6, segments=3, n_save=6, rtol=1e-10,
-                           ctx=store.ctx())
-    assert again.stats["resumed_from"] == 0

@@ -1,8 +1,7 @@
-"""A gradient flow integrated in segments with a checkpoint after each, so a killed run resumes exactly.
+"""A gradient flow integrated in equal segments with a checkpoint after each, so a killed run resumes exactly.
 
-The flow ``d theta/dt = -grad L(theta)`` is autonomous, so the segment ``[b_k, b_{k+1}]`` is the flow of length
-``b_{k+1} - b_k`` started at the state reached at ``b_k``. The segments are equal for a flow in linear time and
-geometrically growing for one in log time (:func:`segment_grid`: save times evenly dense on a log axis). An uninterrupted run and a resumed one integrate the very same segments from
+The flow ``d theta/dt = -grad L(theta)`` is autonomous, so the segment ``[k T, (k+1) T]`` is the flow of length ``T``
+started at the state reached at ``k T``. An uninterrupted run and a resumed one integrate the very same segments from
 the very same (bit-identical, checkpointed) states with the same compiled solve, hence give the same numbers bit for
 bit. Each segment is one call of :func:`homflow.flow.integrate` (the one integrate path) with the solver object the
 config names, or by default the one :func:`homflow.flow.gradient_flow` picks (:func:`homflow.flow.select_solver`:
@@ -23,7 +22,7 @@ from ..flow import (RESULTS, LossBelow, NormAbove, Trajectory, default_atol, int
                     select_solver)
 from ._registry import Context
 
-__all__ = ["segmented_flow", "segment_grid", "DEFAULT_SOLVER"]
+__all__ = ["segmented_flow", "DEFAULT_SOLVER"]
 
 DEFAULT_SOLVER = "default"
 """The config value of ``flow.solver`` that leaves the choice to :func:`homflow.flow.select_solver` (as ``None``)."""
@@ -40,7 +39,7 @@ def segmented_flow(model, data, *, loss, t1: float, segments: int = 4, n_save: i
                    atol: float | None = None, solver=None, time: str = "auto", events=None,
                    max_steps: int = 1_000_000, ctx: Context | None = None, name: str = "flow",
                    progress: tuple[float, float] = (0.0, 1.0)) -> Trajectory:
-    """Integrate the gradient flow of ``model`` on ``data`` to ``t1`` in ``segments`` segments (:func:`segment_grid`).
+    """Integrate the gradient flow of ``model`` on ``data`` to ``t1`` in ``segments`` equal segments.
 
     Arguments:
         model, data, loss, rtol, time, events, max_steps: as for :func:`homflow.flow.gradient_flow` (``events``:
@@ -49,9 +48,8 @@ def segmented_flow(model, data, *, loss, t1: float, segments: int = 4, n_save: i
             ``'default'`` (default): :func:`homflow.flow.select_solver`'s choice, as in
             :func:`homflow.flow.gradient_flow` (:class:`homflow.flow.Clarke` for ReLU / leaky-ReLU networks without
             ``events``, else ``'auto'``).
-        t1: final time; segments: number of segments (one checkpoint after each): equal ones in linear time,
-            pieces of one log-spaced grid in log time (``time='log'``, or ``'auto'`` with ``t1 > 1e4``).
-        n_save: saved states per segment (linear time: the first segment's log-spaced, the others evenly spaced).
+        t1: final time; segments: number of equal segments (one checkpoint after each).
+        n_save: saved states per segment (the first segment's are log-spaced, the others evenly spaced).
         atol: absolute tolerance, default :func:`homflow.flow.default_atol` of ``theta(0)`` for every segment.
         ctx: the runner's :class:`Context`: checkpoints under ``name`` (resumed from when present), progress reports
             mapped into the ``progress`` interval.
@@ -84,15 +82,11 @@ def segmented_flow(model, data, *, loss, t1: float, segments: int = 4, n_save: i
                          "stop at t1 instead, or name a smooth solver.")
     if solver.atol is None:
         solver = solver.with_tolerances(atol=float(default_atol(solver.rtol, th0)[0]))
-    log_grid = time == "log" or (time == "auto" and float(t1) > 1e4)  # integrate()'s rule for log time
-    bounds, saves = segment_grid(float(t1), segments, n_save, log_grid)
-    grid = "log" if log_grid else "linear"
+    T = float(t1) / segments
     ck = ctx.load_checkpoint(name)
-    # a checkpoint of another flow (size, horizon, segments, solver or segment grid: older checkpoints name neither,
-    # and cut linearly) is not resumed
+    # a checkpoint of another flow (size, horizon, segments, or solver: older checkpoints name none) is not resumed
     if ck is not None and int(ck["n_params"]) == th0.size and float(ck["t1"]) == float(t1) \
-            and int(ck["segments"]) == segments and str(ck["solver"] if "solver" in ck else solver.name) == solver.name \
-            and str(ck["grid"] if "grid" in ck else "linear") == grid:
+            and int(ck["segments"]) == segments and str(ck["solver"] if "solver" in ck else solver.name) == solver.name:
         done = int(ck["segment"]) + 1
         ts, thetas = list(ck["ts"]), list(ck["thetas"])
         log_l, norm = list(ck["log_loss"]), list(ck["norm"])
@@ -109,13 +103,12 @@ def segmented_flow(model, data, *, loss, t1: float, segments: int = 4, n_save: i
     lo, hi = progress
     k = done
     while k < segments and not finished:
-        t_start, t_stop = float(bounds[k]), float(bounds[k + 1])
-        ctx.progress(lo + (hi - lo) * k / segments, f"{name}: segment {k + 1}/{segments} (t = {t_start:.4g} .. "
-                                                    f"{t_stop:.4g})")
-        local = saves[k] - t_start
-        local[0], local[-1] = 0.0, t_stop - t_start
-        tr = integrate(problem, solver, np.asarray(thetas[-1]), t1=t_stop - t_start, ts=local, time=time,
-                       events=events or None, max_steps=max_steps, throw=False)
+        ctx.progress(lo + (hi - lo) * k / segments, f"{name}: segment {k + 1}/{segments} (t = {k * T:.4g} .. "
+                                                    f"{(k + 1) * T:.4g})")
+        local = log_times(T, n_save) if k == 0 else np.linspace(0.0, T, n_save)
+        tr = integrate(problem, solver, np.asarray(thetas[-1]), t1=T, ts=local, time=time, events=events or None,
+                       max_steps=max_steps, throw=False)
+        t_start = k * T
         for i in range(1, len(tr.ts)):
             ts.append(t_start + float(tr.ts[i]))
             thetas.append(np.asarray(tr.thetas[i]))
@@ -131,7 +124,6 @@ def segmented_flow(model, data, *, loss, t1: float, segments: int = 4, n_save: i
                       "gradient evaluations)")
         ctx.save_checkpoint(name, {
             "segment": k, "segments": segments, "t1": float(t1), "n_params": th0.size, "solver": np.str_(solver.name),
-            "grid": np.str_(grid),
             "ts": np.asarray(ts), "thetas": np.asarray(thetas), "log_loss": np.asarray(log_l),
             "norm": np.asarray(norm), **stats, "finished": finished, "success": res_name in ("successful",
                                                                                              "event_occurred"),
@@ -144,24 +136,6 @@ def segmented_flow(model, data, *, loss, t1: float, segments: int = 4, n_save: i
     return Trajectory(ts=np.asarray(ts), thetas=np.asarray(thetas), loss=np.exp(ll), log_loss=ll,
                       norm=np.asarray(norm), stats=st, result=getattr(RESULTS, res_name), unflatten=problem.unflatten,
                       degree=problem.degree, reason=reason, event=event or None)
-
-
-def segment_grid(t1: float, segments: int, n_save: int, log_grid: bool) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Segment boundaries ``b`` (``segments + 1``, ``b[0] = 0``, ``b[-1] = t1``) and each segment's save times.
-
-    ``log_grid`` (flows integrated in log time): one log-spaced grid of ``segments (n_save - 1) + 1`` times
-    (:func:`homflow.flow.log_times`), cut into ``segments`` pieces of ``n_save`` times, so curves over ``t`` are evenly
-    dense on a log axis and the checkpoints fall at geometrically growing times. Otherwise ``segments`` equal
-    segments, the first saved at log-spaced times, the others at evenly spaced ones.
-    """
-    if log_grid:
-        g = log_times(t1, segments * (n_save - 1) + 1)
-        b = g[:: n_save - 1]
-        return b, [g[k * (n_save - 1): (k + 1) * (n_save - 1) + 1] for k in range(segments)]
-    T = float(t1) / segments
-    b = T * np.arange(segments + 1)
-    b[-1] = float(t1)
-    return b, [b[k] + (log_times(T, n_save) if k == 0 else np.linspace(0.0, T, n_save)) for k in range(segments)]
 
 
 def _is_default(solver) -> bool:
