@@ -340,13 +340,12 @@ def ray_connect(address: str | None, *, num_cpus: int | None = None,
                          "'homflow[ray]' (or use --backend local).") from None
     if ray.is_initialized():
         return ray
-    host = address.rpartition(":")[0] if address and not address.startswith("ray://") else None
+    host, _, port = address.rpartition(":") if address and not address.startswith("ray://") else ("", "", "")
     if address is None or host in LOOPBACK_HOSTS:
         _keep_ray_on_loopback(ray)
     if address and address not in ("auto", "local") and not address.startswith("ray://"):
         import socket
 
-        host, _, port = address.rpartition(":")
         try:
             socket.create_connection((host or "127.0.0.1", int(port)), timeout=min(timeout_s, 5.0)).close()
         except (OSError, ValueError) as e:

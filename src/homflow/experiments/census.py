@@ -105,7 +105,8 @@ def _hist(values, bins):
           quick={"problem": "small", "n_directions": 8, "t_after": 300.0, "batch_size": 16, "chunk_steps": 200},
           validate=lambda p: _validate(_fix(p)))
 def census_experiment(params, ctx):
-    from ..census import CensusTable, census
+    from ..census import CensusTable, census, random_directions
+    from ..models import flatten
 
     params = _fix(params)
     opts = _options(params)
@@ -113,9 +114,6 @@ def census_experiment(params, ctx):
     for k, (w, model, data) in enumerate(parts):
         tag = f"width {w}: " if len(parts) > 1 else ""
         prog = (lambda f, m, k=k: ctx.progress((k + f) / len(parts), f"{tag}{m}"))
-        from ..census import random_directions
-        from ..models import flatten
-
         U = random_directions(opts.n_directions, int(flatten(model)[0].size), opts.seed)
         c = census(model, data, opts, loss=params["loss"], progress=prog, directions=U)
         dist = ncf_agreement(c, model, data, params["loss"], U)
