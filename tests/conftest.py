@@ -13,6 +13,17 @@ import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _bounded_compiled_programs():
+    """A test session compiles thousands of XLA programs per process; each holds memory mappings, and at the kernel's
+    per-process limit (vm.max_map_count) a compile dies with a segmentation fault. Programs are dropped after a test
+    once a process holds half the limit (the library's own guard, used between shards)."""
+    yield
+    from homflow.shards import release_compiled_programs
+
+    release_compiled_programs()
+
+
 @pytest.fixture
 def key():
     return jax.random.PRNGKey(0)

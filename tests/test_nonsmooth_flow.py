@@ -174,9 +174,6 @@ def test_depth3_mlp_flow_keeps_the_energy_identity():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known defect of the compiled non-smooth driver (issue 11, open): GD's error "
-                   "against its flow at T = 5 stays at 0.025, 0.023, 0.022 for lr 4e-3, 2e-3, 1e-3 (this test passed "
-                   "with the earlier driver: error ratios in (1.6, 2.5)); strict, so the fix shows")
 def test_gd_converges_to_the_flow_at_first_order():
     from homflow.flow import gradient_descent
 

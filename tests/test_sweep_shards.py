@@ -108,3 +108,29 @@ def _alive(pid):
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_release_compiled_programs_frees_memory_maps():
+    """Compiled CPU programs hold memory mappings until released; the guard drops them past its threshold only."""
+    import jax
+    import jax.numpy as jnp
+
+    from homflow.shards import _map_counts, release_compiled_programs
+
+    counts = _map_counts()
+    if counts is None:
+        pytest.skip("no /proc on this system")
+    fns = [jax.jit(lambda x, i=i: jnp.sin(x) * i + jnp.cumsum(x) ** 2) for i in range(40)]
+    for f in fns:
+        f(jnp.ones(8)).block_until_ready()
+    before = _map_counts()[0]
+    assert not release_compiled_programs(fraction=1.0)  # far below the limit: nothing dropped
+    assert release_compiled_programs(force=True)
+    del fns
+    import gc
+
+    gc.collect()
+    after = _map_counts()[0]
+    assert after < before, (before, after)
+    with pytest.raises(ValueError, match="fraction"):
+        release_compiled_programs(fraction=0.0)

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-__all__ = ["ShardError", "run_shards", "enable_compilation_cache", "compilation_cache_dir", "worker_setup"]
+__all__ = ["ShardError", "run_shards", "enable_compilation_cache", "compilation_cache_dir", "worker_setup",
+           "release_compiled_programs"]
 
 # a shard whose worker died is run again at most this many times (a deterministic crash must not loop forever)
 DEFAULT_MAX_RETRIES = 2
@@ -71,6 +72,51 @@ def enable_compilation_cache(path: os.PathLike | str | None = None, *, min_compi
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     return p
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# compiled programs in long-lived processes
+MAP_FRACTION = 0.5  # release compiled programs once a process holds this fraction of the kernel's memory-map limit
+
+
+def _map_counts() -> tuple[int, int] | None:
+    """``(memory mappings of this process, the kernel's per-process limit vm.max_map_count)``; ``None`` where
+    ``/proc`` does not say (not Linux)."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read().strip())
+        with open("/proc/self/maps", "rb") as f:
+            n = sum(1 for _ in f)
+    except (OSError, ValueError):
+        return None
+    return n, limit
+
+
+def release_compiled_programs(fraction: float = MAP_FRACTION, *, force: bool = False) -> bool:
+    """Drop JAX's compiled programs (``jax.clear_caches()``, then a garbage collection) when this process holds more
+    than ``fraction`` of the kernel's per-process memory-map limit (Linux ``vm.max_map_count``, 65,530 by default), or
+    always with ``force``. Returns whether it released them.
+
+    Why: every program XLA compiles for the CPU keeps its machine code in memory mappings of its own (hundreds for a
+    loop-heavy program such as the non-smooth flow's), held as long as JAX caches the program. A process that
+    compiles thousands of distinct programs (a sweep worker, a census driver, a test session) reaches the limit, and
+    the next compile's allocation fails inside LLVM with a segmentation fault instead of an error. Programs dropped
+    here are compiled again (or loaded from the persistent cache) when next called. Workers of
+    :func:`run_shards` call this between shards.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"`fraction` must be in (0, 1]; got {fraction!r}.")
+    if not force:
+        counts = _map_counts()
+        if counts is None or counts[0] <= fraction * counts[1]:
+            return False
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+    return True
 
 
 def worker_setup(cache_dir: str | None, parent_pid: int | None = None) -> None:
@@ -144,6 +190,8 @@ def run_shards(fn: Callable[[Any], Any], payloads: Mapping[Any, Any], *, on_resu
             except Exception as e:  # noqa: BLE001 - the shard failed; go on with the others
                 on_failure(k, f"{type(e).__name__}: {e}")
                 continue
+            finally:
+                release_compiled_programs()
             on_result(k, v)
         progress(1.0, "done")
     else:
@@ -170,6 +218,7 @@ def _pool_main(conn, cache_dir: str | None, parent_pid: int) -> None:  # pragma:
         except Exception as e:  # noqa: BLE001
             out = ("error", f"{type(e).__name__}: {e}")
         conn.send((key, out))
+        release_compiled_programs()
 
 
 def _run_pool(fn, todo, on_result, on_failure, workers, max_retries, cache_dir, progress, inline=True) -> None:
@@ -301,7 +350,10 @@ def _run_pool(fn, todo, on_result, on_failure, workers, max_retries, cache_dir, 
 # Ray
 def _ray_shard(fn, payload, cache_dir):  # pragma: no cover - runs in a Ray worker
     worker_setup(cache_dir)
-    return fn(payload)
+    try:
+        return fn(payload)
+    finally:
+        release_compiled_programs()  # Ray reuses its worker processes
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")

@@ -194,11 +194,13 @@ class KinkedProblem(eqx.Module):
         return -jnp.exp(log_scale) * g, jnp.exp(log_scale) * gg, s
 
     def slopes(self, signs, idx, valid, s):
-        """The slope vector: one-sided from ``signs``, ``s`` at the valid entries of ``idx``."""
+        """The slope vector: one-sided from ``signs``, ``s`` at the valid entries of ``idx``. Padded entries of
+        ``idx`` (``valid`` false) may repeat a valid unit's index (padding is 0): they are sent out of bounds and
+        dropped, never written, since a scatter with repeated indices keeps an unspecified one of the values."""
         base = jnp.where(signs > 0, 1.0, self.alpha).astype(self.X.dtype)
         if idx.shape[0] == 0:
             return base
-        return base.at[idx].set(jnp.where(valid, s, base[idx]))
+        return base.at[jnp.where(valid, idx, base.shape[0])].set(s.astype(base.dtype), mode="drop")
 
     def grad_and_adjoint(self, theta, S):
         """``(F, grad_theta F, dF/dh)`` with ``F`` = :meth:`objective` and ``dF/dh_e`` the adjoint of every unit (N,)."""
