@@ -157,6 +157,27 @@ class KinkedProblem(eqx.Module):
         zs, scs = jax.vmap(one)(self.X)
         return jnp.concatenate([z.reshape(-1) for z in zs]), jnp.concatenate([s.reshape(-1) for s in scs])
 
+    def preactivations_at(self, theta, S):
+        """Every pre-activation (N,) with the units acting as ``S_e z_e``: on the pattern of ``theta`` the true values;
+        its derivative along a velocity is the one-sided derivative of the mode with slopes ``S`` (autodiff of the
+        network itself would use its own convention at a kink, ``sigma'(0)``, and so miss a deeper unit whose input
+        comes alive when a kinked unit below it turns on)."""
+        model = self.unflatten(theta)
+        parts = self._split(S)
+
+        def one(x, Sk):
+            zs = []
+
+            def act(k, z, sc):
+                zs.append(z)
+                return Sk[k] * z
+
+            forward(model, x, act)
+            return zs
+
+        zs = jax.vmap(one)(self.X, parts)
+        return jnp.concatenate([z.reshape(-1) for z in zs])
+
     def _split(self, S):
         parts, o = [], 0
         for shp in self.shapes:

@@ -111,8 +111,17 @@ def _preacts(problem, theta):
 
 
 @jit
-def _dz(problem, theta, v):
-    return jax.jvp(lambda th: problem.preactivations(th)[0], (theta,), (v,))[1]
+def _dz(problem, theta, v, S):
+    """``dz/dt`` of every pre-activation along ``v`` in the mode whose units have slopes ``S``."""
+    return jax.jvp(lambda th: problem.preactivations_at(th, S), (theta,), (v,))[1]
+
+
+def _slopes(mode_signs, alpha, units=(), slopes=()):
+    """The slope vector of a mode: one-sided from the signs, ``slopes`` at ``units``."""
+    S = np.where(np.asarray(mode_signs) > 0, 1.0, alpha)
+    if len(units):
+        S[np.asarray(units, np.int64)] = np.asarray(slopes, float)
+    return S
 
 
 @jit
@@ -219,7 +228,8 @@ class _Driver:
             _, _, z, sc = self.evaluate(y, u, mode)
         if bound.size:
             v = -np.asarray(mn.m)
-            dz = np.asarray(_dz(problem, theta, self.A(v)))[bound]
+            S = self.A(_slopes(mode.signs, self.alpha, C, mn.slopes))
+            dz = np.asarray(_dz(problem, theta, self.A(v), S))[bound]
             side = np.where(mn.slopes[~mn.interior] > 0.5 * (1 + self.alpha), 1, -1)
             signs[bound] = np.where(np.abs(dz) > self._tiny_dz(theta, v, sc, bound), np.sign(dz), side)
         flipped = set()
@@ -238,7 +248,8 @@ class _Driver:
             if rest.size == 0:
                 break
             v = np.asarray(f[:-1])
-            dz = np.asarray(_dz(problem, theta, f[:-1]))[rest]
+            S = self.A(_slopes(new.signs, self.alpha, new.sliding, np.asarray(s[:k])))
+            dz = np.asarray(_dz(problem, theta, f[:-1], S))[rest]
             wrong = rest[signs[rest] * dz < -self._tiny_dz(theta, v, sc, rest)]
             if wrong.size == 0:
                 break

@@ -62,6 +62,11 @@ class JointKinked(eqx.Module):
         zw, sw = self.wide.preactivations(b)
         return jnp.concatenate([zn, zw]), jnp.concatenate([sn, sw])
 
+    def preactivations_at(self, theta, S):
+        a, b = self._blocks(theta)
+        Nn = self.narrow.n_entries
+        return jnp.concatenate([self.narrow.preactivations_at(a, S[:Nn]), self.wide.preactivations_at(b, S[Nn:])])
+
     def log_loss(self, theta):
         return self.narrow.log_loss(theta[: self.P])
 
