@@ -43,8 +43,9 @@ __all__ = ["is_kinked", "KinkedProblem", "make_kinked", "clarke_min_norm", "MinN
 
 # XLA options of the non-smooth flow's compiled pieces. LLVM optimisation level 1
 # (``{"xla_backend_optimization_level": 1}``) compiles these small, loop-heavy programs 2-3x faster with the same run
-# time (benchmarks/nonsmooth.py), but a CI run here died with a segmentation fault inside XLA's compile of one of them
-# at that level, so the default level is used until that is understood.
+# time (benchmarks/nonsmooth.py). It was removed after CI workers died with segmentation faults inside XLA compiles;
+# the cause turned out to be the per-process memory-map limit (docs/performance.md,
+# homflow.shards.release_compiled_programs), not the level, but the default level stays until it is measured again.
 COMPILER_OPTIONS: dict = {}
 
 
@@ -116,6 +117,17 @@ def forward(model, x, act):
     )
 
 
+def mode_slopes(signs, alpha, idx, valid, s, dtype):
+    """The slope vector (N,) of a mode: one-sided from ``signs`` (``1`` where positive, else ``alpha``), ``s`` at the
+    valid entries of ``idx``. Padded entries of ``idx`` (``valid`` false) may repeat a valid unit's index (padding is
+    0): they are sent out of bounds and dropped, never written, since a scatter with repeated indices keeps an
+    unspecified one of the values."""
+    base = jnp.where(signs > 0, 1.0, alpha).astype(dtype)
+    if idx.shape[0] == 0:
+        return base
+    return base.at[jnp.where(valid, idx, base.shape[0])].set(jnp.asarray(s).astype(dtype), mode="drop")
+
+
 class KinkedProblem(eqx.Module):
     """Loss of one kinked architecture on one data set, with slopes at the units as explicit inputs.
 
@@ -139,22 +151,28 @@ class KinkedProblem(eqx.Module):
     def classification(self) -> bool:
         return bool(self.loss.classification)
 
-    def preactivations(self, theta):
-        """``(z, scale)``: every pre-activation ``z_e`` (N,) and its Cauchy-Schwarz bound ``scale_e`` (N,)."""
+    def _walk(self, theta, S=None):
+        """Per-sample pre-activations and their bounds, layer by layer: the network itself (``S = None``), or with
+        unit ``e`` acting as ``S_e z_e``."""
         model = self.unflatten(theta)
+        parts = self._split(jnp.zeros((self.n_entries,), theta.dtype) if S is None else S)
 
-        def one(x):
+        def one(x, Sk):
             zs, scs = [], []
 
             def act(k, z, sc):
                 zs.append(z)
                 scs.append(sc)
-                return model.activation(z)
+                return model.activation(z) if S is None else Sk[k] * z
 
             forward(model, x, act)
             return zs, scs
 
-        zs, scs = jax.vmap(one)(self.X)
+        return jax.vmap(one)(self.X, parts)
+
+    def preactivations(self, theta):
+        """``(z, scale)``: every pre-activation ``z_e`` (N,) and its Cauchy-Schwarz bound ``scale_e`` (N,)."""
+        zs, scs = self._walk(theta)
         return jnp.concatenate([z.reshape(-1) for z in zs]), jnp.concatenate([s.reshape(-1) for s in scs])
 
     def preactivations_at(self, theta, S):
@@ -162,20 +180,7 @@ class KinkedProblem(eqx.Module):
         its derivative along a velocity is the one-sided derivative of the mode with slopes ``S`` (autodiff of the
         network itself would use its own convention at a kink, ``sigma'(0)``, and so miss a deeper unit whose input
         comes alive when a kinked unit below it turns on)."""
-        model = self.unflatten(theta)
-        parts = self._split(S)
-
-        def one(x, Sk):
-            zs = []
-
-            def act(k, z, sc):
-                zs.append(z)
-                return Sk[k] * z
-
-            forward(model, x, act)
-            return zs
-
-        zs = jax.vmap(one)(self.X, parts)
+        zs, _ = self._walk(theta, S)
         return jnp.concatenate([z.reshape(-1) for z in zs])
 
     def _split(self, S):
@@ -215,13 +220,8 @@ class KinkedProblem(eqx.Module):
         return -jnp.exp(log_scale) * g, jnp.exp(log_scale) * gg, s
 
     def slopes(self, signs, idx, valid, s):
-        """The slope vector: one-sided from ``signs``, ``s`` at the valid entries of ``idx``. Padded entries of
-        ``idx`` (``valid`` false) may repeat a valid unit's index (padding is 0): they are sent out of bounds and
-        dropped, never written, since a scatter with repeated indices keeps an unspecified one of the values."""
-        base = jnp.where(signs > 0, 1.0, self.alpha).astype(self.X.dtype)
-        if idx.shape[0] == 0:
-            return base
-        return base.at[jnp.where(valid, idx, base.shape[0])].set(s.astype(base.dtype), mode="drop")
+        """The slope vector of the mode (:func:`mode_slopes`)."""
+        return mode_slopes(signs, self.alpha, idx, valid, s, self.X.dtype)
 
     def grad_and_adjoint(self, theta, S):
         """``(F, grad_theta F, dF/dh)`` with ``F`` = :meth:`objective` and ``dF/dh_e`` the adjoint of every unit (N,)."""

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._clarke import KinkedProblem, _padded, clarke_min_norm, jit, default_kink_tol, default_slope_tol, is_kinked, make_kinked
+from ._clarke import KinkedProblem, _padded, clarke_min_norm, jit, mode_slopes, default_kink_tol, default_slope_tol, is_kinked, make_kinked
 from ._nonsmooth_kernel import BUDGET, SAVE, UNDERFLOW, Controls, advance
 from ._ode import _setup
 from ._results import RESULTS
@@ -111,17 +111,11 @@ def _preacts(problem, theta):
 
 
 @jit
-def _dz(problem, theta, v, S):
-    """``dz/dt`` of every pre-activation along ``v`` in the mode whose units have slopes ``S``."""
+def _dz(problem, theta, v, signs, idx, valid, s):
+    """``dz/dt`` of every pre-activation along ``v`` in the mode ``(signs, idx, valid)`` with slopes ``s`` at ``idx``
+    (:func:`~homflow.flow._clarke.mode_slopes`)."""
+    S = mode_slopes(signs, problem.alpha, idx, valid, s, theta.dtype)
     return jax.jvp(lambda th: problem.preactivations_at(th, S), (theta,), (v,))[1]
-
-
-def _slopes(mode_signs, alpha, units=(), slopes=()):
-    """The slope vector of a mode: one-sided from the signs, ``slopes`` at ``units``."""
-    S = np.where(np.asarray(mode_signs) > 0, 1.0, alpha)
-    if len(units):
-        S[np.asarray(units, np.int64)] = np.asarray(slopes, float)
-    return S
 
 
 @jit
@@ -228,8 +222,10 @@ class _Driver:
             _, _, z, sc = self.evaluate(y, u, mode)
         if bound.size:
             v = -np.asarray(mn.m)
-            S = self.A(_slopes(mode.signs, self.alpha, C, mn.slopes))
-            dz = np.asarray(_dz(problem, theta, self.A(v), S))[bound]
+            idx, valid = _padded(C)
+            s_pad = np.zeros(idx.shape[0], self.dtype)
+            s_pad[:C.size] = mn.slopes
+            dz = np.asarray(_dz(problem, theta, self.A(v), mode.signs, idx, valid, s_pad))[bound]
             side = np.where(mn.slopes[~mn.interior] > 0.5 * (1 + self.alpha), 1, -1)
             signs[bound] = np.where(np.abs(dz) > self._tiny_dz(theta, v, sc, bound), np.sign(dz), side)
         flipped = set()
@@ -248,8 +244,7 @@ class _Driver:
             if rest.size == 0:
                 break
             v = np.asarray(f[:-1])
-            S = self.A(_slopes(new.signs, self.alpha, new.sliding, np.asarray(s[:k])))
-            dz = np.asarray(_dz(problem, theta, f[:-1], S))[rest]
+            dz = np.asarray(_dz(problem, theta, f[:-1], *new.arrays(), s))[rest]
             wrong = rest[signs[rest] * dz < -self._tiny_dz(theta, v, sc, rest)]
             if wrong.size == 0:
                 break
