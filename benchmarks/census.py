@@ -143,7 +143,10 @@ def main():
     ap.add_argument("--n", type=int, default=1024, help="directions")
     ap.add_argument("--singles", type=int, default=None, help="single calls on the first k members (default all)")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--chunk", type=int, default=400, help="engine steps per member per chunk (refill)")
+    ap.add_argument("--chunk", type=int, default=400, help="engine steps per member per chunk (refill_step)")
+    ap.add_argument("--chunk-evals", type=int, default=8000, help="batched gradients per chunk (refill, stage lock step)")
+    ap.add_argument("--ways", default="refill,refill_step,classic",
+                    help="which batched ways to run (refill: stage lock step; refill_step; classic)")
     ap.add_argument("--t1", type=float, default=250.0)
     ap.add_argument("--rtol", type=float, default=1e-8)
     ap.add_argument("--smoke", action="store_true", help="4 directions to t1 = 20 (any machine, seconds)")
@@ -174,8 +177,12 @@ def main():
     groups = zero_preserving_groups(model)
     kw["groups"] = groups
     rows, ends = [], {}
-    for name, opts in (("refill", DriverOptions(batch_size=args.batch, chunk_steps=args.chunk)),
-                       ("classic", DriverOptions(batch_size=args.batch, refill=False))):
+    ways = (("refill", DriverOptions(batch_size=args.batch, chunk_evals=args.chunk_evals)),
+            ("refill_step", DriverOptions(batch_size=args.batch, chunk_steps=args.chunk, lockstep="step")),
+            ("classic", DriverOptions(batch_size=args.batch, refill=False, lockstep="step")))
+    for name, opts in ways:
+        if name not in args.ways.split(","):
+            continue
         precompile(objective, args.n, thetas.shape[1], opts)
         t = time.perf_counter()
         r = run_members(objective, thetas, options=opts, **kw)
@@ -212,17 +219,18 @@ def main():
                  "batch": 1, "member_evals": int(ev * scale), "slot_evals": int(ev * scale), "utilisation": 1.0,
                  "calls": args.n, "wall_s": w * scale, "escaped": None})
     th_single = np.asarray(th_single)
-    for row in rows[:2]:
+    nb = len(rows) - 1  # the batched ways; the last row is the single calls
+    for row in rows[:nb]:
         e = ends[row["way"]][:singles]
         row["max_rel_diff_vs_single"] = float(np.max(np.linalg.norm(e - th_single, axis=1) /
                                                      np.linalg.norm(th_single, axis=1)))
     print(f"\n{what}, {args.n} directions, rtol {args.rtol:g}")
     table(rows, ["way", "members", "batch", "member_evals", "slot_evals", "utilisation", "busy_utilisation", "calls",
                  "wall_s", "escaped", "max_rel_diff_vs_single"])
-    base = rows[2]["wall_s"]
-    for row in rows[:2]:
+    base = rows[nb]["wall_s"]
+    for row in rows[:nb]:
         print(f"{row['way']}: {base / row['wall_s']:.2f}x the single calls' wall time, "
-              f"{rows[2]['member_evals'] / row['slot_evals']:.2f}x their gradient evaluations per slot evaluation")
+              f"{rows[nb]['member_evals'] / row['slot_evals']:.2f}x their gradient evaluations per slot evaluation")
 
 
 if __name__ == "__main__":

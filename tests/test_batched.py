@@ -38,6 +38,52 @@ def test_members_of_different_stiffness_each_match_the_exact_solution():
     assert alone.stats["grad_evals"][0] == sol.stats["grad_evals"][0]
 
 
+def _decay_event(t, z, args):
+    """Fires where the first component falls through 0.3."""
+    return jnp.stack([z[0] - 0.3])
+
+
+def test_stage_lock_step_takes_each_members_own_steps():
+    """The stage lock step (one batched evaluation per iteration, each member at its own stage) takes the same steps
+    as the step lock step for every member, explicit and stiff ones mixed in one batch; both match the exact solution
+    and stop at the same events; only the stage lock step's slots go unused by running members less."""
+    lam = np.array([[1.0, 2.0, 3.0], [1.0, 1e2, 1e4], [0.05, 0.5, 2e3], [0.2, 3e2, 1.0], [4.0, 1.0, 1.0]])
+    B = lam.shape[0]
+    z0 = np.concatenate([np.ones((B, 3)), lam], axis=1)
+    ts = np.array([0.0, 0.5, 2.0, 20.0])
+    kw = dict(ts=ts, rtol=1e-9, atol=1e-12, event=_decay_event)
+    step = ode_batch(_decay_packed, z0, 20.0, lockstep="step", **kw)
+    stage = ode_batch(_decay_packed, z0, 20.0, lockstep="stage", **kw)
+    assert step.success.all() and stage.success.all()
+    for k in ("num_steps", "num_accepted_steps", "num_stiff_steps", "grad_evals"):
+        assert stage.stats[k].tolist() == step.stats[k].tolist(), k
+    np.testing.assert_array_equal(stage.event, step.event)
+    np.testing.assert_allclose(stage.t_end, step.t_end, rtol=1e-13)
+    np.testing.assert_allclose(stage.ys, step.ys, rtol=1e-12, atol=1e-15)
+    exact_t = np.log(1 / 0.3) / lam[:, 0]  # y_0 = exp(-lam_0 t) reaches 0.3
+    np.testing.assert_allclose(stage.t_end, np.minimum(exact_t, 20.0), rtol=1e-6)  # RKC: cubic Hermite events
+    assert (step.stats["num_stiff_steps"][1:3] > 0).all() and step.stats["num_stiff_steps"][0] == 0
+    # the stage lock step pays one batched evaluation per member evaluation of the longest-running member, plus the
+    # iterations in which it waits for nobody: far fewer than the step lock step, which pays max(stages) per step
+    assert stage.stats["batched_evals"] == int(stage.stats["grad_evals"].max())
+    assert stage.stats["batched_evals"] < step.stats["batched_evals"]
+
+
+def test_stage_lock_step_budget_stops_members_together():
+    lam = np.array([[1.0, 1e3], [2.0, 1.0], [1e4, 3.0]])
+    z0 = np.concatenate([np.ones((3, 2)), lam], axis=1)
+    sol = ode_batch(_decay_packed, z0, 50.0, rtol=1e-9, atol=1e-12, lockstep="stage", max_batched_evals=300)
+    assert (sol.status == 3).all() and (sol.t_end < 50.0).all()
+    # each stopped at the end of its first step after 300 batched evaluations: within one step's evaluations
+    assert 300 <= sol.stats["batched_evals"] <= 300 + 252
+    full = ode_batch(_decay_packed, z0, 50.0, rtol=1e-9, atol=1e-12, lockstep="stage")
+    assert full.success.all()
+    with pytest.raises(ValueError, match="`lockstep`"):
+        ode_batch(_decay_packed, z0, 1.0, lockstep="member")
+    with pytest.raises(ValueError, match="`max_batched_evals`"):
+        ode_batch(_decay_packed, z0, 1.0, lockstep="stage", max_batched_evals=0)
+
+
 def test_gradient_flow_batch_matches_single_calls():
     rng = np.random.default_rng(4)
     X = rng.standard_normal((12, 3))

@@ -76,6 +76,12 @@ class DriverOptions:
             detection; refill only: the classic call spreads them over its whole horizon).
         max_steps: most engine steps of one member over both phases.
         engine: :class:`homflow.flow.EngineOptions` of the stiff-aware engine.
+        lockstep: ``'stage'`` (default: every loop iteration is one batched gradient that each member spends on its
+            own next stage, so an explicit member never waits for a stiff member's Chebyshev stages) or ``'step'``
+            (an iteration is one step of every member; see :func:`homflow.flow.ode_batch`).
+        chunk_evals: (refill with the stage lock step) batched gradients per chunk; members stop at the end of
+            their first step after that many, so that the whole batch stops together (``chunk_steps`` bounds the
+            step lock step's chunks instead).
     """
 
     batch_size: int | None = None
@@ -86,9 +92,13 @@ class DriverOptions:
     n_saves: int = 32
     max_steps: int = 2_000_000
     engine: EngineOptions = EngineOptions()
+    lockstep: str = "stage"
+    chunk_evals: int = 8000
 
     def __post_init__(self):
-        for name in ("chunk_steps", "min_batch", "n_saves", "max_steps"):
+        if self.lockstep not in ("stage", "step"):
+            raise ValueError(f"`lockstep` must be 'stage' or 'step'; got {self.lockstep!r}.")
+        for name in ("chunk_steps", "min_batch", "n_saves", "max_steps", "chunk_evals"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"`{name}` must be a positive integer; got {v!r}.")
@@ -255,21 +265,28 @@ def run_members(objective: Objective, thetas0, *, levels, horizons, ends=None, t
             at = np.ones(B)
             at[:n] = atol_v[active]
             span = float(max(left.max(initial=0.0), 1e-6))
+            stage = options.lockstep == "stage"
             if options.refill:
                 save_ts = save_dt * np.arange(1, options.n_saves + 1)
-                max_steps = options.chunk_steps
+                max_steps = options.max_steps if stage else options.chunk_steps
             else:
                 save_ts = span * np.arange(1, options.n_saves + 1) / options.n_saves
                 max_steps = options.max_steps
             t1 = max(span, float(save_ts[-1])) * (1 + 1e-12)
             sol = ode_batch(_field, y0, t1, args=objective, ts=np.concatenate([[0.0], save_ts]), rtol=rtol, atol=at,
-                            event=_event, max_steps=int(max_steps), options=options.engine, method=options.engine.method)
+                            event=_event, max_steps=int(max_steps), options=options.engine, method=options.engine.method,
+                            lockstep=options.lockstep,
+                            max_batched_evals=options.chunk_evals if (stage and options.refill) else None)
             calls += 1
             sizes.append(B)
-            batched += int(sol.stats["batched_evals"])
-            slot += B * int(sol.stats["batched_evals"])
-            loops = max(int(sol.stats["loop_iterations"]), 1)
-            idle += (B * loops - float(np.sum(sol.stats["num_steps"][:n]))) * sol.stats["batched_evals"] / loops
+            n_batched = int(sol.stats["batched_evals"])
+            batched += n_batched
+            slot += B * n_batched
+            if stage:  # every slot evaluation of a running member is one of its own: the rest were idle
+                idle += B * n_batched - float(np.sum(sol.stats["grad_evals"][:n]))
+            else:
+                loops = max(int(sol.stats["loop_iterations"]), 1)
+                idle += (B * loops - float(np.sum(sol.stats["num_steps"][:n]))) * n_batched / loops
             ys_all = sol.ys[:, 1:, :P]
             ok_all = np.all(np.isfinite(ys_all), axis=-1)
             # losses of every slot's saves and end in one fixed shape (B * (S + 1), P): compiled once per batch size
@@ -339,10 +356,12 @@ def precompile(objective: Objective, n_members: int, n_params: int, options: Dri
         y0 = np.zeros((B, n_params + 2))
         y0[:, n_params + 1] = 1e-6 * _KAPPA
         save_ts = np.arange(1, options.n_saves + 1) * 1e-3
+        stage = options.lockstep == "stage"
         ode_batch(_field, y0, float(save_ts[-1]) * 2, args=objective, ts=np.concatenate([[0.0], save_ts]), rtol=1e-8,
                   atol=np.ones(B), event=_event,
-                  max_steps=int(options.chunk_steps if options.refill else options.max_steps), options=options.engine,
-                  method=options.engine.method)
+                  max_steps=int(options.chunk_steps if options.refill and not stage else options.max_steps),
+                  options=options.engine, method=options.engine.method, lockstep=options.lockstep,
+                  max_batched_evals=options.chunk_evals if (stage and options.refill) else None)
         _diagnostics(objective, jnp.zeros((B * (options.n_saves + 1), n_params)))
     _diagnostics(objective, jnp.zeros((n_members, n_params)))
     return sizes

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._engine import EVENT, REACHED, EngineOptions, run_engine
+from ._engine_stages import run_stage_engine
 from ._solvers import default_atol
 
 __all__ = ["ode_batch", "BatchSolution", "STATUS_MESSAGES", "EngineOptions"]
@@ -89,7 +90,8 @@ def _check_positive(name, value):
 
 def ode_batch(f: Callable, y0, t1: float, *, args=None, ts=None, t0: float = 0.0, rtol: float = 1e-8,
               atol=None, method: str = "auto", event=None, max_steps: int = 1_000_000,
-              options: EngineOptions | None = None) -> BatchSolution:
+              options: EngineOptions | None = None, lockstep: str = "step",
+              max_batched_evals: int | None = None) -> BatchSolution:
     """Integrate ``dy/dt = f(t, y, args)`` from many initial states at once in one compiled loop.
 
     Each member has its own adaptive step (DOPRI5 while non-stiff, the Runge-Kutta-Chebyshev method RKC2 once its
@@ -108,6 +110,13 @@ def ode_batch(f: Callable, y0, t1: float, *, args=None, ts=None, t0: float = 0.0
         event: optional ``g(t, y, args) -> (E,)``: a member stops where a component of ``g`` changes sign.
         max_steps: per member.
         options: :class:`EngineOptions` (``method`` there is overridden by ``method`` here).
+        lockstep: ``'step'`` (default: an iteration of the compiled loop is one step of every member; members wait
+            for the most expensive step of the iteration) or ``'stage'`` (an iteration is one batched evaluation of
+            ``f``, which every member spends on its own next stage: no member waits for another's RKC stages or
+            spectral-radius iterations; for batches mixing explicit and stiff members, e.g. a census, see
+            ``homflow/flow/_engine_stages.py``). Both take the same steps for every member.
+        max_batched_evals: (``'stage'`` only) members stop (status ``max_steps reached``) at the end of their first
+            step after this many batched evaluations; default: no bound.
 
     Returns:
         A :class:`BatchSolution`.
@@ -141,8 +150,18 @@ def ode_batch(f: Callable, y0, t1: float, *, args=None, ts=None, t0: float = 0.0
     if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
         raise ValueError(f"`max_steps` must be a positive integer; got {max_steps!r}.")
     ev = None if event is None else _ArgsField(event, args)
-    st = run_engine(_ArgsField(f, args), y0, jnp.asarray(t0, y0.dtype), jnp.asarray(t1, y0.dtype),
-                    jnp.asarray(ts, y0.dtype), jnp.asarray(rtol, y0.dtype), atol_v.astype(y0.dtype), ev, opts,
-                    int(max_steps))
+    if lockstep not in ("step", "stage"):
+        raise ValueError(f"`lockstep` must be 'step' or 'stage'; got {lockstep!r}.")
+    if max_batched_evals is not None and (isinstance(max_batched_evals, bool) or
+                                          not isinstance(max_batched_evals, (int, np.integer)) or max_batched_evals < 1):
+        raise ValueError(f"`max_batched_evals` must be a positive integer or None; got {max_batched_evals!r}.")
+    run_args = (_ArgsField(f, args), y0, jnp.asarray(t0, y0.dtype), jnp.asarray(t1, y0.dtype),
+                jnp.asarray(ts, y0.dtype), jnp.asarray(rtol, y0.dtype), atol_v.astype(y0.dtype), ev, opts,
+                int(max_steps))
+    if lockstep == "step":
+        st = run_engine(*run_args)
+    else:
+        bound = np.iinfo(np.int32).max if max_batched_evals is None else int(max_batched_evals)
+        st = run_stage_engine(*run_args, jnp.asarray(bound, jnp.int32))
     return BatchSolution(ts=ts, ys=np.asarray(st.saves), t_end=np.asarray(st.t), y_end=np.asarray(st.y),
                          status=np.asarray(st.status), event=np.asarray(st.event), stats=stats_dict(st))

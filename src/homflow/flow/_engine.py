@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from ._stiff import DOPRI5_STABILITY, dense_eval, dopri5_step, rkc_stages, rkc_step, spectral_radius
 
-__all__ = ["EngineOptions", "EngineState", "run_engine", "RUNNING", "REACHED", "EVENT", "MAX_STEPS", "UNDERFLOW"]
+__all__ = ["EngineOptions", "EngineState", "run_engine", "initial_state", "RUNNING", "REACHED", "EVENT", "MAX_STEPS", "UNDERFLOW"]
 
 # Status of a member inside the loop (translated into homflow.flow.RESULTS by one table in _solvers.py).
 RUNNING, REACHED, EVENT, MAX_STEPS, UNDERFLOW = 0, 1, 2, 3, 4
@@ -185,28 +185,12 @@ def first_step(y0, f0, t0, t1, rtol, atol, opts: EngineOptions):
     return jnp.minimum(h, t1 - t0)
 
 
-@eqx.filter_jit
-@eqx.debug.assert_max_traces(max_traces=None)  # counts compilations: eqx.debug.get_num_traces(run_engine)
-def run_engine(field, y0, t0, t1, save_ts, rtol, atol, events, opts: EngineOptions, max_steps: int):
-    """The lock-step loop.
-
-    Arguments:
-        field: ``field(t, y) -> dy/dt`` for ONE member (an ``eqx.Module`` or a hashable callable; it is vmapped).
-        y0: (B, P) initial states; t0, t1: scalars; save_ts: (S,) increasing save times; rtol: scalar; atol: (B,).
-        events: ``None`` or ``events(t, y) -> (E,)`` for one member: a member stops where a component changes sign.
-        opts: :class:`EngineOptions`; max_steps: attempted steps per member.
-
-    Returns:
-        The final :class:`EngineState` (saved states, counts, end points, status codes).
-    """
+def initial_state(field, fb, eb, y0, t0, t1, save_ts, rtol, atol, opts: EngineOptions):
+    """The loop state before the first step (one batched evaluation of ``f``), with ``n_err`` (the field's
+    ``error_size`` or None) and the slice ``ER`` of the error-controlled components; shared by both lock steps."""
     B, P = y0.shape
     dt = y0.dtype
     S = save_ts.shape[0]
-    eps = jnp.finfo(dt).eps
-    fb = jax.vmap(field)
-    event_fn = events
-    if events is not None:
-        eb = jax.vmap(events)
 
     t = jnp.full((B,), t0, dt)
     f0 = fb(t, y0)
@@ -222,11 +206,7 @@ def run_engine(field, y0, t0, t1, save_ts, rtol, atol, events, opts: EngineOptio
     v = jnp.pad(v, ((0, 0), (0, P - v.shape[1])))
     ib = jnp.zeros((B,), jnp.int32)
     zf = jnp.zeros((B,), dt)
-    E = 0
-    g_prev = jnp.zeros((B, 0), dt)
-    if events is not None:
-        g_prev = eb(t, y0)
-        E = g_prev.shape[1]
+    g_prev = jnp.zeros((B, 0), dt) if eb is None else eb(t, y0)
     state = EngineState(
         t=t, y=y0, f=f0, h=h, h_prev=zf, err_prev=jnp.ones((B,), dt), mode=mode, rho=zf, v=v,
         since_rho=jnp.full((B,), opts.rho_every, jnp.int32), stiff_cnt=ib, ns_cnt=ib, back_cnt=ib,
@@ -235,6 +215,28 @@ def run_engine(field, y0, t0, t1, save_ts, rtol, atol, events, opts: EngineOptio
         rate_e=zf, rate_r=zf, n_since=ib, need_stiff=jnp.full((B,), opts.stiff_after, jnp.int32),
         n_rho=ib, t_switch=jnp.full((B,), jnp.inf, dt), n_switch=ib, max_s=ib, loops=jnp.int32(0),
         batched_f=jnp.int32(1))
+    return state, n_err, ER
+
+
+@eqx.filter_jit
+@eqx.debug.assert_max_traces(max_traces=None)  # counts compilations: eqx.debug.get_num_traces(run_engine)
+def run_engine(field, y0, t0, t1, save_ts, rtol, atol, events, opts: EngineOptions, max_steps: int):
+    """The lock-step loop.
+
+    Arguments:
+        field: ``field(t, y) -> dy/dt`` for ONE member (an ``eqx.Module`` or a hashable callable; it is vmapped).
+        y0: (B, P) initial states; t0, t1: scalars; save_ts: (S,) increasing save times; rtol: scalar; atol: (B,).
+        events: ``None`` or ``events(t, y) -> (E,)`` for one member: a member stops where a component changes sign.
+        opts: :class:`EngineOptions`; max_steps: attempted steps per member.
+
+    Returns:
+        The final :class:`EngineState` (saved states, counts, end points, status codes).
+    """
+    B, P = y0.shape
+    fb = jax.vmap(field)
+    eb = None if events is None else jax.vmap(events)
+    state, n_err, ER = initial_state(field, fb, eb, y0, t0, t1, save_ts, rtol, atol, opts)
+    zf = jnp.zeros((B,), y0.dtype)
 
     def cond(state):
         return jnp.any(state.status == RUNNING)
@@ -274,145 +276,160 @@ def run_engine(field, y0, t0, t1, save_ts, rtol, atol, events, opts: EngineOptio
         yr, fr, errr, dense_r = jax.lax.cond(
             any_r, lambda _: rkc_step(fb, t, y, f0, h, s), lambda _: (zeros_y, zeros_y, zeros_y, zero_dense), None)
         c["batched_f"] += jnp.where(any_e, 6, 0) + jnp.where(any_r, jnp.max(s), 0)
-        y1 = jnp.where(is_r[:, None], yr, ye)
-        f1 = jnp.where(is_r[:, None], fr, fe)
-        dense = _tree_where(is_r, dense_r, dense_e)
-        sc = atol[:, None] + rtol * jnp.maximum(jnp.abs(y[:, ER]), jnp.abs(y1[:, ER]))
-        tol_fac = jnp.where(is_r, opts.stiff_tol_factor, opts.explicit_tol_factor)
-        err = _rms(jnp.where(is_r[:, None], errr, erre)[:, ER] / sc) / tol_fac
-        ok = jnp.isfinite(err) & jnp.all(jnp.isfinite(y1), axis=-1)
-        err = jnp.where(ok, err, jnp.inf)
-        accept = active & (err <= 1.0)
+        c = _finish(c, active=active, t=t, y=y, f0=f0, h=h, s=s, is_r=is_r, use_e=use_e, use_r=use_r,
+                    hit_end=hit_end, rho=rho, v=v, y1=jnp.where(is_r[:, None], yr, ye), f1=jnp.where(is_r[:, None], fr, fe),
+                    erre=erre, errr=errr, dense=_tree_where(is_r, dense_r, dense_e), rho_e=rho_e, t1=t1,
+                    save_ts=save_ts, rtol=rtol, atol=atol, eb=eb, ER=ER, opts=opts,
+                    max_steps=max_steps)
         c["n_f"] += jnp.where(use_e, 6, 0) + jnp.where(use_r, s, 0)
-        t_new = jnp.where(hit_end, t1, t + h)
-
-        fired = jnp.zeros((B,), bool)
-        if event_fn is not None:
-            g1 = eb(t_new, y1)
-            gp = c["g_prev"]
-            crossed = accept[:, None] & (((gp < 0) & (g1 >= 0)) | ((gp > 0) & (g1 <= 0)))
-            fired = jnp.any(crossed, axis=1)
-
-            def locate(_):
-                lo = jnp.zeros((E, B), dt)
-                hi = jnp.ones((E, B), dt)
-
-                def bis(_, lh):
-                    lo, hi = lh
-                    mid = 0.5 * (lo + hi)
-                    ym = jax.vmap(lambda th: dense_eval(dense, th))(mid)  # (E, B, P)
-                    tm = t[None, :] + mid * h[None, :]
-                    gm = jax.vmap(eb)(tm, ym)  # (E, B, E)
-                    gm = jnp.diagonal(gm, axis1=0, axis2=2).T  # (E, B): event e at its own midpoint
-                    same = jnp.sign(gm) == jnp.sign(gp.T)
-                    return jnp.where(same, mid, lo), jnp.where(same, hi, mid)
-
-                lo, hi = jax.lax.fori_loop(0, opts.event_bisections, bis, (lo, hi))
-                th = jnp.where(crossed.T, hi, jnp.inf)
-                which = jnp.argmin(th, axis=0)
-                th_min = jnp.min(th, axis=0)
-                th_min = jnp.where(jnp.isfinite(th_min), th_min, 1.0)
-                return th_min, which.astype(jnp.int32), dense_eval(dense, th_min)
-
-            th_ev, which, y_ev = jax.lax.cond(jnp.any(fired), locate,
-                                              lambda _: (jnp.ones((B,), dt), jnp.full((B,), -1, jnp.int32), y1), None)
-            t_new = jnp.where(fired, t + th_ev * h, t_new)
-            y1 = jnp.where(fired[:, None], y_ev, y1)
-            c["event"] = jnp.where(fired, which, c["event"])
-            c["g_prev"] = jnp.where(accept[:, None], g1, gp)
-
-        # save at the requested times passed by this step (interpolated, the end point exact)
-        def save_mask(idx):
-            ts_i = save_ts[jnp.minimum(idx, S - 1)]
-            return accept & (idx < S) & (ts_i <= t_new), ts_i
-
-        def save_cond(sv):
-            return jnp.any(save_mask(sv[0])[0])
-
-        def save_body(sv):
-            idx, saves = sv
-            m, ts_i = save_mask(idx)
-            th = jnp.clip((ts_i - t) / jnp.where(h > 0, h, 1.0), 0.0, 1.0)
-            val = jnp.where((ts_i == t_new)[:, None], y1, dense_eval(dense, th))
-            ic = jnp.minimum(idx, S - 1)
-            rows = jnp.arange(B)
-            cur = saves[rows, ic]
-            saves = saves.at[rows, ic].set(jnp.where(m[:, None], val, cur))
-            return idx + m, saves
-
-        c["idx"], c["saves"] = jax.lax.while_loop(save_cond, save_body, (c["idx"], c["saves"]))
-
-        # step-size control: PI for DOPRI5 (error of order 5), rkc.f's predictive controller for RKC (order 3)
-        err_s = jnp.maximum(err, opts.error_floor)
-        fac_e = opts.safety * err_s ** (-(opts.pcoeff + opts.icoeff) / 5.0) * c["err_prev"] ** (opts.pcoeff / 5.0)
-        first = c["h_prev"] <= 0
-        fac_r = jnp.where(first, opts.rkc_safety / jnp.cbrt(err_s),
-                          opts.rkc_safety * (h / jnp.where(first, 1.0, c["h_prev"])) * jnp.cbrt(c["err_prev"]) / jnp.cbrt(err_s) ** 2)
-        fac_acc = jnp.clip(jnp.where(is_r, fac_r, fac_e), opts.factor_min, opts.factor_max)
-        fac_rej = jnp.clip(jnp.where(is_r, opts.rkc_safety / jnp.cbrt(err_s), opts.safety * err_s ** -0.2),
-                           opts.factor_min, opts.safety)
-        # a step shortened to land on t1 says nothing about the step the controller would like: keep the old one
-        h_next = jnp.where(accept, jnp.where(hit_end & ~is_r, jnp.maximum(h * fac_acc, c["h"]), h * fac_acc), h * fac_rej)
-        h_next = jnp.where(ok, h_next, h * opts.factor_min)
-        c["err_prev"] = jnp.where(accept, err_s, c["err_prev"])
-        c["h_prev"] = jnp.where(accept, h, c["h_prev"])
-        c["since_rho"] = jnp.where(accept, c["since_rho"] + 1, jnp.where(use_r, opts.rho_every, c["since_rho"]))
-
-        mode = c["mode"]
-        if opts.method == "auto":
-            stiff = use_e & (h * rho_e > opts.stiff_ratio)
-            c["stiff_cnt"] = jnp.where(stiff, c["stiff_cnt"] + 1, c["stiff_cnt"])
-            c["ns_cnt"] = jnp.where(stiff, 0, jnp.where(use_e, c["ns_cnt"] + 1, c["ns_cnt"]))
-            c["stiff_cnt"] = jnp.where(c["ns_cnt"] >= opts.nonstiff_reset, 0, c["stiff_cnt"])
-            to_r = use_e & (c["stiff_cnt"] >= c["need_stiff"])
-            easy = use_r & accept & (s == 2) & (h * rho < opts.nonstiff_ratio)
-            c["back_cnt"] = jnp.where(easy, c["back_cnt"] + 1, jnp.where(use_r & accept, 0, c["back_cnt"]))
-            # cost per unit time of each method (exponential averages over accepted steps)
-            hh = jnp.where(h > 0, h, 1.0)
-            c["rate_e"] = jnp.where(use_e & accept, (1 - opts.rate_smoothing) * c["rate_e"] + opts.rate_smoothing * 6.0 / hh, c["rate_e"])
-            c["rate_r"] = jnp.where(use_r & accept, jnp.where(c["n_since"] == 0, s / hh,
-                                                             (1 - opts.rate_smoothing) * c["rate_r"] + opts.rate_smoothing * s / hh), c["rate_r"])
-            c["n_since"] = jnp.where(use_r & accept, c["n_since"] + 1, c["n_since"])
-            # DOPRI5's rate: what it paid before the switch, or its stability-limited rate at today's spectral radius
-            rate_e_now = jnp.maximum(c["rate_e"], 6.0 * rho / (opts.rho_safety * DOPRI5_STABILITY))
-            if opts.probe_steps is None:
-                costly = jnp.zeros_like(use_r)
-            else:
-                costly = use_r & (c["n_since"] >= opts.probe_steps) & (c["rate_r"] > rate_e_now)
-            c["need_stiff"] = jnp.where(costly, 2 * c["need_stiff"], c["need_stiff"])
-            to_e = use_r & ((c["back_cnt"] >= opts.nonstiff_after) | costly)
-            c["n_since"] = jnp.where(to_e, 0, c["n_since"])
-            mode = jnp.where(to_r, 1, jnp.where(to_e, 0, mode))
-            switched = to_r | to_e
-            c["t_switch"] = jnp.where(to_r & ~jnp.isfinite(c["t_switch"]), t_new, c["t_switch"])
-            c["n_switch"] += switched
-            c["stiff_cnt"] = jnp.where(switched, 0, c["stiff_cnt"])
-            c["back_cnt"] = jnp.where(switched, 0, c["back_cnt"])
-            c["h_prev"] = jnp.where(switched, 0.0, c["h_prev"])
-            c["err_prev"] = jnp.where(switched, 1.0, c["err_prev"])
-            c["since_rho"] = jnp.where(to_r, opts.rho_every, c["since_rho"])
-            c["rho"] = jnp.where(to_r, 0.0, rho)
-        else:
-            c["rho"] = rho
-        c["mode"] = mode
-        c["v"] = v
-        c["max_s"] = jnp.maximum(c["max_s"], jnp.where(use_r, s, 0))
-        c["n_rkc"] += use_r
-        c["t"] = jnp.where(accept, t_new, t)
-        c["y"] = jnp.where(accept[:, None], y1, y)
-        c["f"] = jnp.where(accept[:, None], f1, f0)
-        c["h"] = jnp.where(active, h_next, c["h"])
-        c["n_steps"] += active
-        c["n_acc"] += accept
-        c["n_rej"] += active & ~accept
-        status = c["status"]
-        status = jnp.where(accept & fired, EVENT, status)
-        status = jnp.where(active & (status == RUNNING) & accept & hit_end, REACHED, status)
-        status = jnp.where(active & (status == RUNNING) & (c["n_steps"] >= max_steps), MAX_STEPS, status)
-        tiny = opts.underflow_factor * eps * jnp.maximum(jnp.abs(t), 1.0)
-        status = jnp.where(active & (status == RUNNING) & (c["h"] < tiny), UNDERFLOW, status)
-        c["status"] = status
         c["loops"] += 1
         return EngineState(**c)
 
     return jax.lax.while_loop(cond, body, state)
+
+
+def _finish(c, *, active, t, y, f0, h, s, is_r, use_e, use_r, hit_end, rho, v, y1, f1, erre, errr, dense, rho_e, t1,
+            save_ts, rtol, atol, eb, ER, opts: EngineOptions, max_steps):
+    """The end of a step for the members in ``active`` (error test, event location on the step's dense output, saves,
+    step-size control, the DOPRI5 <-> RKC switch, counters and status); members outside ``active`` keep their state.
+    Shared by both lock steps (:func:`run_engine`, :func:`homflow.flow._engine_stages.run_stage_engine`): ``c`` is the
+    state as a dict, updated and returned; the caller counts gradient evaluations."""
+    B, S = y.shape[0], save_ts.shape[0]
+    dt = y.dtype
+    eps = jnp.finfo(dt).eps
+    E = c["g_prev"].shape[1]
+    sc = atol[:, None] + rtol * jnp.maximum(jnp.abs(y[:, ER]), jnp.abs(y1[:, ER]))
+    tol_fac = jnp.where(is_r, opts.stiff_tol_factor, opts.explicit_tol_factor)
+    err = _rms(jnp.where(is_r[:, None], errr, erre)[:, ER] / sc) / tol_fac
+    ok = jnp.isfinite(err) & jnp.all(jnp.isfinite(y1), axis=-1)
+    err = jnp.where(ok, err, jnp.inf)
+    accept = active & (err <= 1.0)
+    t_new = jnp.where(hit_end, t1, t + h)
+
+    fired = jnp.zeros((B,), bool)
+    if eb is not None:
+        g1 = eb(t_new, y1)
+        gp = c["g_prev"]
+        crossed = accept[:, None] & (((gp < 0) & (g1 >= 0)) | ((gp > 0) & (g1 <= 0)))
+        fired = jnp.any(crossed, axis=1)
+
+        def locate(_):
+            lo = jnp.zeros((E, B), dt)
+            hi = jnp.ones((E, B), dt)
+
+            def bis(_, lh):
+                lo, hi = lh
+                mid = 0.5 * (lo + hi)
+                ym = jax.vmap(lambda th: dense_eval(dense, th))(mid)  # (E, B, P)
+                tm = t[None, :] + mid * h[None, :]
+                gm = jax.vmap(eb)(tm, ym)  # (E, B, E)
+                gm = jnp.diagonal(gm, axis1=0, axis2=2).T  # (E, B): event e at its own midpoint
+                same = jnp.sign(gm) == jnp.sign(gp.T)
+                return jnp.where(same, mid, lo), jnp.where(same, hi, mid)
+
+            lo, hi = jax.lax.fori_loop(0, opts.event_bisections, bis, (lo, hi))
+            th = jnp.where(crossed.T, hi, jnp.inf)
+            which = jnp.argmin(th, axis=0)
+            th_min = jnp.min(th, axis=0)
+            th_min = jnp.where(jnp.isfinite(th_min), th_min, 1.0)
+            return th_min, which.astype(jnp.int32), dense_eval(dense, th_min)
+
+        th_ev, which, y_ev = jax.lax.cond(jnp.any(fired), locate,
+                                          lambda _: (jnp.ones((B,), dt), jnp.full((B,), -1, jnp.int32), y1), None)
+        t_new = jnp.where(fired, t + th_ev * h, t_new)
+        y1 = jnp.where(fired[:, None], y_ev, y1)
+        c["event"] = jnp.where(fired, which, c["event"])
+        c["g_prev"] = jnp.where(accept[:, None], g1, gp)
+
+    # save at the requested times passed by this step (interpolated, the end point exact)
+    def save_mask(idx):
+        ts_i = save_ts[jnp.minimum(idx, S - 1)]
+        return accept & (idx < S) & (ts_i <= t_new), ts_i
+
+    def save_cond(sv):
+        return jnp.any(save_mask(sv[0])[0])
+
+    def save_body(sv):
+        idx, saves = sv
+        m, ts_i = save_mask(idx)
+        th = jnp.clip((ts_i - t) / jnp.where(h > 0, h, 1.0), 0.0, 1.0)
+        val = jnp.where((ts_i == t_new)[:, None], y1, dense_eval(dense, th))
+        ic = jnp.minimum(idx, S - 1)
+        rows = jnp.arange(B)
+        cur = saves[rows, ic]
+        saves = saves.at[rows, ic].set(jnp.where(m[:, None], val, cur))
+        return idx + m, saves
+
+    c["idx"], c["saves"] = jax.lax.while_loop(save_cond, save_body, (c["idx"], c["saves"]))
+
+    # step-size control: PI for DOPRI5 (error of order 5), rkc.f's predictive controller for RKC (order 3)
+    err_s = jnp.maximum(err, opts.error_floor)
+    fac_e = opts.safety * err_s ** (-(opts.pcoeff + opts.icoeff) / 5.0) * c["err_prev"] ** (opts.pcoeff / 5.0)
+    first = c["h_prev"] <= 0
+    fac_r = jnp.where(first, opts.rkc_safety / jnp.cbrt(err_s),
+                      opts.rkc_safety * (h / jnp.where(first, 1.0, c["h_prev"])) * jnp.cbrt(c["err_prev"]) / jnp.cbrt(err_s) ** 2)
+    fac_acc = jnp.clip(jnp.where(is_r, fac_r, fac_e), opts.factor_min, opts.factor_max)
+    fac_rej = jnp.clip(jnp.where(is_r, opts.rkc_safety / jnp.cbrt(err_s), opts.safety * err_s ** -0.2),
+                       opts.factor_min, opts.safety)
+    # a step shortened to land on t1 says nothing about the step the controller would like: keep the old one
+    h_next = jnp.where(accept, jnp.where(hit_end & ~is_r, jnp.maximum(h * fac_acc, c["h"]), h * fac_acc), h * fac_rej)
+    h_next = jnp.where(ok, h_next, h * opts.factor_min)
+    c["err_prev"] = jnp.where(accept, err_s, c["err_prev"])
+    c["h_prev"] = jnp.where(accept, h, c["h_prev"])
+    c["since_rho"] = jnp.where(accept, c["since_rho"] + 1, jnp.where(use_r, opts.rho_every, c["since_rho"]))
+
+    mode = c["mode"]
+    if opts.method == "auto":
+        stiff = use_e & (h * rho_e > opts.stiff_ratio)
+        c["stiff_cnt"] = jnp.where(stiff, c["stiff_cnt"] + 1, c["stiff_cnt"])
+        c["ns_cnt"] = jnp.where(stiff, 0, jnp.where(use_e, c["ns_cnt"] + 1, c["ns_cnt"]))
+        c["stiff_cnt"] = jnp.where(c["ns_cnt"] >= opts.nonstiff_reset, 0, c["stiff_cnt"])
+        to_r = use_e & (c["stiff_cnt"] >= c["need_stiff"])
+        easy = use_r & accept & (s == 2) & (h * rho < opts.nonstiff_ratio)
+        c["back_cnt"] = jnp.where(easy, c["back_cnt"] + 1, jnp.where(use_r & accept, 0, c["back_cnt"]))
+        # cost per unit time of each method (exponential averages over accepted steps)
+        hh = jnp.where(h > 0, h, 1.0)
+        c["rate_e"] = jnp.where(use_e & accept, (1 - opts.rate_smoothing) * c["rate_e"] + opts.rate_smoothing * 6.0 / hh, c["rate_e"])
+        c["rate_r"] = jnp.where(use_r & accept, jnp.where(c["n_since"] == 0, s / hh,
+                                                         (1 - opts.rate_smoothing) * c["rate_r"] + opts.rate_smoothing * s / hh), c["rate_r"])
+        c["n_since"] = jnp.where(use_r & accept, c["n_since"] + 1, c["n_since"])
+        # DOPRI5's rate: what it paid before the switch, or its stability-limited rate at today's spectral radius
+        rate_e_now = jnp.maximum(c["rate_e"], 6.0 * rho / (opts.rho_safety * DOPRI5_STABILITY))
+        if opts.probe_steps is None:
+            costly = jnp.zeros_like(use_r)
+        else:
+            costly = use_r & (c["n_since"] >= opts.probe_steps) & (c["rate_r"] > rate_e_now)
+        c["need_stiff"] = jnp.where(costly, 2 * c["need_stiff"], c["need_stiff"])
+        to_e = use_r & ((c["back_cnt"] >= opts.nonstiff_after) | costly)
+        c["n_since"] = jnp.where(to_e, 0, c["n_since"])
+        mode = jnp.where(to_r, 1, jnp.where(to_e, 0, mode))
+        switched = to_r | to_e
+        c["t_switch"] = jnp.where(to_r & ~jnp.isfinite(c["t_switch"]), t_new, c["t_switch"])
+        c["n_switch"] += switched
+        c["stiff_cnt"] = jnp.where(switched, 0, c["stiff_cnt"])
+        c["back_cnt"] = jnp.where(switched, 0, c["back_cnt"])
+        c["h_prev"] = jnp.where(switched, 0.0, c["h_prev"])
+        c["err_prev"] = jnp.where(switched, 1.0, c["err_prev"])
+        c["since_rho"] = jnp.where(to_r, opts.rho_every, c["since_rho"])
+        c["rho"] = jnp.where(to_r, 0.0, rho)
+    else:
+        c["rho"] = rho
+    c["mode"] = mode
+    c["v"] = v
+    c["max_s"] = jnp.maximum(c["max_s"], jnp.where(use_r, s, 0))
+    c["n_rkc"] += use_r
+    c["t"] = jnp.where(accept, t_new, t)
+    c["y"] = jnp.where(accept[:, None], y1, y)
+    c["f"] = jnp.where(accept[:, None], f1, f0)
+    c["h"] = jnp.where(active, h_next, c["h"])
+    c["n_steps"] += active
+    c["n_acc"] += accept
+    c["n_rej"] += active & ~accept
+    status = c["status"]
+    status = jnp.where(accept & fired, EVENT, status)
+    status = jnp.where(active & (status == RUNNING) & accept & hit_end, REACHED, status)
+    status = jnp.where(active & (status == RUNNING) & (c["n_steps"] >= max_steps), MAX_STEPS, status)
+    tiny = opts.underflow_factor * eps * jnp.maximum(jnp.abs(t), 1.0)
+    status = jnp.where(active & (status == RUNNING) & (c["h"] < tiny), UNDERFLOW, status)
+    c["status"] = status
+    return c

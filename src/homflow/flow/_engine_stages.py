@@ -1,0 +1,260 @@
+"""The stage lock step of the stiff-aware engine: every loop iteration evaluates the batched field ONCE, and every
+member spends that evaluation on its own next stage (a Dormand-Prince stage, a Runge-Kutta-Chebyshev stage, or an
+iteration of its spectral-radius estimate).
+
+Why: in the step lock step (:func:`homflow.flow._engine.run_engine`) an iteration is one step of every member, so the
+iteration costs ``6`` evaluations when any member takes a DOPRI5 step plus ``max(s)`` when any takes an RKC step with
+``s`` stages, plus the longest power iteration: a member that needs 6 pays for the 200 of its neighbour. On the
+canonical problem (past the escape members are stiff with very different ``s``) that lock step used 0.20 of the
+batched evaluations it paid for (docs/census.md). Here a member with a short step simply starts its next step while
+its neighbour is still in its 200-stage one: the only idle slots are those of members that have stopped. The price is
+that the end-of-step logic (error test, events, saves, step-size control, switch) runs masked in every iteration in
+which some member finishes a step; it is the same code as the step lock step's (:func:`~homflow.flow._engine._finish`),
+so each member takes exactly the steps it would take alone (tested against the step lock step member by member).
+
+``max_loops`` bounds the iterations: a member stops with ``MAX_STEPS`` at the end of its first step after that many
+(the census driver's chunks, so that members of one chunk stop together and waiting members can take their slots).
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._engine import MAX_STEPS, RUNNING, EngineOptions, _finish, initial_state
+from ._stiff import _A, _B, _C, _D, _E, rkc_stages
+
+__all__ = ["run_stage_engine"]
+
+RHO, DOPRI, RKC = 0, 1, 2
+
+# Dormand-Prince rows as dense arrays: row i combines k_0..k_{i-1} into stage i's point (row 6: the 5th-order
+# solution), and the error and dense-output weights over k_0..k_6.
+_AM = np.zeros((7, 7))
+for _i, _row in enumerate(_A):
+    _AM[_i, : len(_row)] = _row
+_AM[6, :6] = _B
+_EV = np.asarray(_E)
+_DV = np.asarray(_D)
+
+
+class Stages(eqx.Module):
+    """Per-member position inside its current step: ``job`` (power iteration, DOPRI5 or RKC), the stage counter ``j``
+    and what the stages need (see the module docstring); ``tn, yn``: where the next evaluation happens."""
+
+    job: jax.Array
+    j: jax.Array
+    n_it: jax.Array
+    hs: jax.Array
+    s: jax.Array
+    hit_end: jax.Array
+    tn: jax.Array
+    yn: jax.Array
+    ks: jax.Array
+    y6: jax.Array
+    yjm1: jax.Array
+    yjm2: jax.Array
+    coef: tuple
+    w0: jax.Array
+    w1: jax.Array
+
+
+def _rows(mask, new, old):
+    return jnp.where(mask.reshape(mask.shape + (1,) * (new.ndim - mask.ndim)), new, old)
+
+
+def _combine(weights, ks):
+    """``sum_k weights[:, k] * ks[k]`` (B, P) over the nonzero weights (stale stages with weight 0 never enter)."""
+    out = jnp.zeros(ks.shape[1:], ks.dtype)
+    for k in range(ks.shape[0]):  # in order, as homflow.flow._stiff's steps add them: the same rounding
+        w = weights[:, k]
+        out = out + jnp.where((w != 0)[:, None], w[:, None] * ks[k], 0.0)
+    return out
+
+
+def _rkc_start(y, f0, h, s):
+    """Coefficients and first stage of an RKC step (as :func:`homflow.flow._stiff.rkc_step`)."""
+    sf = s.astype(y.dtype)
+    e = 2.0 / (13.0 * sf**2)
+    w0 = 1.0 + e
+    temp1 = e * (2.0 + e)
+    temp2 = jnp.sqrt(temp1)
+    arg = sf * jnp.log(w0 + temp2)
+    w1 = jnp.sinh(arg) * temp1 / (jnp.cosh(arg) * sf * temp2 - w0 * jnp.sinh(arg))
+    bjm1 = 1.0 / (2.0 * w0) ** 2
+    mus = w1 * bjm1
+    yjm1 = y + (h * mus)[:, None] * f0
+    one, zero = jnp.ones_like(w0), jnp.zeros_like(w0)
+    return (mus, zero, w0, one, one, zero, zero, zero, bjm1, bjm1), w0, w1, yjm1
+
+
+@eqx.filter_jit
+@eqx.debug.assert_max_traces(max_traces=None)
+def run_stage_engine(field, y0, t0, t1, save_ts, rtol, atol, events, opts: EngineOptions, max_steps: int,
+                     max_loops: int):
+    """The stage lock step (module docstring); arguments and result as :func:`homflow.flow._engine.run_engine`, plus
+    ``max_loops`` (iterations, i.e. batched evaluations, after which members stop at their next step end)."""
+    B, P = y0.shape
+    dt = y0.dtype
+    fb = jax.vmap(field)
+    eb = None if events is None else jax.vmap(events)
+    state, n_err, ER = initial_state(field, fb, eb, y0, t0, t1, save_ts, rtol, atol, opts)
+    sqrt_eps = jnp.sqrt(jnp.finfo(dt).eps)
+    AM, EV, DV, CV = (jnp.asarray(a, dt) for a in (_AM, _EV, _DV, np.asarray(_C)))
+    zf = jnp.zeros((B,), dt)
+    zi = jnp.zeros((B,), jnp.int32)
+    zy = jnp.zeros_like(y0)
+    st = Stages(job=zi, j=zi, n_it=zi, hs=zf, s=zi + 2, hit_end=jnp.zeros((B,), bool), tn=zf, yn=zy,
+                ks=jnp.zeros((7, B, P), dt), y6=zy, yjm1=zy, yjm2=zy, coef=(zf,) * 10, w0=zf, w1=zf)
+
+    def rho_eps(y):
+        return sqrt_eps * (1.0 + jnp.linalg.norm(y[:, ER], axis=-1))
+
+    def probe(y, v):
+        vn = jnp.linalg.norm(v[:, ER], axis=-1)
+        vn = jnp.where(vn > 0, vn, 1.0)
+        return v * (rho_eps(y) / vn)[:, None]
+
+    def begin_step(c, st, m):
+        """Members ``m`` start a DOPRI5 or RKC step of length ``st.hs`` (already cut to the end)."""
+        t, y, f0 = c["t"], c["y"], c["f"]
+        is_r = c["mode"] == 1
+        s, h_r = rkc_stages(st.hs, c["rho"], opts.s_max)
+        h = jnp.where(is_r, h_r, st.hs)
+        s = jnp.where(is_r, s, 2)
+        coef, w0, w1, yjm1 = _rkc_start(y, f0, h, s)
+        y_e = y + h[:, None] * (AM[1, 0] * f0)
+        r = m & is_r
+        st = eqx.tree_at(lambda q: (q.job, q.j, q.hs, q.s, q.hit_end, q.tn, q.yn, q.yjm1, q.yjm2, q.coef, q.w0, q.w1), st,
+                         (jnp.where(m, jnp.where(is_r, RKC, DOPRI), st.job), jnp.where(m, jnp.where(is_r, 2, 1), st.j),
+                          jnp.where(m, h, st.hs), jnp.where(m, s, st.s), jnp.where(m, h >= t1 - t, st.hit_end),
+                          jnp.where(m, jnp.where(is_r, t + h * coef[0], t + CV[1] * h), st.tn),
+                          _rows(m, jnp.where(is_r[:, None], yjm1, y_e), st.yn), _rows(r, yjm1, st.yjm1),
+                          _rows(r, y, st.yjm2), tuple(jnp.where(r, a, b) for a, b in zip(coef, st.coef)),
+                          jnp.where(r, w0, st.w0), jnp.where(r, w1, st.w1)))
+        st = eqx.tree_at(lambda q: q.ks, st, st.ks.at[0].set(_rows(m, f0, st.ks[0])))
+        return st
+
+    def begin(c, st, m):
+        """Members ``m`` start their next step: a spectral-radius estimate first where RKC needs one."""
+        t = c["t"]
+        hs = jnp.minimum(c["h"], t1 - t)
+        st = eqx.tree_at(lambda q: q.hs, st, jnp.where(m, hs, st.hs))
+        need = m & (c["mode"] == 1) & (c["since_rho"] >= opts.rho_every)
+        n_it = jnp.where(c["rho"] == 0, opts.rho_iters0, opts.rho_iters).astype(jnp.int32)
+        c["n_rho"] = c["n_rho"] + need
+        c["since_rho"] = jnp.where(need, 0, c["since_rho"])
+        st = eqx.tree_at(lambda q: (q.job, q.j, q.n_it, q.tn, q.yn), st,
+                         (jnp.where(need, RHO, st.job), jnp.where(need, 0, st.j), jnp.where(need, n_it, st.n_it),
+                          jnp.where(need, t, st.tn), _rows(need, c["y"] + probe(c["y"], c["v"]), st.yn)))
+        return c, begin_step(c, st, m & ~need)
+
+    c0 = dict((k, getattr(state, k)) for k in state.__dataclass_fields__)
+    c0, st = begin(c0, st, c0["status"] == RUNNING)
+    state = type(state)(**c0)
+
+    def cond(carry):
+        return jnp.any(carry[0].status == RUNNING)
+
+    def body(carry):
+        state, st = carry
+        c = {k: getattr(state, k) for k in state.__dataclass_fields__}
+        run = c["status"] == RUNNING
+        t, y, f0 = c["t"], c["y"], c["f"]
+        F = fb(st.tn, st.yn)
+        c["batched_f"] += 1
+        c["loops"] += 1
+        c["n_f"] += run
+
+        # power iteration (rkc.f's rkcrho, as homflow.flow._stiff.spectral_radius)
+        m_rho = run & (st.job == RHO)
+        dv = probe(y, c["v"])
+        eps = rho_eps(y)
+        diff = F - f0
+        new_rho = jnp.linalg.norm(diff[:, ER], axis=-1) / eps
+        new_v = jnp.where((new_rho > 0)[:, None], diff, c["v"] + 0.5 * dv)
+        c["v"] = _rows(m_rho, new_v, c["v"])
+        j_rho = st.j + 1
+        rho_done = m_rho & (j_rho >= st.n_it)
+        c["rho"] = jnp.where(rho_done, opts.rho_safety * new_rho, c["rho"])
+        yn_rho = y + probe(y, new_v)
+
+        # Dormand-Prince: F is k_j (j = 1..6; k_6 = f(y1))
+        m_e = run & (st.job == DOPRI)
+        je = jnp.where(m_e, st.j, 0)
+        ks = st.ks.at[je, jnp.arange(B)].set(jnp.where(m_e[:, None], F, st.ks[je, jnp.arange(B)]))
+        jn = jnp.minimum(st.j + 1, 6)
+        yn_e = y + st.hs[:, None] * _combine(AM[jn], ks)
+        tn_e = t + CV[jn] * st.hs
+        y6 = _rows(m_e & (st.j == 5), st.yn, st.y6)
+        done_e = m_e & (st.j == 6)
+
+        # Runge-Kutta-Chebyshev: F = f(Y_{j-1}) for stage j = 2..s; j = s + 1: F = f(y1)
+        m_r = run & (st.job == RKC)
+        stage = m_r & (st.j <= st.s)
+        thjm1, thjm2, zjm1, zjm2, dzjm1, dzjm2, d2zjm1, d2zjm2, bjm1, bjm2 = st.coef
+        w0, w1 = st.w0, st.w1
+        zj = 2.0 * w0 * zjm1 - zjm2
+        dzj = 2.0 * w0 * dzjm1 - dzjm2 + 2.0 * zjm1
+        d2zj = 2.0 * w0 * d2zjm1 - d2zjm2 + 4.0 * dzjm1
+        bj = d2zj / dzj**2
+        ajm1 = 1.0 - zjm1 * bjm1
+        mu = 2.0 * w0 * bj / bjm1
+        nu = -bj / bjm2
+        mus = mu * w1 / w0
+        thj = mu * thjm1 + nu * thjm2 + mus * (1.0 - ajm1)
+        yj = (mu[:, None] * st.yjm1 + nu[:, None] * st.yjm2 + (1.0 - mu - nu)[:, None] * y
+              + (st.hs * mus)[:, None] * (F - ajm1[:, None] * f0))
+        coef = tuple(jnp.where(stage, a, b) for a, b in
+                     zip((thj, thjm1, zj, zjm1, dzj, dzjm1, d2zj, d2zjm1, bj, bjm1), st.coef))
+        last = stage & (st.j == st.s)
+        yjm1, yjm2 = _rows(stage, yj, st.yjm1), _rows(stage, st.yjm1, st.yjm2)
+        tn_r = jnp.where(last, t + st.hs, t + st.hs * thj)
+        done_r = m_r & (st.j == st.s + 1)
+
+        st = Stages(job=st.job, j=jnp.where(m_rho, j_rho, jnp.where(m_e | stage, st.j + 1, st.j)), n_it=st.n_it,
+                    hs=st.hs, s=st.s, hit_end=st.hit_end,
+                    tn=jnp.where(m_rho, st.tn, jnp.where(m_e, tn_e, jnp.where(stage, tn_r, st.tn))),
+                    yn=_rows(m_rho, yn_rho, _rows(m_e, yn_e, _rows(stage, yj, st.yn))), ks=ks, y6=y6, yjm1=yjm1,
+                    yjm2=yjm2, coef=coef, w0=st.w0, w1=st.w1)
+        st = begin_step(c, st, rho_done)
+
+        done = done_e | done_r
+
+        def finish(args):
+            c, st = args
+            is_r = st.job == RKC
+            h = st.hs
+            hb = h[:, None]
+            # DOPRI5: solution, error, dense output, free stiffness estimate (as homflow.flow._stiff.dopri5_step)
+            y1_e = st.yn
+            err_e = hb * _combine(jnp.broadcast_to(EV, (B, 7)), st.ks)
+            dif_e = y1_e - y
+            bspl = hb * f0 - dif_e
+            dense_e = (y, dif_e, bspl, dif_e - hb * F - bspl, hb * _combine(jnp.broadcast_to(DV, (B, 7)), st.ks))
+            num = jnp.linalg.norm((F - st.ks[5])[:, ER], axis=-1)
+            den = jnp.linalg.norm((y1_e - st.y6)[:, ER], axis=-1)
+            rho_e = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+            # RKC: rkc.f's error estimate and the cubic Hermite interpolant
+            y1_r = st.yjm1
+            err_r = 0.8 * (y - y1_r) + 0.4 * hb * (f0 + F)
+            dif_r = y1_r - y
+            r3 = hb * f0 - dif_r
+            dense_r = (y, dif_r, r3, dif_r - hb * F - r3, jnp.zeros_like(y))
+            dense = tuple(_rows(is_r, a, b) for a, b in zip(dense_r, dense_e))
+            c = _finish(c, active=done, t=t, y=y, f0=f0, h=h, s=st.s, is_r=is_r, use_e=done & ~is_r,
+                        use_r=done & is_r, hit_end=st.hit_end, rho=c["rho"], v=c["v"], y1=_rows(is_r, y1_r, y1_e),
+                        f1=F, erre=err_e, errr=err_r, dense=dense, rho_e=rho_e, t1=t1, save_ts=save_ts, rtol=rtol,
+                        atol=atol, eb=eb, ER=ER, opts=opts, max_steps=max_steps)
+            budget = done & (c["status"] == RUNNING) & (c["loops"] >= max_loops)
+            c["status"] = jnp.where(budget, MAX_STEPS, c["status"])
+            c, st = begin(c, st, done & (c["status"] == RUNNING))
+            return c, st
+
+        c, st = jax.lax.cond(jnp.any(done), finish, lambda a: a, (c, st))
+        return type(state)(**c), st
+
+    state, _ = jax.lax.while_loop(cond, body, (state, st))
+    return state
