@@ -73,7 +73,18 @@ def random_problems(k, seed=0):
     return out
 
 
-def run_flow(p, t1, time_mode, depth=2, rtol=1e-8):
+class _OverBudget(Exception):
+    pass
+
+
+def run_flow(p, t1, time_mode, depth=2, rtol=1e-8, budget_s=None):
+    """One flow; with ``budget_s`` it is abandoned after that much wall time (returns ``(None, wall, cpu, t)``, ``t``
+    the time reached, else ``(trajectory, wall, cpu, t1)``)."""
+    from homflow.flow import log_times
+    from homflow.flow._clarke import make_kinked
+    from homflow.flow._nonsmooth import integrate_nonsmooth
+    from homflow.flow._ode import _setup
+
     data = _data(p["n"], p["d"], p["labels"], p["seed"])
     key = jax.random.PRNGKey(100 + p["seed"])
     if depth == 2:
@@ -81,17 +92,38 @@ def run_flow(p, t1, time_mode, depth=2, rtol=1e-8):
     else:
         model = MLP(p["d"], (p["width"],) * (depth - 1), p["act"], key=key, scale=p["scale"])
     t0, c0 = time.perf_counter(), time.process_time()
-    tr = nonsmooth_flow(model, data, loss=p["loss"], t1=t1, time=time_mode, n_save=40, rtol=rtol,
-                        max_steps=MAX_STEPS)
-    return tr, time.perf_counter() - t0, time.process_time() - c0
+    reached = [0.0]
+
+    def progress(t, stats):
+        reached[0] = t
+        if budget_s is not None and time.perf_counter() - t0 > budget_s:
+            raise _OverBudget
+
+    objective, theta = _setup(model, data, p["loss"], None)
+    try:
+        tr = integrate_nonsmooth(make_kinked(objective, model), theta, log_times(t1, 40), t1,
+                                 log_time=time_mode == "log", solver=ClarkeFlow(rtol=rtol, max_steps=MAX_STEPS),
+                                 progress=progress)
+    except _OverBudget:
+        return None, time.perf_counter() - t0, time.process_time() - c0, reached[0]
+    return tr, time.perf_counter() - t0, time.process_time() - c0, t1
 
 
-def bench_random(k, depth=2):
+def bench_random(k, depth=2, budget_s=None, only=None):
     rows = []
-    for p in random_problems(k):
+    for i, p in enumerate(random_problems(k)):
+        if only is not None and i not in only:
+            continue
         for t1, tm in ((1e3, "linear"), (1e6, "log")):
-            tr, wall, cpu = run_flow(p, t1, tm, depth=depth)
-            row = dict(problem={**p, "act": p["act"].name}, depth=depth, t1=t1, time=tm, **_summ(tr, wall, cpu))
+            tr, wall, cpu, reached = run_flow(p, t1, tm, depth=depth, budget_s=budget_s)
+            head = dict(index=i, problem={**p, "act": p["act"].name}, depth=depth, t1=t1, time=tm)
+            if tr is None:
+                row = dict(head, ok=False, t_end=reached, wall_s=round(wall, 2), cpu_s=round(cpu, 2),
+                           reason=f"over the {budget_s:g} s budget at t = {reached:.4g}", load=round(_load(), 1))
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                continue
+            row = dict(head, **_summ(tr, wall, cpu))
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -160,6 +192,8 @@ def main():
     ap.add_argument("--only", default="issue,random,mlp,gd,split")
     ap.add_argument("--k", type=int, default=10, help="number of random two-layer problems")
     ap.add_argument("--quick", action="store_true", help="3 random problems, 1 MLP")
+    ap.add_argument("--budget", type=float, default=None, help="abandon a flow after this many wall seconds")
+    ap.add_argument("--problems", default=None, help="comma-separated indices of the random problems to run")
     args = ap.parse_args()
     parts = args.only.split(",")
     k = 3 if args.quick else args.k
@@ -169,9 +203,10 @@ def main():
         if part == "issue":
             bench_issue()
         elif part == "random":
-            bench_random(k)
+            only = None if args.problems is None else {int(i) for i in args.problems.split(",")}
+            bench_random(k, budget_s=args.budget, only=only)
         elif part == "mlp":
-            bench_random(1 if args.quick else 2, depth=3)
+            bench_random(1 if args.quick else 2, depth=3, budget_s=args.budget)
         elif part == "gd":
             bench_gd()
         elif part == "split":

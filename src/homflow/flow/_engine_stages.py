@@ -36,8 +36,6 @@ _AM = np.zeros((7, 7))
 for _i, _row in enumerate(_A):
     _AM[_i, : len(_row)] = _row
 _AM[6, :6] = _B
-_EV = np.asarray(_E)
-_DV = np.asarray(_D)
 
 
 class Stages(eqx.Module):
@@ -74,6 +72,15 @@ def _combine(weights, ks):
     return out
 
 
+def _static_combine(coeffs, ks):
+    """``sum_k coeffs[k] ks[k]`` over the nonzero constants, in order (as homflow.flow._stiff's ``_comb``)."""
+    out = None
+    for c, k in zip(coeffs, ks):
+        if c != 0.0:
+            out = c * k if out is None else out + c * k
+    return out
+
+
 def _rkc_start(y, f0, h, s):
     """Coefficients and first stage of an RKC step (as :func:`homflow.flow._stiff.rkc_step`)."""
     sf = s.astype(y.dtype)
@@ -102,7 +109,7 @@ def run_stage_engine(field, y0, t0, t1, save_ts, rtol, atol, events, opts: Engin
     eb = None if events is None else jax.vmap(events)
     state, n_err, ER = initial_state(field, fb, eb, y0, t0, t1, save_ts, rtol, atol, opts)
     sqrt_eps = jnp.sqrt(jnp.finfo(dt).eps)
-    AM, EV, DV, CV = (jnp.asarray(a, dt) for a in (_AM, _EV, _DV, np.asarray(_C)))
+    AM, CV = (jnp.asarray(a, dt) for a in (_AM, np.asarray(_C)))
     zf = jnp.zeros((B,), dt)
     zi = jnp.zeros((B,), jnp.int32)
     zy = jnp.zeros_like(y0)
@@ -230,10 +237,10 @@ def run_stage_engine(field, y0, t0, t1, save_ts, rtol, atol, events, opts: Engin
             hb = h[:, None]
             # DOPRI5: solution, error, dense output, free stiffness estimate (as homflow.flow._stiff.dopri5_step)
             y1_e = st.yn
-            err_e = hb * _combine(jnp.broadcast_to(EV, (B, 7)), st.ks)
+            err_e = hb * _static_combine(_E, st.ks)
             dif_e = y1_e - y
             bspl = hb * f0 - dif_e
-            dense_e = (y, dif_e, bspl, dif_e - hb * F - bspl, hb * _combine(jnp.broadcast_to(DV, (B, 7)), st.ks))
+            dense_e = (y, dif_e, bspl, dif_e - hb * F - bspl, hb * _static_combine(_D, st.ks))
             num = jnp.linalg.norm((F - st.ks[5])[:, ER], axis=-1)
             den = jnp.linalg.norm((y1_e - st.y6)[:, ER], axis=-1)
             rho_e = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
