@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._engine import MAX_STEPS, RUNNING, EngineOptions, _finish, initial_state
-from ._stiff import _A, _B, _C, _D, _E, rkc_stages
+from ._stiff import _A, _B, _C, _D, _E, rkc_recurrence, rkc_stages, rkc_start
 
 __all__ = ["run_stage_engine"]
 
@@ -81,22 +81,6 @@ def _static_combine(coeffs, ks):
     return out
 
 
-def _rkc_start(y, f0, h, s):
-    """Coefficients and first stage of an RKC step (as :func:`homflow.flow._stiff.rkc_step`)."""
-    sf = s.astype(y.dtype)
-    e = 2.0 / (13.0 * sf**2)
-    w0 = 1.0 + e
-    temp1 = e * (2.0 + e)
-    temp2 = jnp.sqrt(temp1)
-    arg = sf * jnp.log(w0 + temp2)
-    w1 = jnp.sinh(arg) * temp1 / (jnp.cosh(arg) * sf * temp2 - w0 * jnp.sinh(arg))
-    bjm1 = 1.0 / (2.0 * w0) ** 2
-    mus = w1 * bjm1
-    yjm1 = y + (h * mus)[:, None] * f0
-    one, zero = jnp.ones_like(w0), jnp.zeros_like(w0)
-    return (mus, zero, w0, one, one, zero, zero, zero, bjm1, bjm1), w0, w1, yjm1
-
-
 @eqx.filter_jit
 @eqx.debug.assert_max_traces(max_traces=None)
 def run_stage_engine(field, y0, t0, t1, save_ts, rtol, atol, events, opts: EngineOptions, max_steps: int,
@@ -131,7 +115,8 @@ def run_stage_engine(field, y0, t0, t1, save_ts, rtol, atol, events, opts: Engin
         s, h_r = rkc_stages(st.hs, c["rho"], opts.s_max)
         h = jnp.where(is_r, h_r, st.hs)
         s = jnp.where(is_r, s, 2)
-        coef, w0, w1, yjm1 = _rkc_start(y, f0, h, s)
+        w0, w1, coef = rkc_start(s, y.dtype)
+        yjm1 = y + (h * coef[0])[:, None] * f0
         y_e = y + h[:, None] * (AM[1, 0] * f0)
         r = m & is_r
         st = eqx.tree_at(lambda q: (q.job, q.j, q.hs, q.s, q.hit_end, q.tn, q.yn, q.yjm1, q.yjm2, q.coef, q.w0, q.w1), st,
@@ -201,21 +186,11 @@ def run_stage_engine(field, y0, t0, t1, save_ts, rtol, atol, events, opts: Engin
         # Runge-Kutta-Chebyshev: F = f(Y_{j-1}) for stage j = 2..s; j = s + 1: F = f(y1)
         m_r = run & (st.job == RKC)
         stage = m_r & (st.j <= st.s)
-        thjm1, thjm2, zjm1, zjm2, dzjm1, dzjm2, d2zjm1, d2zjm2, bjm1, bjm2 = st.coef
-        w0, w1 = st.w0, st.w1
-        zj = 2.0 * w0 * zjm1 - zjm2
-        dzj = 2.0 * w0 * dzjm1 - dzjm2 + 2.0 * zjm1
-        d2zj = 2.0 * w0 * d2zjm1 - d2zjm2 + 4.0 * dzjm1
-        bj = d2zj / dzj**2
-        ajm1 = 1.0 - zjm1 * bjm1
-        mu = 2.0 * w0 * bj / bjm1
-        nu = -bj / bjm2
-        mus = mu * w1 / w0
-        thj = mu * thjm1 + nu * thjm2 + mus * (1.0 - ajm1)
+        mu, nu, mus, ajm1, new = rkc_recurrence(st.w0, st.w1, st.coef)
         yj = (mu[:, None] * st.yjm1 + nu[:, None] * st.yjm2 + (1.0 - mu - nu)[:, None] * y
               + (st.hs * mus)[:, None] * (F - ajm1[:, None] * f0))
-        coef = tuple(jnp.where(stage, a, b) for a, b in
-                     zip((thj, thjm1, zj, zjm1, dzj, dzjm1, d2zj, d2zjm1, bj, bjm1), st.coef))
+        coef = tuple(jnp.where(stage, a, b) for a, b in zip(new, st.coef))
+        thj = new[0]
         last = stage & (st.j == st.s)
         yjm1, yjm2 = _rows(stage, yj, st.yjm1), _rows(stage, st.yjm1, st.yjm2)
         tn_r = jnp.where(last, t + st.hs, t + st.hs * thj)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["dopri5_step", "rkc_step", "rkc_stages", "spectral_radius", "dense_eval", "RKC_STABILITY",
+__all__ = ["dopri5_step", "rkc_step", "rkc_start", "rkc_recurrence", "rkc_stages", "spectral_radius", "dense_eval", "RKC_STABILITY",
            "DOPRI5_STABILITY"]
 
 # Negative-real-axis stability bounds: RKC with eps = 2/13 is stable for h*rho <= beta(s) ~ 0.653 s^2
@@ -103,6 +103,40 @@ def rkc_stages(h, rho, s_max: int):
     return jnp.clip(s, 2, s_max), h
 
 
+def rkc_start(s, dtype):
+    """``(w0, w1, coef)`` of an RKC step with ``s`` stages per member: the Chebyshev parameters and the recurrence
+    state ``(th_1, th_0, T_1, T_0, T_1', T_0', T_1'', T_0'', b_1, b_0)`` at ``w0`` before stage 2 (``th_1 = mu~_1``)."""
+    sf = s.astype(dtype)
+    # w0 = 1 + e with e = eps/s^2 (damping eps = 2/13); w0^2 - 1 = e (2 + e) computed without the cancellation of
+    # w0**2 - 1, which loses ~log10(1/e) digits (about 5 at s = 250)
+    e = 2.0 / (13.0 * sf**2)
+    w0 = 1.0 + e
+    temp1 = e * (2.0 + e)
+    temp2 = jnp.sqrt(temp1)
+    arg = sf * jnp.log(w0 + temp2)
+    w1 = jnp.sinh(arg) * temp1 / (jnp.cosh(arg) * sf * temp2 - w0 * jnp.sinh(arg))
+    bjm1 = 1.0 / (2.0 * w0) ** 2
+    mus = w1 * bjm1
+    one = jnp.ones_like(w0)
+    zero = jnp.zeros_like(w0)
+    return w0, w1, (mus, zero, w0, one, one, zero, zero, zero, bjm1, bjm1)
+
+
+def rkc_recurrence(w0, w1, coef):
+    """One stage of the RKC recurrence: ``(mu, nu, mu~, a_{j-1}, coef_j)`` from ``coef_{j-1}`` (see :func:`rkc_start`)."""
+    thjm1, thjm2, zjm1, zjm2, dzjm1, dzjm2, d2zjm1, d2zjm2, bjm1, bjm2 = coef
+    zj = 2.0 * w0 * zjm1 - zjm2
+    dzj = 2.0 * w0 * dzjm1 - dzjm2 + 2.0 * zjm1
+    d2zj = 2.0 * w0 * d2zjm1 - d2zjm2 + 4.0 * dzjm1
+    bj = d2zj / dzj**2
+    ajm1 = 1.0 - zjm1 * bjm1
+    mu = 2.0 * w0 * bj / bjm1
+    nu = -bj / bjm2
+    mus = mu * w1 / w0
+    thj = mu * thjm1 + nu * thjm2 + mus * (1.0 - ajm1)
+    return mu, nu, mus, ajm1, (thj, thjm1, zj, zjm1, dzj, dzjm1, d2zj, d2zjm1, bj, bjm1)
+
+
 def rkc_step(f, t, y, f0, h, s):
     """One step of the second-order Runge-Kutta-Chebyshev method (RKC, damping 2/13) with ``s[b]`` stages for member b.
 
@@ -119,42 +153,19 @@ def rkc_step(f, t, y, f0, h, s):
         ``(y1, f1, err, dense)``: the new state, ``f(t + h, y1)``, the error estimate ``0.8 (y - y1) + 0.4 h (f0 + f1)``
         of rkc.f, and the cubic Hermite interpolant in the form of :func:`dense_eval`. ``s`` evaluations of ``f``.
     """
-    dt = y.dtype
-    sf = s.astype(dt)
-    # w0 = 1 + e with e = eps/s^2 (damping eps = 2/13); w0^2 - 1 = e (2 + e) computed without the cancellation of
-    # w0**2 - 1, which loses ~log10(1/e) digits (about 5 at s = 250)
-    e = 2.0 / (13.0 * sf**2)
-    w0 = 1.0 + e
-    temp1 = e * (2.0 + e)
-    temp2 = jnp.sqrt(temp1)
-    arg = sf * jnp.log(w0 + temp2)
-    w1 = jnp.sinh(arg) * temp1 / (jnp.cosh(arg) * sf * temp2 - w0 * jnp.sinh(arg))
-    bjm1 = 1.0 / (2.0 * w0) ** 2
     hb = h[:, None]
-    mus = w1 * bjm1
-    yjm1 = y + (h * mus)[:, None] * f0
-    one = jnp.ones_like(w0)
-    zero = jnp.zeros_like(w0)
-    coef = (mus, zero, w0, one, one, zero, zero, zero, bjm1, bjm1)
+    w0, w1, coef = rkc_start(s, y.dtype)
+    yjm1 = y + (h * coef[0])[:, None] * f0
 
     def body(j, c):
-        (yjm1, yjm2), (thjm1, thjm2, zjm1, zjm2, dzjm1, dzjm2, d2zjm1, d2zjm2, bjm1, bjm2) = c
-        zj = 2.0 * w0 * zjm1 - zjm2
-        dzj = 2.0 * w0 * dzjm1 - dzjm2 + 2.0 * zjm1
-        d2zj = 2.0 * w0 * d2zjm1 - d2zjm2 + 4.0 * dzjm1
-        bj = d2zj / dzj**2
-        ajm1 = 1.0 - zjm1 * bjm1
-        mu = 2.0 * w0 * bj / bjm1
-        nu = -bj / bjm2
-        mus = mu * w1 / w0
-        thj = mu * thjm1 + nu * thjm2 + mus * (1.0 - ajm1)
+        (yjm1, yjm2), coef = c
+        mu, nu, mus, ajm1, new = rkc_recurrence(w0, w1, coef)
         # a member past its last stage repeats its state (mu = 1, nu = mus = 0): no vector masking needed
         live = j <= s
-        new = (thj, thjm1, zj, zjm1, dzj, dzjm1, d2zj, d2zjm1, bj, bjm1)
-        new = tuple(jnp.where(live, a_new, a) for a, a_new in zip(c[1], new))
+        new = tuple(jnp.where(live, a_new, a) for a, a_new in zip(coef, new))
         mu, nu, mus, ajm1 = (jnp.where(live, mu, 1.0), jnp.where(live, nu, 0.0), jnp.where(live, mus, 0.0),
                              jnp.where(live, ajm1, 0.0))
-        fj = f(t + h * thjm1, yjm1)
+        fj = f(t + h * coef[0], yjm1)
         yj = (mu[:, None] * yjm1 + nu[:, None] * yjm2 + (1.0 - mu - nu)[:, None] * y
               + (h * mus)[:, None] * (fj - ajm1[:, None] * f0))
         return (yj, yjm1), new
