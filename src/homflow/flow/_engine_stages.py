@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._engine import MAX_STEPS, RUNNING, EngineOptions, _finish, initial_state
-from ._stiff import _A, _B, _C, _D, _E, rkc_recurrence, rkc_stages, rkc_start
+from ._stiff import _A, _B, _C, _D, _E, _comb, rkc_recurrence, rkc_stages, rkc_start
 
 __all__ = ["run_stage_engine"]
 
@@ -69,15 +69,6 @@ def _combine(weights, ks):
     for k in range(ks.shape[0]):  # in order, as homflow.flow._stiff's steps add them: the same rounding
         w = weights[:, k]
         out = out + jnp.where((w != 0)[:, None], w[:, None] * ks[k], 0.0)
-    return out
-
-
-def _static_combine(coeffs, ks):
-    """``sum_k coeffs[k] ks[k]`` over the nonzero constants, in order (as homflow.flow._stiff's ``_comb``)."""
-    out = None
-    for c, k in zip(coeffs, ks):
-        if c != 0.0:
-            out = c * k if out is None else out + c * k
     return out
 
 
@@ -212,10 +203,10 @@ def run_stage_engine(field, y0, t0, t1, save_ts, rtol, atol, events, opts: Engin
             hb = h[:, None]
             # DOPRI5: solution, error, dense output, free stiffness estimate (as homflow.flow._stiff.dopri5_step)
             y1_e = st.yn
-            err_e = hb * _static_combine(_E, st.ks)
+            err_e = hb * _comb(_E, st.ks)
             dif_e = y1_e - y
             bspl = hb * f0 - dif_e
-            dense_e = (y, dif_e, bspl, dif_e - hb * F - bspl, hb * _static_combine(_D, st.ks))
+            dense_e = (y, dif_e, bspl, dif_e - hb * F - bspl, hb * _comb(_D, st.ks))
             num = jnp.linalg.norm((F - st.ks[5])[:, ER], axis=-1)
             den = jnp.linalg.norm((y1_e - st.y6)[:, ER], axis=-1)
             rho_e = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
