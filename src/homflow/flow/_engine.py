@@ -289,15 +289,18 @@ def run_engine(field, y0, t0, t1, save_ts, rtol, atol, events, opts: EngineOptio
 
 
 def _finish(c, *, active, t, y, f0, h, s, is_r, use_e, use_r, hit_end, rho, v, y1, f1, erre, errr, dense, rho_e, t1,
-            save_ts, rtol, atol, eb, ER, opts: EngineOptions, max_steps):
+            save_ts, rtol, atol, eb, ER, opts: EngineOptions, max_steps, rows=None):
     """The end of a step for the members in ``active`` (error test, event location on the step's dense output, saves,
     step-size control, the DOPRI5 <-> RKC switch, counters and status); members outside ``active`` keep their state.
+    ``rows``: where the members' saves are in ``c["saves"]`` (default: the members in order; the stage lock step
+    passes a gathered subset of members with the whole batch's saves).
     Shared by both lock steps (:func:`run_engine`, :func:`homflow.flow._engine_stages.run_stage_engine`): ``c`` is the
     state as a dict, updated and returned; the caller counts gradient evaluations."""
     B, S = y.shape[0], save_ts.shape[0]
     dt = y.dtype
     eps = jnp.finfo(dt).eps
     E = c["g_prev"].shape[1]
+    save_rows = jnp.arange(B) if rows is None else rows
     sc = atol[:, None] + rtol * jnp.maximum(jnp.abs(y[:, ER]), jnp.abs(y1[:, ER]))
     tol_fac = jnp.where(is_r, opts.stiff_tol_factor, opts.explicit_tol_factor)
     err = _rms(jnp.where(is_r[:, None], errr, erre)[:, ER] / sc) / tol_fac
@@ -355,9 +358,8 @@ def _finish(c, *, active, t, y, f0, h, s, is_r, use_e, use_r, hit_end, rho, v, y
         th = jnp.clip((ts_i - t) / jnp.where(h > 0, h, 1.0), 0.0, 1.0)
         val = jnp.where((ts_i == t_new)[:, None], y1, dense_eval(dense, th))
         ic = jnp.minimum(idx, S - 1)
-        rows = jnp.arange(B)
-        cur = saves[rows, ic]
-        saves = saves.at[rows, ic].set(jnp.where(m[:, None], val, cur))
+        cur = saves[save_rows, ic]
+        saves = saves.at[save_rows, ic].set(jnp.where(m[:, None], val, cur))
         return idx + m, saves
 
     c["idx"], c["saves"] = jax.lax.while_loop(save_cond, save_body, (c["idx"], c["saves"]))

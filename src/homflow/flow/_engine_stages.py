@@ -141,92 +141,122 @@ def run_stage_engine(field, y0, t0, t1, save_ts, rtol, atol, events, opts: Engin
     def cond(carry):
         return jnp.any(carry[0].status == RUNNING)
 
+    K = B if B <= 16 else B // 4  # members whose step ends are handled per iteration (module docstring)
+    keep = ("saves", "loops", "batched_f")
+
+    def finish(c, st, done, atol_c, rows):
+        """End the steps of the members ``done`` (``c``, ``st``: those members' rows, the whole batch's saves)."""
+        t, y, f0 = c["t"], c["y"], c["f"]
+        f1 = st.ks[6]
+        is_r = st.job == RKC
+        h = st.hs
+        hb = h[:, None]
+        # DOPRI5: solution, error, dense output, free stiffness estimate (as homflow.flow._stiff.dopri5_step)
+        y1_e = st.yn
+        err_e = hb * _comb(_E, st.ks)
+        dif_e = y1_e - y
+        bspl = hb * f0 - dif_e
+        dense_e = (y, dif_e, bspl, dif_e - hb * f1 - bspl, hb * _comb(_D, st.ks))
+        num = jnp.linalg.norm((f1 - st.ks[5])[:, ER], axis=-1)
+        den = jnp.linalg.norm((y1_e - st.y6)[:, ER], axis=-1)
+        rho_e = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+        # RKC: rkc.f's error estimate and the cubic Hermite interpolant
+        y1_r = st.yjm1
+        err_r = 0.8 * (y - y1_r) + 0.4 * hb * (f0 + f1)
+        dif_r = y1_r - y
+        r3 = hb * f0 - dif_r
+        dense_r = (y, dif_r, r3, dif_r - hb * f1 - r3, jnp.zeros_like(y))
+        dense = tuple(_rows(is_r, a, b) for a, b in zip(dense_r, dense_e))
+        c = _finish(c, active=done, t=t, y=y, f0=f0, h=h, s=st.s, is_r=is_r, use_e=done & ~is_r,
+                    use_r=done & is_r, hit_end=st.hit_end, rho=c["rho"], v=c["v"], y1=_rows(is_r, y1_r, y1_e),
+                    f1=f1, erre=err_e, errr=err_r, dense=dense, rho_e=rho_e, t1=t1, save_ts=save_ts, rtol=rtol,
+                    atol=atol_c, eb=eb, ER=ER, opts=opts, max_steps=max_steps, rows=rows)
+        budget = done & (c["status"] == RUNNING) & (c["loops"] >= max_loops)
+        c["status"] = jnp.where(budget, MAX_STEPS, c["status"])
+        return begin(c, st, done & (c["status"] == RUNNING))
+
+    def finish_some(args):
+        """Gather up to K members whose step is done (the others wait an iteration), end their steps, scatter back."""
+        c, st, done = args
+        if K == B:
+            return finish(c, st, done, atol, jnp.arange(B))
+        sel = jnp.argsort(jnp.where(done, 0, 1).astype(jnp.int32), stable=True)[:K]
+        c_sub = {k: (v if k in keep else v[sel]) for k, v in c.items()}
+        st_sub = jax.tree_util.tree_map(lambda a: a[sel], eqx.tree_at(lambda q: q.ks, st, None))
+        st_sub = eqx.tree_at(lambda q: q.ks, st_sub, st.ks[:, sel], is_leaf=lambda x: x is None)
+        c_sub, st_sub = finish(c_sub, st_sub, done[sel], atol[sel], sel)
+        c = {k: (c_sub[k] if k in keep else v.at[sel].set(c_sub[k])) for k, v in c.items()}
+        ks = st.ks.at[:, sel].set(st_sub.ks)
+        rest = jax.tree_util.tree_map(lambda a, b: a.at[sel].set(b), eqx.tree_at(lambda q: q.ks, st, None),
+                                      eqx.tree_at(lambda q: q.ks, st_sub, None))
+        return c, eqx.tree_at(lambda q: q.ks, rest, ks, is_leaf=lambda x: x is None)
+
     def body(carry):
         state, st = carry
         c = {k: getattr(state, k) for k in state.__dataclass_fields__}
         run = c["status"] == RUNNING
+        # a member whose step is complete (DOPRI5 j = 7, RKC j = s + 2) waits for its end-of-step turn: its slot's
+        # evaluation is idle, its stage state does not move
+        wait = run & (((st.job == DOPRI) & (st.j == 7)) | ((st.job == RKC) & (st.j == st.s + 2)))
+        use = run & ~wait
         t, y, f0 = c["t"], c["y"], c["f"]
         F = fb(st.tn, st.yn)
         c["batched_f"] += 1
         c["loops"] += 1
-        c["n_f"] += run
+        c["n_f"] += use
 
         # power iteration (rkc.f's rkcrho, as homflow.flow._stiff.spectral_radius)
-        m_rho = run & (st.job == RHO)
-        dv = probe(y, c["v"])
-        eps = rho_eps(y)
-        diff = F - f0
-        new_rho = jnp.linalg.norm(diff[:, ER], axis=-1) / eps
-        new_v = jnp.where((new_rho > 0)[:, None], diff, c["v"] + 0.5 * dv)
-        c["v"] = _rows(m_rho, new_v, c["v"])
+        m_rho = use & (st.job == RHO)
         j_rho = st.j + 1
         rho_done = m_rho & (j_rho >= st.n_it)
-        c["rho"] = jnp.where(rho_done, opts.rho_safety * new_rho, c["rho"])
-        yn_rho = y + probe(y, new_v)
 
-        # Dormand-Prince: F is k_j (j = 1..6; k_6 = f(y1))
-        m_e = run & (st.job == DOPRI)
-        je = jnp.where(m_e, st.j, 0)
-        ks = st.ks.at[je, jnp.arange(B)].set(jnp.where(m_e[:, None], F, st.ks[je, jnp.arange(B)]))
-        jn = jnp.minimum(st.j + 1, 6)
-        yn_e = y + st.hs[:, None] * _combine(AM[jn], ks)
-        tn_e = t + CV[jn] * st.hs
-        y6 = _rows(m_e & (st.j == 5), st.yn, st.y6)
-        done_e = m_e & (st.j == 6)
+        def power(_):
+            dv = probe(y, c["v"])
+            diff = F - f0
+            new_rho = jnp.linalg.norm(diff[:, ER], axis=-1) / rho_eps(y)
+            new_v = jnp.where((new_rho > 0)[:, None], diff, c["v"] + 0.5 * dv)
+            return (_rows(m_rho, new_v, c["v"]), jnp.where(rho_done, opts.rho_safety * new_rho, c["rho"]),
+                    _rows(m_rho, y + probe(y, new_v), st.yn))
 
-        # Runge-Kutta-Chebyshev: F = f(Y_{j-1}) for stage j = 2..s; j = s + 1: F = f(y1)
-        m_r = run & (st.job == RKC)
+        c["v"], c["rho"], yn_rho = jax.lax.cond(jnp.any(m_rho), power, lambda _: (c["v"], c["rho"], st.yn), None)
+
+        # Dormand-Prince: F is k_j (j = 1..6; k_6 = f(y1)); RKC's j = s + 1: F = f(y1), kept as k_6 too
+        m_e = use & (st.job == DOPRI)
+        m_r = use & (st.job == RKC)
+        m_k = m_e | (m_r & (st.j == st.s + 1))
+
+        def dopri(_):
+            je = jnp.where(m_e, st.j, 6)
+            ks = st.ks.at[je, jnp.arange(B)].set(jnp.where(m_k[:, None], F, st.ks[je, jnp.arange(B)]))
+            jn = jnp.minimum(st.j + 1, 6)
+            return (ks, y + st.hs[:, None] * _combine(AM[jn], ks), t + CV[jn] * st.hs,
+                    _rows(m_e & (st.j == 5), st.yn, st.y6))
+
+        ks, yn_e, tn_e, y6 = jax.lax.cond(jnp.any(m_k), dopri, lambda _: (st.ks, st.yn, st.tn, st.y6), None)
+
+        # Runge-Kutta-Chebyshev: F = f(Y_{j-1}) for stage j = 2..s
         stage = m_r & (st.j <= st.s)
-        mu, nu, mus, ajm1, new = rkc_recurrence(st.w0, st.w1, st.coef)
-        yj = (mu[:, None] * st.yjm1 + nu[:, None] * st.yjm2 + (1.0 - mu - nu)[:, None] * y
-              + (st.hs * mus)[:, None] * (F - ajm1[:, None] * f0))
-        coef = tuple(jnp.where(stage, a, b) for a, b in zip(new, st.coef))
-        thj = new[0]
-        last = stage & (st.j == st.s)
-        yjm1, yjm2 = _rows(stage, yj, st.yjm1), _rows(stage, st.yjm1, st.yjm2)
-        tn_r = jnp.where(last, t + st.hs, t + st.hs * thj)
-        done_r = m_r & (st.j == st.s + 1)
 
-        st = Stages(job=st.job, j=jnp.where(m_rho, j_rho, jnp.where(m_e | stage, st.j + 1, st.j)), n_it=st.n_it,
+        def chebyshev(_):
+            mu, nu, mus, ajm1, new = rkc_recurrence(st.w0, st.w1, st.coef)
+            yj = (mu[:, None] * st.yjm1 + nu[:, None] * st.yjm2 + (1.0 - mu - nu)[:, None] * y
+                  + (st.hs * mus)[:, None] * (F - ajm1[:, None] * f0))
+            coef = tuple(jnp.where(stage, a, b) for a, b in zip(new, st.coef))
+            last = stage & (st.j == st.s)
+            tn_r = jnp.where(last, t + st.hs, t + st.hs * new[0])
+            return yj, coef, _rows(stage, yj, st.yjm1), _rows(stage, st.yjm1, st.yjm2), tn_r
+
+        yj, coef, yjm1, yjm2, tn_r = jax.lax.cond(jnp.any(stage), chebyshev,
+                                                  lambda _: (st.yn, st.coef, st.yjm1, st.yjm2, st.tn), None)
+
+        st = Stages(job=st.job, j=jnp.where(m_rho, j_rho, jnp.where(m_e | m_r, st.j + 1, st.j)), n_it=st.n_it,
                     hs=st.hs, s=st.s, hit_end=st.hit_end,
                     tn=jnp.where(m_rho, st.tn, jnp.where(m_e, tn_e, jnp.where(stage, tn_r, st.tn))),
-                    yn=_rows(m_rho, yn_rho, _rows(m_e, yn_e, _rows(stage, yj, st.yn))), ks=ks, y6=y6, yjm1=yjm1,
+                    yn=_rows(m_e, yn_e, _rows(stage, yj, yn_rho)), ks=ks, y6=y6, yjm1=yjm1,
                     yjm2=yjm2, coef=coef, w0=st.w0, w1=st.w1)
-        st = begin_step(c, st, rho_done)
-
-        done = done_e | done_r
-
-        def finish(args):
-            c, st = args
-            is_r = st.job == RKC
-            h = st.hs
-            hb = h[:, None]
-            # DOPRI5: solution, error, dense output, free stiffness estimate (as homflow.flow._stiff.dopri5_step)
-            y1_e = st.yn
-            err_e = hb * _comb(_E, st.ks)
-            dif_e = y1_e - y
-            bspl = hb * f0 - dif_e
-            dense_e = (y, dif_e, bspl, dif_e - hb * F - bspl, hb * _comb(_D, st.ks))
-            num = jnp.linalg.norm((F - st.ks[5])[:, ER], axis=-1)
-            den = jnp.linalg.norm((y1_e - st.y6)[:, ER], axis=-1)
-            rho_e = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
-            # RKC: rkc.f's error estimate and the cubic Hermite interpolant
-            y1_r = st.yjm1
-            err_r = 0.8 * (y - y1_r) + 0.4 * hb * (f0 + F)
-            dif_r = y1_r - y
-            r3 = hb * f0 - dif_r
-            dense_r = (y, dif_r, r3, dif_r - hb * F - r3, jnp.zeros_like(y))
-            dense = tuple(_rows(is_r, a, b) for a, b in zip(dense_r, dense_e))
-            c = _finish(c, active=done, t=t, y=y, f0=f0, h=h, s=st.s, is_r=is_r, use_e=done & ~is_r,
-                        use_r=done & is_r, hit_end=st.hit_end, rho=c["rho"], v=c["v"], y1=_rows(is_r, y1_r, y1_e),
-                        f1=F, erre=err_e, errr=err_r, dense=dense, rho_e=rho_e, t1=t1, save_ts=save_ts, rtol=rtol,
-                        atol=atol, eb=eb, ER=ER, opts=opts, max_steps=max_steps)
-            budget = done & (c["status"] == RUNNING) & (c["loops"] >= max_loops)
-            c["status"] = jnp.where(budget, MAX_STEPS, c["status"])
-            c, st = begin(c, st, done & (c["status"] == RUNNING))
-            return c, st
-
-        c, st = jax.lax.cond(jnp.any(done), finish, lambda a: a, (c, st))
+        st = jax.lax.cond(jnp.any(rho_done), lambda a: begin_step(c, a, rho_done), lambda a: a, st)
+        done = run & (((st.job == DOPRI) & (st.j == 7)) | ((st.job == RKC) & (st.j == st.s + 2)))
+        c, st = jax.lax.cond(jnp.any(done), finish_some, lambda a: a[:2], (c, st, done))
         return type(state)(**c), st
 
     state, _ = jax.lax.while_loop(cond, body, (state, st))
