@@ -7,10 +7,12 @@ iteration costs ``6`` evaluations when any member takes a DOPRI5 step plus ``max
 ``s`` stages, plus the longest power iteration: a member that needs 6 pays for the 200 of its neighbour. On the
 canonical problem (past the escape members are stiff with very different ``s``) that lock step used 0.20 of the
 batched evaluations it paid for (docs/census.md). Here a member with a short step simply starts its next step while
-its neighbour is still in its 200-stage one: the only idle slots are those of members that have stopped. The price is
-that the end-of-step logic (error test, events, saves, step-size control, switch) runs masked in every iteration in
-which some member finishes a step; it is the same code as the step lock step's (:func:`~homflow.flow._engine._finish`),
-so each member takes exactly the steps it would take alone (tested against the step lock step member by member).
+its neighbour is still in its 200-stage one. The price is the end-of-step logic (error test, events, saves, step-size
+control, switch) in every iteration in which some member finishes a step; it is the same code as the step lock step's
+(:func:`~homflow.flow._engine._finish`), so each member takes exactly the steps it would take alone (tested against
+the step lock step member by member). In a batch above 16 members it runs on at most a quarter of the batch per
+iteration (gathered, then scattered back); a member whose step is done beyond that waits an iteration with its stage
+state frozen (its slot is idle). Idle slots are thus those of stopped and of waiting members.
 
 ``max_loops`` bounds the iterations: a member stops with ``MAX_STEPS`` at the end of its first step after that many
 (the census driver's chunks, so that members of one chunk stop together and waiting members can take their slots).
