@@ -268,15 +268,12 @@ def run_members(objective: Objective, thetas0, *, levels, horizons, ends=None, t
             stage = options.lockstep == "stage"
             if options.refill:
                 save_ts = save_dt * np.arange(1, options.n_saves + 1)
-                max_steps = options.max_steps if stage else options.chunk_steps
             else:
                 save_ts = span * np.arange(1, options.n_saves + 1) / options.n_saves
-                max_steps = options.max_steps
             t1 = max(span, float(save_ts[-1])) * (1 + 1e-12)
             sol = ode_batch(_field, y0, t1, args=objective, ts=np.concatenate([[0.0], save_ts]), rtol=rtol, atol=at,
-                            event=_event, max_steps=int(max_steps), options=options.engine, method=options.engine.method,
-                            lockstep=options.lockstep,
-                            max_batched_evals=options.chunk_evals if (stage and options.refill) else None)
+                            event=_event, options=options.engine, method=options.engine.method,
+                            lockstep=options.lockstep, **_call_bounds(options))
             calls += 1
             sizes.append(B)
             n_batched = int(sol.stats["batched_evals"])
@@ -336,6 +333,15 @@ def run_members(objective: Objective, thetas0, *, levels, horizons, ends=None, t
                         batched, slot, calls, tuple(sizes), float(idle))
 
 
+def _call_bounds(options: DriverOptions) -> dict:
+    """``max_steps`` / ``max_batched_evals`` of one engine call: a refill chunk is bounded in batched gradients (stage
+    lock step) or in steps per member (step lock step); the classic call runs each phase to its end."""
+    stage = options.lockstep == "stage"
+    chunked = options.refill and not stage
+    return dict(max_steps=int(options.chunk_steps if chunked else options.max_steps),
+                max_batched_evals=options.chunk_evals if (stage and options.refill) else None)
+
+
 def _sizes(B_full: int, options: DriverOptions) -> list[int]:
     sizes, B = [B_full], B_full
     while options.refill and B > options.min_batch:
@@ -356,12 +362,9 @@ def precompile(objective: Objective, n_members: int, n_params: int, options: Dri
         y0 = np.zeros((B, n_params + 2))
         y0[:, n_params + 1] = 1e-6 * _KAPPA
         save_ts = np.arange(1, options.n_saves + 1) * 1e-3
-        stage = options.lockstep == "stage"
         ode_batch(_field, y0, float(save_ts[-1]) * 2, args=objective, ts=np.concatenate([[0.0], save_ts]), rtol=1e-8,
-                  atol=np.ones(B), event=_event,
-                  max_steps=int(options.chunk_steps if options.refill and not stage else options.max_steps),
-                  options=options.engine, method=options.engine.method, lockstep=options.lockstep,
-                  max_batched_evals=options.chunk_evals if (stage and options.refill) else None)
+                  atol=np.ones(B), event=_event, options=options.engine, method=options.engine.method,
+                  lockstep=options.lockstep, **_call_bounds(options))
         _diagnostics(objective, jnp.zeros((B * (options.n_saves + 1), n_params)))
     _diagnostics(objective, jnp.zeros((n_members, n_params)))
     return sizes
