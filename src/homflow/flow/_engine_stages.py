@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._engine import MAX_STEPS, RUNNING, EngineOptions, _finish, initial_state
+from ._engine import MAX_STEPS, RUNNING, EngineOptions, _finish, _tree_where, initial_state
 from ._stiff import _A, _B, _C, _D, _E, _comb, rkc_recurrence, rkc_stages, rkc_start
 
 __all__ = ["run_stage_engine"]
@@ -59,10 +59,6 @@ class Stages(eqx.Module):
     coef: tuple
     w0: jax.Array
     w1: jax.Array
-
-
-def _rows(mask, new, old):
-    return jnp.where(mask.reshape(mask.shape + (1,) * (new.ndim - mask.ndim)), new, old)
 
 
 def _combine(weights, ks):
@@ -116,10 +112,10 @@ def run_stage_engine(field, y0, t0, t1, save_ts, rtol, atol, events, opts: Engin
                          (jnp.where(m, jnp.where(is_r, RKC, DOPRI), st.job), jnp.where(m, jnp.where(is_r, 2, 1), st.j),
                           jnp.where(m, h, st.hs), jnp.where(m, s, st.s), jnp.where(m, h >= t1 - t, st.hit_end),
                           jnp.where(m, jnp.where(is_r, t + h * coef[0], t + CV[1] * h), st.tn),
-                          _rows(m, jnp.where(is_r[:, None], yjm1, y_e), st.yn), _rows(r, yjm1, st.yjm1),
-                          _rows(r, y, st.yjm2), tuple(jnp.where(r, a, b) for a, b in zip(coef, st.coef)),
+                          _tree_where(m, jnp.where(is_r[:, None], yjm1, y_e), st.yn), _tree_where(r, yjm1, st.yjm1),
+                          _tree_where(r, y, st.yjm2), tuple(jnp.where(r, a, b) for a, b in zip(coef, st.coef)),
                           jnp.where(r, w0, st.w0), jnp.where(r, w1, st.w1)))
-        st = eqx.tree_at(lambda q: q.ks, st, st.ks.at[0].set(_rows(m, f0, st.ks[0])))
+        st = eqx.tree_at(lambda q: q.ks, st, st.ks.at[0].set(_tree_where(m, f0, st.ks[0])))
         return st
 
     def begin(c, st, m):
@@ -133,7 +129,7 @@ def run_stage_engine(field, y0, t0, t1, save_ts, rtol, atol, events, opts: Engin
         c["since_rho"] = jnp.where(need, 0, c["since_rho"])
         st = eqx.tree_at(lambda q: (q.job, q.j, q.n_it, q.tn, q.yn), st,
                          (jnp.where(need, RHO, st.job), jnp.where(need, 0, st.j), jnp.where(need, n_it, st.n_it),
-                          jnp.where(need, t, st.tn), _rows(need, c["y"] + probe(c["y"], c["v"]), st.yn)))
+                          jnp.where(need, t, st.tn), _tree_where(need, c["y"] + probe(c["y"], c["v"]), st.yn)))
         return c, begin_step(c, st, m & ~need)
 
     c0 = dict((k, getattr(state, k)) for k in state.__dataclass_fields__)
@@ -168,9 +164,9 @@ def run_stage_engine(field, y0, t0, t1, save_ts, rtol, atol, events, opts: Engin
         dif_r = y1_r - y
         r3 = hb * f0 - dif_r
         dense_r = (y, dif_r, r3, dif_r - hb * f1 - r3, jnp.zeros_like(y))
-        dense = tuple(_rows(is_r, a, b) for a, b in zip(dense_r, dense_e))
+        dense = tuple(_tree_where(is_r, a, b) for a, b in zip(dense_r, dense_e))
         c = _finish(c, active=done, t=t, y=y, f0=f0, h=h, s=st.s, is_r=is_r, use_e=done & ~is_r,
-                    use_r=done & is_r, hit_end=st.hit_end, rho=c["rho"], v=c["v"], y1=_rows(is_r, y1_r, y1_e),
+                    use_r=done & is_r, hit_end=st.hit_end, rho=c["rho"], v=c["v"], y1=_tree_where(is_r, y1_r, y1_e),
                     f1=f1, erre=err_e, errr=err_r, dense=dense, rho_e=rho_e, t1=t1, save_ts=save_ts, rtol=rtol,
                     atol=atol_c, eb=eb, ER=ER, opts=opts, max_steps=max_steps, rows=rows)
         budget = done & (c["status"] == RUNNING) & (c["loops"] >= max_loops)
@@ -217,8 +213,8 @@ def run_stage_engine(field, y0, t0, t1, save_ts, rtol, atol, events, opts: Engin
             diff = F - f0
             new_rho = jnp.linalg.norm(diff[:, ER], axis=-1) / rho_eps(y)
             new_v = jnp.where((new_rho > 0)[:, None], diff, c["v"] + 0.5 * dv)
-            return (_rows(m_rho, new_v, c["v"]), jnp.where(rho_done, opts.rho_safety * new_rho, c["rho"]),
-                    _rows(m_rho, y + probe(y, new_v), st.yn))
+            return (_tree_where(m_rho, new_v, c["v"]), jnp.where(rho_done, opts.rho_safety * new_rho, c["rho"]),
+                    _tree_where(m_rho, y + probe(y, new_v), st.yn))
 
         c["v"], c["rho"], yn_rho = jax.lax.cond(jnp.any(m_rho), power, lambda _: (c["v"], c["rho"], st.yn), None)
 
@@ -232,7 +228,7 @@ def run_stage_engine(field, y0, t0, t1, save_ts, rtol, atol, events, opts: Engin
             ks = st.ks.at[je, jnp.arange(B)].set(jnp.where(m_k[:, None], F, st.ks[je, jnp.arange(B)]))
             jn = jnp.minimum(st.j + 1, 6)
             return (ks, y + st.hs[:, None] * _combine(AM[jn], ks), t + CV[jn] * st.hs,
-                    _rows(m_e & (st.j == 5), st.yn, st.y6))
+                    _tree_where(m_e & (st.j == 5), st.yn, st.y6))
 
         ks, yn_e, tn_e, y6 = jax.lax.cond(jnp.any(m_k), dopri, lambda _: (st.ks, st.yn, st.tn, st.y6), None)
 
@@ -246,7 +242,7 @@ def run_stage_engine(field, y0, t0, t1, save_ts, rtol, atol, events, opts: Engin
             coef = tuple(jnp.where(stage, a, b) for a, b in zip(new, st.coef))
             last = stage & (st.j == st.s)
             tn_r = jnp.where(last, t + st.hs, t + st.hs * new[0])
-            return yj, coef, _rows(stage, yj, st.yjm1), _rows(stage, st.yjm1, st.yjm2), tn_r
+            return yj, coef, _tree_where(stage, yj, st.yjm1), _tree_where(stage, st.yjm1, st.yjm2), tn_r
 
         yj, coef, yjm1, yjm2, tn_r = jax.lax.cond(jnp.any(stage), chebyshev,
                                                   lambda _: (st.yn, st.coef, st.yjm1, st.yjm2, st.tn), None)
@@ -254,7 +250,7 @@ def run_stage_engine(field, y0, t0, t1, save_ts, rtol, atol, events, opts: Engin
         st = Stages(job=st.job, j=jnp.where(m_rho, j_rho, jnp.where(m_e | m_r, st.j + 1, st.j)), n_it=st.n_it,
                     hs=st.hs, s=st.s, hit_end=st.hit_end,
                     tn=jnp.where(m_rho, st.tn, jnp.where(m_e, tn_e, jnp.where(stage, tn_r, st.tn))),
-                    yn=_rows(m_e, yn_e, _rows(stage, yj, yn_rho)), ks=ks, y6=y6, yjm1=yjm1,
+                    yn=_tree_where(m_e, yn_e, _tree_where(stage, yj, yn_rho)), ks=ks, y6=y6, yjm1=yjm1,
                     yjm2=yjm2, coef=coef, w0=st.w0, w1=st.w1)
         st = jax.lax.cond(jnp.any(rho_done), lambda a: begin_step(c, a, rho_done), lambda a: a, st)
         done = run & (((st.job == DOPRI) & (st.j == 7)) | ((st.job == RKC) & (st.j == st.s + 2)))
