@@ -270,8 +270,8 @@ def test_depth3_leaky_relu_from_long_gd_certified(case):
     tr = gradient_descent(m, data, loss="exponential", lr=0.05, steps=100_000, schedule="loss_based")
     res = kkt.solve_max_margin(tr.final, data)
     if case in _FRAGILE and not res.converged:
-        assert not res.certified and res.reason != "certified" and res.message
-        assert res.reason in ("not_stationary", "infeasible", "slackness", "too_far", "margin_collapsed")
+        assert not res.certified and res.message
+        assert res.reason in kkt.REASONS and res.reason != "certified"
         pytest.xfail(f"{name}: not certified from this machine's GD start ({res.reason}); see _FRAGILE")
     assert res.converged and res.certified and res.stationarity < 1e-8, (name, res.reason, res.message)
     assert res.distance <= 1.0 and res.normalized_margin >= 0.5 * res.start_normalized_margin
