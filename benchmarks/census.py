@@ -155,6 +155,7 @@ def main():
                     help="small: the quick census's problem, to the escape and --t-after more")
     ap.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
     ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--save", default=None, help="write the refill run's per-member evaluations to this .npz")
     ap.add_argument("--t-after", type=float, default=100.0)
     args = ap.parse_args()
     if args.ray:
@@ -193,6 +194,15 @@ def main():
                      "busy_utilisation": r.busy_utilisation, "calls": r.calls, "wall_s": w,
                      "escaped": int(np.isfinite(r.t_escape).sum())})
         print(rows[-1], flush=True)
+        if name == "refill":  # what the same members would pay without refill / compaction (stage lock step):
+            # a batch of the stage lock step pays exactly max(member evaluations) batched gradients
+            # (tests/test_batched.py), so batches of --batch members in order give
+            ev = np.asarray(r.grad_evals, dtype=float)
+            paid = sum(args.batch * ev[i:i + args.batch].max() for i in range(0, ev.size, args.batch))
+            print(f"  without refill (computed: each batch of {args.batch} pays its largest member's evaluations): "
+                  f"slot evaluations {paid:.0f}, utilisation {ev.sum() / paid:.3f}", flush=True)
+            if args.save:
+                np.savez(args.save, grad_evals=ev, t_escape=np.asarray(r.t_escape), theta_end=r.theta_end)
 
     def single(k):
         if args.problem == "canonical":
