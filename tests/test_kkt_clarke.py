@@ -15,6 +15,7 @@ from homflow import kkt
 from homflow.activations import leaky_relu, relu
 from homflow.data import Dataset, gaussian_toy, sphere, teacher_student
 from homflow.flow import gradient_descent
+from homflow.kkt._clarke_sqp import clarke_sqp, least_distance
 from homflow.models import MLP, DiagonalLinear, TwoLayer, flatten
 
 
@@ -234,6 +235,61 @@ def test_ncf_clarke_residual():
     Ws, flat = np_layers(mu)
     h = sum(y[i] * flat(np_grad(Ws, X[i], [r.slopes[0][i]])) for i in range(len(y)))
     assert np.isclose(np.linalg.norm(h - (h @ u) * u), r.residual, rtol=1e-8, atol=1e-14)
+
+
+def test_least_distance_is_the_qp_solution():
+    """The LDP-by-NNLS solve of the Clarke SQP (Lawson and Hanson) meets the KKT conditions of min ||e|| s.t. G e >= h,
+    agrees with SciPy's SLSQP on the same QP, and reports inconsistent constraints."""
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(3)
+    for m, P in ((30, 10), (6, 12), (40, 40)):
+        G = rng.standard_normal((m, P))
+        h = G @ rng.standard_normal(P) - np.abs(rng.standard_normal(m))  # feasible, most constraints away from 0
+        e, w = least_distance(G, h)
+        assert np.linalg.norm(e) > 0.1
+        assert w.min() >= 0 and np.allclose(e, G.T @ w, atol=1e-12)
+        assert (G @ e - h).min() >= -1e-10 and abs(w @ (G @ e - h)) <= 1e-10 * max(1.0, w.sum())
+        ref = minimize(lambda v: 0.5 * v @ v, np.zeros(P), jac=lambda v: v, method="SLSQP",
+                       constraints=[{"type": "ineq", "fun": lambda v: G @ v - h, "jac": lambda v: G}],
+                       options={"ftol": 1e-14, "maxiter": 500})
+        assert np.allclose(e, ref.x, atol=1e-6)  # (SLSQP may flag its exact one-step QP solve as status 8)
+    assert least_distance(np.array([[1.0, 0.0], [-1.0, 0.0]]), np.array([1.0, 0.0])) == (None, None)
+
+
+@pytest.mark.parametrize("arch", ["two-layer leaky", "mlp leaky", "two-layer relu"])
+def test_clarke_sqp_reaches_a_clarke_kkt_point(arch):
+    """From a short-GD start (not a KKT point: stationarity ~1e-2), the Clarke SQP reaches a point that the NumPy
+    reference certifies (every slope pattern at the kinks within its last kink tolerance, NNLS): stationary to 1e-8,
+    feasible, slack; its normalized margin is at least the start's (it is a descent method on the l1 merit from a start
+    rescaled to q_min = 1)."""
+    data = sphere(12, 3, seed=1, labels="linear")
+    d = data.X.shape[1]
+    m = {"two-layer leaky": lambda: TwoLayer(d, 8, leaky_relu(0.2), key=jax.random.PRNGKey(0)),
+         "mlp leaky": lambda: MLP(d, (6, 6), leaky_relu(0.1), key=jax.random.PRNGKey(1), scale=1.0),
+         "two-layer relu": lambda: TwoLayer(d, 8, relu, key=jax.random.PRNGKey(2))}[arch]()
+    tr = gradient_descent(m, data, loss="exponential", lr=0.05, steps=3000, schedule="loss_based")
+    prob, th = kkt.make_margin_problem(tr.final, data)
+    X, y = np.asarray(data.X), np.asarray(data.y)
+    theta0, q0, _, eps0, _ = np_certificate(tr.final, X, y, active_tol=1e-2, kink_tol=1e-3)
+    assert eps0 > 1e-3 * np.linalg.norm(theta0)  # the start is not a KKT point
+    th1, its, msg = clarke_sqp(prob, np.asarray(th), kink_tols=(1e-2, 1e-3), max_iter=80)
+    assert its > 0
+    model1 = flatten(tr.final)[1](jnp.asarray(th1))
+    theta, q, lam, eps, _ = np_certificate(model1, X, y, active_tol=1e-7, kink_tol=1e-3)
+    assert q.min() >= 1 - 1e-12
+    assert eps <= 1e-8 * np.linalg.norm(theta), (arch, eps / np.linalg.norm(theta), msg)
+    assert abs(lam @ (q - 1)) <= 1e-8 * lam.sum()
+    assert np.linalg.norm(theta) ** -len(np_layers(model1)[0]) >= np.linalg.norm(theta0) ** -len(np_layers(m)[0])
+
+
+def test_solve_max_margin_rejects_bad_sqp_options():
+    data = sphere(8, 3, seed=0, labels="linear")
+    m = TwoLayer(3, 4, leaky_relu(0.2), key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="sqp_kink_tols"):
+        kkt.solve_max_margin(m, data, sqp_kink_tols=(-1.0,))
+    with pytest.raises(ValueError, match="sqp_max_iter"):
+        kkt.solve_max_margin(m, data, sqp_max_iter=-2)
 
 
 # ---------------------------------------------------------------- the issue's figures (slow)

@@ -169,19 +169,22 @@ def _pad(n: int) -> int:
     return 1 << max(int(n - 1).bit_length(), 0)
 
 
-def clarke_columns(unflatten, theta, X, y, samples, ks: KinkStructure, *, max_patterns: int = DEFAULT_MAX_PATTERNS):
-    """Columns of the Clarke certificate: for each sample in ``samples``, ``y_i grad Phi_s(theta; x_i)`` at each extreme
-    slope pattern ``s`` of its kinks (module docstring).
+def pattern_slopes(samples, ks: KinkStructure, *, max_patterns: int = DEFAULT_MAX_PATTERNS, expand=None):
+    """The slopes of every extreme slope pattern of each sample's kinks (module docstring), one row per column.
+
+    Arguments:
+        samples: sample indices; ks: the :class:`KinkStructure`; max_patterns: see :func:`clarke_columns`.
+        expand: optional boolean per sample; a sample with ``expand[i]`` False gets one column, its base slopes
+            (autodiff's convention at its kinks), whatever its kinks.
 
     Returns:
-        ``(G, owner, patterns, exact)``: ``G`` (N, P) the columns as rows, ``owner`` (N,) the sample of each,
-        ``patterns`` a list (one per column) of ``{(layer, unit): slope}`` at the sample's kinks, and ``exact`` (False
-        if some sample got the inner approximation).
+        ``(owner, patterns, slopes, exact)``: ``owner`` (N,) the sample of each column, ``patterns`` a list of
+        ``{(layer, unit): slope}`` at the sample's kinks, ``slopes`` a tuple per hidden layer of ``(N, h_k)`` arrays, and
+        ``exact`` (False if some expanded sample got the inner approximation).
     """
-    samples = [int(i) for i in samples]
     owner, pats, slope_rows, exact = [], [], [[] for _ in ks.base], True
-    for i in samples:
-        U = ks.units(i)
+    for i in (int(i) for i in samples):
+        U = ks.units(i) if expand is None or expand[i] else []
         rows, ex = _patterns(len(U), max_patterns)
         exact &= ex
         for r in rows:
@@ -194,15 +197,36 @@ def clarke_columns(unflatten, theta, X, y, samples, ks: KinkStructure, *, max_pa
                 pat[(k, j)] = s
             owner.append(i)
             pats.append(pat)
-    N = len(owner)
+    slopes = tuple(np.vstack(rows) if rows else np.zeros((0, b.shape[1])) for rows, b in zip(slope_rows, ks.base))
+    return np.asarray(owner, dtype=np.int64), pats, slopes, exact
+
+
+def padded_columns(owner, slopes, dtype):
+    """``owner`` and ``slopes`` padded to a power of two (repeating the last column), as JAX arrays, for a handful of
+    compilations per architecture; returns ``(idx, slopes)``."""
+    N = int(owner.size)
+    Np = _pad(N)
+    idx = np.concatenate([owner, np.full(Np - N, owner[-1])]).astype(np.int32)
+    sl = tuple(jnp.asarray(np.vstack([s, np.repeat(s[-1:], Np - N, axis=0)]), dtype=dtype) for s in slopes)
+    return jnp.asarray(idx), sl
+
+
+def clarke_columns(unflatten, theta, X, y, samples, ks: KinkStructure, *, max_patterns: int = DEFAULT_MAX_PATTERNS):
+    """Columns of the Clarke certificate: for each sample in ``samples``, ``y_i grad Phi_s(theta; x_i)`` at each extreme
+    slope pattern ``s`` of its kinks (module docstring).
+
+    Returns:
+        ``(G, owner, patterns, exact)``: ``G`` (N, P) the columns as rows, ``owner`` (N,) the sample of each,
+        ``patterns`` a list (one per column) of ``{(layer, unit): slope}`` at the sample's kinks, and ``exact`` (False
+        if some sample got the inner approximation).
+    """
+    owner, pats, slopes, exact = pattern_slopes(samples, ks, max_patterns=max_patterns)
+    N = int(owner.size)
     if N == 0:
         return np.zeros((0, int(np.asarray(theta).size))), np.zeros(0, dtype=np.int64), [], True
-    Np = _pad(N)
-    idx = np.asarray(owner + [owner[-1]] * (Np - N), dtype=np.int32)
-    slopes = tuple(np.vstack(rows + [rows[-1]] * (Np - N)) for rows in slope_rows)
-    G = _column_grads(unflatten, jnp.asarray(theta), jnp.asarray(X), jnp.asarray(y), jnp.asarray(idx),
-                      tuple(jnp.asarray(s, dtype=jnp.asarray(theta).dtype) for s in slopes))
-    return np.asarray(G, dtype=np.float64)[:N], np.asarray(owner, dtype=np.int64), pats, exact
+    idx, sl = padded_columns(owner, slopes, jnp.asarray(theta).dtype)
+    G = _column_grads(unflatten, jnp.asarray(theta), jnp.asarray(X), jnp.asarray(y), idx, sl)
+    return np.asarray(G, dtype=np.float64)[:N], owner, pats, exact
 
 
 def chosen_slopes(ks: KinkStructure, owner, pats, beta, lam) -> tuple:

@@ -172,7 +172,12 @@ def kink_newton(prob, theta, S, lam_S, kinks, slopes_K, *, kink_tol, tol, max_it
             if (np.linalg.norm(F[:P]) <= tol * np.linalg.norm(v[:P]) and np.linalg.norm(F[P:]) <= tol):
                 break
             J = np.asarray(_J(v, *args))
-            step = np.linalg.lstsq(J, -F, rcond=None)[0]
+            if not (np.all(np.isfinite(J)) and np.all(np.isfinite(F))):
+                return np.asarray(v[:P]), its, "the KKT system is not finite (a unit's kink scale underflowed)"
+            try:
+                step = np.linalg.lstsq(J, -F, rcond=None)[0]
+            except np.linalg.LinAlgError:
+                return np.asarray(v[:P]), its, "the least-squares Newton step failed (SVD did not converge)"
             cap = max_step * float(np.linalg.norm(v[:P]))
             if np.linalg.norm(step[:P]) > cap:
                 step *= cap / float(np.linalg.norm(step[:P]))

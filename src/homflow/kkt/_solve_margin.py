@@ -19,6 +19,7 @@ from scipy.optimize import minimize
 
 from ..models import AbstractHomogeneousModel, flatten
 from ._clarke import DEFAULT_KINK_TOL, DEFAULT_MAX_PATTERNS
+from ._clarke_sqp import clarke_sqp
 from ._kink_newton import cell_slsqp, kink_newton
 from ._margin import (
     DEFAULT_FEAS_TOL,
@@ -150,6 +151,9 @@ LOCAL_THRESHOLDS = (1e-6, 1e-3, 1e-2, 3e-2, 0.1, 0.3)
 POLISH_KINK_TOLS = (1e-6, 1e-4, 1e-3, 1e-2, 3e-2)
 """Kink tolerances whose kink sets seed the Clarke polish (a long-GD point wobbles around its kinks by ~1e-3)."""
 
+SQP_KINK_TOLS = (1e-2, 1e-3)
+"""The Clarke SQP presolve's continuation in the kink tolerance (:mod:`homflow.kkt._clarke_sqp`)."""
+
 
 def solve_max_margin(
     model: AbstractHomogeneousModel,
@@ -173,6 +177,8 @@ def solve_max_margin(
     min_margin_ratio: float = 0.5,
     feas_tol: float = DEFAULT_FEAS_TOL,
     max_seeds: int = 12,
+    sqp_kink_tols: tuple[float, ...] = SQP_KINK_TOLS,
+    sqp_max_iter: int = 40,
 ) -> MarginKKT:
     """Polish ``model`` into a KKT point of ``min 1/2 ||theta||^2`` s.t. ``y_i Phi(theta; x_i) >= 1``.
 
@@ -186,7 +192,10 @@ def solve_max_margin(
     ReLU-type networks (``clarke``, see :func:`max_margin_kkt`): the seeds also carry the kinks of the support samples
     (pre-activations within each of ``polish_kink_tols`` of zero), and the Newton method holds those at zero with their
     slopes as unknowns (:mod:`homflow.kkt._kink_newton`); the result is certified with Clarke subgradients at
-    ``kink_tol``. If no seed is certified, ``'auto'`` first runs SLSQP *inside the start's activation cell* (every
+    ``kink_tol``. If no seed is certified, ``'auto'`` runs the *Clarke SQP* (:mod:`homflow.kkt._clarke_sqp`: SQP steps
+whose QP asks every slope piece of a near-active sample's kinks to stay feasible, solved as a least-distance problem by
+NNLS, with a continuation in the kink tolerance ``sqp_kink_tols``) and polishes from where it ends; then SLSQP *inside
+the start's activation cell* (every
     pre-activation near zero keeps its side, so the problem is smooth and SLSQP cannot wander far:
     :func:`homflow.kkt._kink_newton.cell_slsqp`) and polishes from there, and only then the global SLSQP (whose BFGS
     model is spoiled by the kinks: it wandered to norms ~3,000 with normalized margin ~1e-11 on depth-3 leaky-ReLU
@@ -217,6 +226,9 @@ def solve_max_margin(
         min_margin_ratio: smallest accepted ratio of the result's normalized margin to the start's (default 0.5).
         feas_tol: feasibility tolerance of the certificate (default 1e-9).
         max_seeds: most candidate seeds (support, kinks) tried per start (default 12; small thresholds of both kinds first).
+        sqp_kink_tols, sqp_max_iter: the Clarke SQP presolve's kink tolerances (default ``(1e-2, 1e-3)``) and iterations
+            per tolerance (default 40; 0 skips the Clarke SQP). Used when the local polish fails, ``presolve='auto'``,
+            Clarke certificates apply and ``P <= 3000``.
 
     Returns:
         A :class:`MarginKKT` with ``converged`` (certified and within the guards), ``reason`` (``'certified'`` or why
@@ -242,6 +254,11 @@ def solve_max_margin(
                          f"got {max_distance!r}.")
     if not (0 <= min_margin_ratio and math.isfinite(min_margin_ratio)):
         raise ValueError(f"`min_margin_ratio` must be a finite number >= 0; got {min_margin_ratio!r}.")
+    sqp_kink_tols = tuple(float(t) for t in sqp_kink_tols)
+    if not all(t >= 0 and math.isfinite(t) for t in sqp_kink_tols):
+        raise ValueError(f"`sqp_kink_tols` must be finite numbers >= 0; got {sqp_kink_tols!r}.")
+    if not (isinstance(sqp_max_iter, (int, np.integer)) and sqp_max_iter >= 0):
+        raise ValueError(f"`sqp_max_iter` must be an integer >= 0; got {sqp_max_iter!r}.")
     kt = resolve_clarke(model, clarke, kink_tol, max_patterns)
     prob, theta = make_margin_problem(model, data)
     unflatten = flatten(model)[1]
@@ -286,10 +303,10 @@ def solve_max_margin(
 
     tried = []
 
-    def polish_from(th_s, label):
+    def polish_from(th_s, label, kink_tols=None):
         """Local polish from ``th_s`` over the candidate seeds; returns the nearest acceptable certified result."""
         best, total = None, 0
-        kink_seeds = (None,) if kt is None else polish_kink_tols
+        kink_seeds = (None,) if kt is None else (polish_kink_tols if kink_tols is None else kink_tols)
         seeds = _candidate_sets(prob, unflatten, th_s, local_thresholds, ridge, kink_seeds, int(max_patterns))
         for tau, ktau, S, lam_S, kinks, slopes in seeds[:max_seeds]:
             if kt is None:
@@ -311,6 +328,17 @@ def solve_max_margin(
 
     if presolve in ("auto", "none"):
         best, total = polish_from(th0, "local polish")
+        if best is None and kt is not None and presolve == "auto" and P <= 3000 and sqp_max_iter > 0:
+            # Clarke: the SQP over every slope piece of the near-active samples, then the kink polish from there
+            th_q, its_q, msg_q = clarke_sqp(prob, th0, kink_tols=sqp_kink_tols, max_iter=sqp_max_iter)
+            total += its_q
+            q = np.asarray(_margins_jac(prob, jnp.asarray(th_q))[0])
+            if q.min() > 0:
+                label = f"Clarke SQP presolve ({its_q} iterations{'; ' + msg_q if msg_q else ''}), then local polish"
+                # its kinks sit within its last kink tolerance: seeds with looser ones only add columns
+                near = tuple(t for t in polish_kink_tols if t <= max(sqp_kink_tols[-1:], default=0.0)) or None
+                best, total_q = polish_from(th_q / q.min() ** (1.0 / prob.degree), label, near)
+                total += total_q
         if best is None and kt is not None and presolve == "auto":
             # Clarke: a smooth SLSQP inside the start's activation cell, then the kink polish from where it ends
             th_c, res_c, _ = cell_slsqp(prob, th0, maxiter=slsqp_maxiter)
