@@ -73,6 +73,9 @@ def random_problems(k, seed=0):
     return out
 
 
+CROSSINGS = True  # ClarkeFlow(crossings=...) of the random problems (--no-crossings)
+
+
 class _OverBudget(Exception):
     pass
 
@@ -102,7 +105,8 @@ def run_flow(p, t1, time_mode, depth=2, rtol=1e-8, budget_s=None):
     objective, theta = _setup(model, data, p["loss"], None)
     try:
         tr = integrate_nonsmooth(make_kinked(objective, model), theta, log_times(t1, 40), t1,
-                                 log_time=time_mode == "log", solver=ClarkeFlow(rtol=rtol, max_steps=MAX_STEPS),
+                                 log_time=time_mode == "log", solver=ClarkeFlow(rtol=rtol, max_steps=MAX_STEPS,
+                                                                   crossings=CROSSINGS),
                                  progress=progress)
     except _OverBudget:
         return None, time.perf_counter() - t0, time.process_time() - c0, reached[0]
@@ -194,7 +198,11 @@ def main():
     ap.add_argument("--quick", action="store_true", help="3 random problems, 1 MLP")
     ap.add_argument("--budget", type=float, default=None, help="abandon a flow after this many wall seconds")
     ap.add_argument("--problems", default=None, help="comma-separated indices of the random problems to run")
+    ap.add_argument("--no-crossings", action="store_true",
+                    help="every event to the host (ClarkeFlow(crossings=False)), for comparison")
     args = ap.parse_args()
+    global CROSSINGS
+    CROSSINGS = not args.no_crossings
     parts = args.only.split(",")
     k = 3 if args.quick else args.k
     print(json.dumps(dict(device=str(jax.devices()[0]), dtype=str(jnp.result_type(float)), cpus=os.cpu_count(),

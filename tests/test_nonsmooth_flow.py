@@ -157,6 +157,36 @@ def test_energy_identity_and_monotone_loss_random_relu():
     assert tr.stats["max_constraint_residual"] <= 1e-12
 
 
+@pytest.mark.parametrize("arch", ["relu two-layer", pytest.param("leaky mlp", marks=pytest.mark.slow)])
+def test_in_loop_crossings_are_the_host_decisions(arch):
+    """Transversal crossings passed inside the compiled loop (ClarkeFlow(crossings=True), the default) give the flow
+    that every event decided on the host gives: the same events, pattern changes and sliding modes, end states equal to
+    rounding-level differences of the located event states, and the energy identity."""
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((30, 4))
+    data = Dataset(X, np.sign(rng.standard_normal(30)))
+    model = (TwoLayer(4, 10, relu, key=jax.random.PRNGKey(0), scale=0.3) if arch == "relu two-layer"
+             else MLP(4, (5, 5), leaky_relu(0.2), key=jax.random.PRNGKey(1), scale=0.7))
+    runs = [nonsmooth_flow(model, data, loss="logistic", t1=0.5, n_save=5, time="linear",
+                           solver=ClarkeFlow(crossings=c)) for c in (False, True)]
+    host, loop = runs
+    assert host.success and loop.success, (host.reason, loop.reason)
+    assert host.stats["crossings_in_loop"] == 0 and loop.stats["crossings_in_loop"] > 0
+    for key_ in ("events", "pattern_changes", "sliding_entered", "sliding_left"):
+        assert host.stats[key_] == loop.stats[key_], key_
+    ref = np.linalg.norm(host.thetas, axis=1)
+    assert np.max(np.linalg.norm(loop.thetas - host.thetas, axis=1) / ref) <= 1e-9
+    drop = loop.loss[0] - loop.loss[-1]
+    assert abs(drop - loop.extras["energy"][-1]) <= 1e-6 * drop
+    assert np.all(np.diff(loop.loss) <= 1e-14 * loop.loss[0])
+
+
+def test_clarke_flow_rejects_non_bool_switches():
+    for name in ("crossings", "project"):
+        with pytest.raises(ValueError, match=name):
+            ClarkeFlow(**{name: 1})
+
+
 @pytest.mark.slow
 def test_depth3_mlp_flow_keeps_the_energy_identity():
     # depth-3 leaky-ReLU MLP through sliding modes in two layers: the located event state is projected onto the

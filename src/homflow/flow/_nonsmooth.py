@@ -66,6 +66,10 @@ class ClarkeFlow:
         chatter_limit: a unit flipped this many times in consecutive events without progress in time is chattering
             at its kink; when the mode decision would flip it again it slides instead (its slope from the sliding
             field, which must lie in ``[alpha, 1]``; docs/nonsmooth.md).
+        crossings: pass transversal crossings (one unit at its kink, both one-sided fields moving it across, the
+            sliding slopes still admissible) inside the compiled loop as sign flips, instead of returning to the host
+            for the mode decision (which gives the same flip there; flow/_nonsmooth_kernel.py). Every other event
+            goes to the host. ``stats['crossings_in_loop']`` counts them.
     """
 
     rtol: float = 1e-8
@@ -83,6 +87,7 @@ class ClarkeFlow:
     zeno_limit: int = 200
     project: bool = True
     chatter_limit: int = 3
+    crossings: bool = True
 
     def __post_init__(self):
         for name in ("rtol", "safety", "factor_max"):
@@ -99,6 +104,9 @@ class ClarkeFlow:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1; got {v!r}.")
+        for name in ("project", "crossings"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"`{name}` must be True or False; got {getattr(self, name)!r}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -168,7 +176,7 @@ class _Driver:
         self.stats = dict(num_steps=0, num_accepted_steps=0, num_rejected_steps=0, num_locate_steps=0,
                           grad_evals=0, kink_normals=0, events=0, pattern_changes=0, sliding_entered=0,
                           sliding_left=0, max_sliding=0, max_constraint_drift=0.0, max_constraint_residual=0.0,
-                          chatter_slides=0, solver="clarke", log_time=bool(log_time))
+                          chatter_slides=0, crossings_in_loop=0, solver="clarke", log_time=bool(log_time))
 
     def A(self, x):
         return np.asarray(x, self.dtype)
@@ -184,7 +192,7 @@ class _Driver:
         signs, idx, valid = mode.arrays()
         out = advance(self.problem, y, self.A(u), self.A(h), self.A(err_prev), self.A(u_stop), signs, idx, valid,
                       self.ctl, np.asarray(n_max, np.int32), np.asarray(bool(project_first)), self.log_time,
-                      bool(self.sol.project), self.proj_iters)
+                      bool(self.sol.project), self.proj_iters, bool(self.sol.crossings))
         out = jax.device_get(out)
         st = self.stats
         n_att, n_loc = int(out["n_att"]), int(out["n_loc"])
@@ -196,6 +204,11 @@ class _Driver:
         st["kink_normals"] += len(mode.sliding) * (1 + 6 * (n_att + n_loc))
         st["max_constraint_drift"] = max(st["max_constraint_drift"], float(out["drift"]))
         st["max_constraint_residual"] = max(st["max_constraint_residual"], float(out["resid"]))
+        n_cross = int(out["n_cross"])
+        if n_cross:
+            st["events"] += n_cross
+            st["pattern_changes"] += n_cross
+            st["crossings_in_loop"] += n_cross
         return out
 
     def _tiny_dz(self, theta, v, sc, ids):
@@ -325,6 +338,8 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
             break
         n_max = min(_CALL_STEPS, sol.max_steps - stats["num_steps"])
         out = D.advance(y, u, h, err_prev, float(us[k_save]), mode, n_max, project_first=pending_projection)
+        if int(out["n_cross"]):  # crossings passed inside the compiled loop: the pattern it ended in
+            mode = _Mode(np.asarray(out["signs"]), mode.sliding)
         pending_projection = False
         status = int(out["status"])
         if status in (SAVE, BUDGET):

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._clarke import gram_solve, jit
+from ._clarke import gram_solve, jit, mode_slopes
 
 __all__ = ["advance", "RUN", "SAVE", "EVENT", "UNDERFLOW", "BUDGET", "project_sliding"]
 
@@ -118,14 +118,23 @@ class Controls(eqx.Module):
     max_locate: jax.Array
 
 
-@partial(jit, static_argnames=("log_time", "project", "proj_iters"))
+@partial(jit, static_argnames=("log_time", "project", "proj_iters", "crossings"))
 def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls, n_max, project_first,
-            log_time: bool, project: bool, proj_iters: int):
+            log_time: bool, project: bool, proj_iters: int, crossings: bool = False):
     """Integrate the mode ``(signs, idx, valid)`` from ``(u, y)`` with proposed step ``h`` until ``u_stop`` (status
     ``SAVE``), a located event (``EVENT``), a step size underflow (``UNDERFLOW``) or ``n_max`` attempted steps
     (``BUDGET``). ``project_first``: first project ``y`` onto the sliding set's kink surfaces (after a mode change).
     ``n_max = 0`` only evaluates the mode at ``y`` (``f0``, ``s0``, ``z0``, ``scale0``): the host's mode decisions
     use this, so that the field is compiled once per capacity.
+
+    ``crossings``: a located event that is a *transversal crossing* is passed inside the loop instead of returning to
+    the host: exactly one unit outside the sliding set is within ``10 kink_tol`` of its kink (the target), the mode's
+    field moves it across (``sign_e dz_e/dt < -kink_tol scale_e ||v|| / ||theta||``), the field of the mode with its
+    sign flipped moves it on across by the same margin, every sliding slope of the flipped mode stays in
+    ``[alpha, 1]`` (within ``slope_tol``) and no other event value of the flipped mode is below ``-1``. That is the
+    host's mode decision in the only case where it is a pure flip (the minimal-norm element has the target's slope at
+    a bound and both one-sided fields agree); anything else (several units at kinks, a unit whose fields point into
+    the kink, a sliding slope at a bound) returns as before. ``signs`` (the final pattern) and ``n_cross`` are returned.
 
     Returns a dict of the state (``y``, ``u``, ``h``, ``err_prev``), the event (``h_event`` from the returned ``u``,
     ``h_step``: the step that saw it, ``target``, ``y_event``, ``z_event``, ``scale_event``), the start values
@@ -159,6 +168,7 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
     at_stop = u_stop - u <= tiny_h * jnp.maximum(jnp.abs(u), 1.0)
 
     c = dict(y=y, f0=f0, ev0=ev0, u=u, h=h, err_prev=err_prev, status=jnp.where(at_stop, SAVE, RUN).astype(jnp.int32),
+             signs=signs, n_cross=i32(0),
              locating=jnp.asarray(False), n_att=i32(0), n_acc=i32(0), n_rej=i32(0), n_loc=i32(0),
              drift=dr0, resid=rs0, last_h=h,
              # locate state
@@ -180,12 +190,53 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
 
     def body(c):
         hh = step_size(c)
-        y1, f1, errn, z1, sc1, s1 = _rk_step(problem, c["y"], c["f0"], c["u"], hh, log_time, signs, idx, valid,
+        y1, f1, errn, z1, sc1, s1 = _rk_step(problem, c["y"], c["f0"], c["u"], hh, log_time, c["signs"], idx, valid,
                                              ctl.rtol, ctl.atol)
-        ev1 = _event_values(signs, in_S, valid, z1, sc1, s1, ctl.kt, ctl.st, ctl.alpha)
+        ev1 = _event_values(c["signs"], in_S, valid, z1, sc1, s1, ctl.kt, ctl.st, ctl.alpha)
         hit1 = ev1 < -1.0
-        return jax.lax.cond(c["locating"], locate_update, advance_update, c, hh, y1, f1, errn, z1, sc1, s1, ev1,
-                            hit1)
+        c = jax.lax.cond(c["locating"], locate_update, advance_update, c, hh, y1, f1, errn, z1, sc1, s1, ev1, hit1)
+        if crossings:
+            c = jax.lax.cond(c["status"] == EVENT, try_cross, lambda c: c, c)
+        return c
+
+    def dz_along(theta, v, sg, s):
+        S = mode_slopes(sg, ctl.alpha, idx, valid, s, dtype)
+        return jax.jvp(lambda th: problem.preactivations_at(th, S), (theta,), (v,))[1]
+
+    def try_cross(c):
+        """The located event as an in-loop sign flip when it is a transversal crossing (docstring), else unchanged."""
+        t, sg = c["target"], c["signs"]
+        tt = jnp.clip(t, 0, N - 1)
+        tiny = jnp.finfo(dtype).tiny
+        zc, scc = c["zc"], jnp.maximum(c["scc"], tiny)
+        near = ~in_S & (jnp.abs(zc) <= 10 * ctl.kt * scc)
+        only = (t < N) & near[tt] & (jnp.sum(near) == 1)
+        u_e = c["u"] + c["hc"]
+        y_e = c["yc"]
+        if project:
+            y_e = jax.lax.cond(jnp.any(valid), proj, no_proj, y_e, c["scc"])[0]
+        th = y_e[:-1]
+        f_old, s_old = _aug_field(problem, y_e, u_e, log_time, sg, idx, valid)
+        sg_new = sg.at[tt].set(-sg[tt])
+        f_new, s_new = _aug_field(problem, y_e, u_e, log_time, sg_new, idx, valid)
+        nth = jnp.maximum(jnp.linalg.norm(th), tiny)
+        z_e, sc_e = problem.preactivations(th)
+        side = sg[tt].astype(dtype)
+        d_old = side * dz_along(th, f_old[:-1], sg, s_old)[tt]
+        d_new = side * dz_along(th, f_new[:-1], sg_new, s_new)[tt]
+        thr = ctl.kt * jnp.maximum(sc_e[tt], tiny) / nth
+        slopes_ok = jnp.all(jnp.where(valid, (s_new >= ctl.alpha - ctl.st) & (s_new <= 1.0 + ctl.st), True))
+        ev_new = _event_values(sg_new, in_S, valid, z_e, sc_e, s_new, ctl.kt, ctl.st, ctl.alpha)
+        ok = (only & (d_old < -thr * jnp.linalg.norm(f_old[:-1])) & (d_new < -thr * jnp.linalg.norm(f_new[:-1]))
+              & slopes_ok & ~jnp.any(ev_new < -1.0) & jnp.all(jnp.isfinite(f_new)))
+        hs = c["h_step"]
+        h_new = jnp.where(c["hc"] < hs, jnp.maximum(hs - c["hc"], hs / 4), hs)
+        h_new = jnp.maximum(h_new, 2 * tiny_h * jnp.maximum(jnp.abs(u_e), 1.0))
+        saved = u_stop - u_e <= tiny_h * jnp.maximum(jnp.abs(u_e), 1.0)
+        new = dict(c, y=y_e, f0=f_new, ev0=ev_new, u=u_e, h=h_new, locating=jnp.asarray(False), signs=sg_new,
+                   n_cross=c["n_cross"] + 1, n_acc=c["n_acc"] + 1, last_h=c["hc"],
+                   status=jnp.where(saved, SAVE, RUN).astype(jnp.int32))
+        return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, c)
 
     def advance_update(c, hh, y1, f1, errn, z1, sc1, s1, ev1, hit1):
         c = dict(c, n_att=c["n_att"] + 1)
@@ -277,4 +328,4 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
                 err_prev=c["err_prev"], last_h=c["last_h"], h_event=c["hc"], h_step=c["h_step"], y_event=c["yc"],
                 z_event=c["zc"], scale_event=c["scc"], target=c["target"], n_att=c["n_att"], n_acc=c["n_acc"],
                 n_rej=c["n_rej"], n_loc=c["n_loc"], drift=c["drift"], resid=c["resid"], y0=y0, f0=f0, s0=s0, z0=z0,
-                scale0=sc0)
+                scale0=sc0, signs=c["signs"], n_cross=c["n_cross"])
