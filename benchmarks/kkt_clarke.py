@@ -13,7 +13,7 @@ start, then
 within 440 steps and the direction GD leaves is meaningless; ``solve_max_margin`` then refuses the KKT point it finds,
 1.03 away, as ``'too_far'``.)
 
-Run: ``OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/kkt_clarke.py [--steps 100000] [--cases 0,1,2,3,4]``
+Run: ``OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/kkt_clarke.py [--steps 97000,100000,103000] [--cases 0,1,2,3,4,5]``
 (one BLAS thread: the dense solves are small, and a multi-threaded BLAS on a busy machine is far slower).
 """
 
@@ -41,27 +41,30 @@ CASES = [
     ("sphere random labels n=10 d=5", lambda: sphere(10, 5, seed=5, labels="random")),
     ("sphere n=40 d=5", lambda: sphere(40, 5, seed=3, labels="linear")),
     ("teacher n=10 d=2", lambda: teacher_student(10, 2, teacher_width=2, p=1, seed=4)),
+    ("teacher n=40 d=5", lambda: teacher_student(40, 5, teacher_width=2, p=1, seed=2)),
 ]
 
-KEYS = (0, 1, 5, 3, 4)  # initialisation seed per case
+KEYS = (0, 1, 5, 3, 4, 2)  # initialisation seed per case
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=100_000)
+    ap.add_argument("--steps", default="100000", help="GD steps; a comma-separated list runs each (e.g. 97000,100000,103000)")
     ap.add_argument("--cases", default=",".join(str(i) for i in range(len(CASES))))
     ap.add_argument("--old", action="store_true", help="also run the gradient-only solve (slow: global SLSQP)")
     args = ap.parse_args()
     print(f"device {jax.devices()[0]}, float64 {jax.config.jax_enable_x64}, GD steps {args.steps}")
-    for k in (int(c) for c in args.cases.split(",")):
+    runs = [(k, int(st)) for k in (int(c) for c in args.cases.split(",")) for st in args.steps.split(",")]
+    certified = 0
+    for k, steps in runs:
         name, make = CASES[k]
         data = make()
         m = MLP(data.X.shape[1], (10, 10), leaky_relu(0.1), key=jax.random.PRNGKey(KEYS[k]), scale=1.0)
         t0 = time.perf_counter()
-        tr = gradient_descent(m, data, loss="exponential", lr=0.05, steps=args.steps, schedule="loss_based")
+        tr = gradient_descent(m, data, loss="exponential", lr=0.05, steps=steps, schedule="loss_based")
         t_gd = time.perf_counter() - t0
         start = kkt.max_margin_kkt(tr.final, data)
-        print(f"[{k}] {name}: GD {t_gd:.1f}s, start Clarke stationarity {start.stationarity:.3g} "
+        print(f"[{k}] {name}, {steps} steps: GD {t_gd:.1f}s, start Clarke stationarity {start.stationarity:.3g} "
               f"(one subgradient {start.smooth_stationarity:.3g}), normalized margin {start.normalized_margin:.5g}")
         if args.old:
             t0 = time.perf_counter()
@@ -79,6 +82,8 @@ def main():
               f"{new.stationarity:.3g} (one subgradient {new.smooth_stationarity:.3g}), {new.n_kinks} kinks, "
               f"distance {new.distance:.3g}, nm/start {new.normalized_margin / new.start_normalized_margin:.4g}; "
               f"{new.message}", flush=True)
+        certified += bool(new.converged)
+    print(f"certified {certified} of {len(runs)} starts")
 
 
 if __name__ == "__main__":
