@@ -3,7 +3,7 @@
 import dataclasses
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from homflow.experiments import (
@@ -124,6 +124,8 @@ _paths = st.sampled_from(["loss", "seed", "analyses", "checks", "data", "data.ki
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(_paths, _value), min_size=1, max_size=3))
+@example([("model.widths", [float("inf")])])  # once an OverflowError in the memory estimate, before validation
+@example([("data.n", float("nan")), ("flow.segments", float("-inf"))])
 def test_random_malformed_configs_only_raise_config_error(mutations):
     d = dict(GOOD)
     for path, value in mutations:

@@ -376,7 +376,10 @@ def _get(d: Mapping, dotted: str, default=None):
 
 
 def _num(v, default: int = 0) -> int:
-    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
+    """``int(v)`` for a finite number, else ``default`` (the memory estimate runs before validation names bad values)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return default
+    return int(v)
 
 
 def estimate_memory(params: Mapping) -> int:
