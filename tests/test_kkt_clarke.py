@@ -306,7 +306,7 @@ def _gd_cases():
 
 # The GD end point moves with rounding (XLA's code generation differs between CPUs): these starts are not KKT points
 # (certificate stationarity 0.1-0.5) and the local polish alone fails from about half of them. Measured (December 2,
-# 2026) with the Clarke SQP presolve: certified from 24 of 24 starts (GD stopped at 97k, 98k, 100k, 103k steps on these
+# 2026) with the Clarke SQP presolve: certified from 21 of 21 starts (GD stopped at 97k, 98k, 100k, 103k steps on these
 # data sets and a teacher n=40 d=5), each data set's starts reaching the same point (normalized margins equal to 6
 # digits); before it, 16 of 20 (cases 0, 1, 3 failed from some starts, here and on the CI machine).
 
