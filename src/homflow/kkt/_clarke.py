@@ -179,8 +179,8 @@ def pattern_slopes(samples, ks: KinkStructure, *, max_patterns: int = DEFAULT_MA
 
     Returns:
         ``(owner, patterns, slopes, exact)``: ``owner`` (N,) the sample of each column, ``patterns`` a list of
-        ``{(layer, unit): slope}`` at the sample's kinks, ``slopes`` a tuple per hidden layer of ``(N, h_k)`` arrays, and
-        ``exact`` (False if some expanded sample got the inner approximation).
+        ``{(layer, unit): slope}`` at the sample's kinks, ``slopes`` a tuple per hidden layer of ``(N, h_k)`` arrays,
+        and ``exact`` (False if some expanded sample got the inner approximation).
     """
     owner, pats, slope_rows, exact = [], [], [[] for _ in ks.base], True
     for i in (int(i) for i in samples):

@@ -10,8 +10,8 @@ kinks and, at each pre-activation within ``tau`` (relative, a cosine) of zero, e
 
 with ``H`` the Hessian of the Lagrangian ``1/2 ||theta||^2 - sum_p w_p q_p`` (previous multipliers), made positive
 definite (negative curvature along the normals of the active pieces is removed by a penalty on those normals, which
-does not change a step at a solution; what is left is mirrored, ``|eigenvalue|``, floored at ``hess_floor``). The QP is a
-least-distance problem after the Cholesky-like change of variables ``e = H^(1/2) d + H^(-1/2) theta`` and is solved by
+does not change a step at a solution; what is left is mirrored, ``|eigenvalue|``, floored at ``hess_floor``). The QP is
+a least-distance problem after the Cholesky-like change of variables ``e = H^(1/2) d + H^(-1/2) theta`` and is solved by
 NNLS (Lawson and Hanson's LDP reduction), which tolerates the highly dependent piece gradients (``2^m`` per sample with
 ``m`` kinks) that made SLSQP stop at its iteration limit. Steps are capped at ``max_step ||theta||`` and backtracked on
 the exact l1 merit ``1/2 ||theta||^2 + rho sum_i max(0, 1 - q_i)`` over the *true* margins, with one second-order
@@ -33,6 +33,7 @@ import numpy as np
 from scipy.optimize import nnls
 
 from ._clarke import gated_output, kink_structure, padded_columns, pattern_slopes
+from ._kink_newton import _margins
 
 __all__ = ["clarke_sqp", "least_distance"]
 
@@ -49,11 +50,6 @@ def _pieces(prob, theta, idx, slopes):
 @eqx.filter_jit
 def _lagrangian_hessian(prob, theta, w, idx, slopes):
     return jax.hessian(lambda t: 0.5 * t @ t - w @ _piece_values(prob, t, idx, slopes))(theta)
-
-
-@eqx.filter_jit
-def _true_margins(prob, theta):
-    return prob.margins(theta)
 
 
 def least_distance(G, h):
@@ -95,7 +91,7 @@ def clarke_sqp(prob, theta, *, kink_tols=(1e-2, 1e-3), max_iter: int = 40, tol: 
         ``(theta, iterations, message)``; ``message`` is empty when the last stage met ``tol``.
     """
     th = np.asarray(theta, dtype=np.float64)
-    q = np.asarray(_true_margins(prob, jnp.asarray(th)))
+    q = np.asarray(_margins(prob, jnp.asarray(th)))
     if not q.min() > 0:
         raise ValueError(f"the Clarke SQP needs positive margins at the start; got q_min = {q.min():.3g}.")
     L = prob.degree
@@ -104,14 +100,14 @@ def clarke_sqp(prob, theta, *, kink_tols=(1e-2, 1e-3), max_iter: int = 40, tol: 
     n = int(prob.X.shape[0])
     mult, rho, its, msg = {}, 1.0, 0, ""
 
-    def merit(t):
-        viol = 1.0 - np.asarray(_true_margins(prob, jnp.asarray(t, dtype=dtype)))
-        return 0.5 * float(t @ t) + rho * float(np.maximum(viol, 0.0).sum())
+    def merit(t, q=None):
+        q = np.asarray(_margins(prob, jnp.asarray(t, dtype=dtype))) if q is None else q
+        return 0.5 * float(t @ t) + rho * float(np.maximum(1.0 - q, 0.0).sum())
 
     for tau in kink_tols:
         msg = f"the Clarke SQP did not meet tol {tol:g} in {max_iter} iterations at kink tolerance {tau:g}"
         for _ in range(max_iter):
-            q = np.asarray(_true_margins(prob, jnp.asarray(th, dtype=dtype)))
+            q = np.asarray(_margins(prob, jnp.asarray(th, dtype=dtype)))
             ks = kink_structure(prob.unflatten, th, prob.X, kink_tol=tau)
             owner, pats, slopes, _ = pattern_slopes(range(n), ks, max_patterns=max_patterns,
                                                     expand=q <= 1.0 + expand_tol)
@@ -152,7 +148,7 @@ def clarke_sqp(prob, theta, *, kink_tols=(1e-2, 1e-3), max_iter: int = 40, tol: 
             if np.linalg.norm(d) > cap:
                 d *= cap / float(np.linalg.norm(d))
             rho = max(rho, 2.0 * float(wn.max(initial=0.0)))
-            f0 = merit(th)
+            f0 = merit(th, q)
             slope = float(th @ d) - rho * float(np.maximum(1.0 - q, 0.0).sum())
             if merit(th + d) > f0 + armijo * min(slope, 0.0):  # second-order correction (Maratos effect)
                 v1 = np.asarray(_pieces(prob, jnp.asarray(th + d, dtype=dtype), idx, sl)[0], dtype=np.float64)[:N]
@@ -170,7 +166,7 @@ def clarke_sqp(prob, theta, *, kink_tols=(1e-2, 1e-3), max_iter: int = 40, tol: 
             w = w + a * (wn - w)
             mult = {k: float(x) for k, x in zip(keys, w) if x > 0}
             its += 1
-    q = np.asarray(_true_margins(prob, jnp.asarray(th, dtype=dtype)))
+    q = np.asarray(_margins(prob, jnp.asarray(th, dtype=dtype)))
     if not q.min() > 0:
         return th, its, "the Clarke SQP ended at a non-positive margin"
     return th / q.min() ** (1.0 / L), its, msg

@@ -20,7 +20,7 @@ from scipy.optimize import minimize
 from ..models import AbstractHomogeneousModel, flatten
 from ._clarke import DEFAULT_KINK_TOL, DEFAULT_MAX_PATTERNS
 from ._clarke_sqp import clarke_sqp
-from ._kink_newton import cell_slsqp, kink_newton
+from ._kink_newton import _margins, cell_slsqp, kink_newton
 from ._margin import (
     DEFAULT_FEAS_TOL,
     MARGIN_COLLAPSED,
@@ -193,13 +193,12 @@ def solve_max_margin(
     (pre-activations within each of ``polish_kink_tols`` of zero), and the Newton method holds those at zero with their
     slopes as unknowns (:mod:`homflow.kkt._kink_newton`); the result is certified with Clarke subgradients at
     ``kink_tol``. If no seed is certified, ``'auto'`` runs the *Clarke SQP* (:mod:`homflow.kkt._clarke_sqp`: SQP steps
-whose QP asks every slope piece of a near-active sample's kinks to stay feasible, solved as a least-distance problem by
-NNLS, with a continuation in the kink tolerance ``sqp_kink_tols``) and polishes from where it ends; then SLSQP *inside
-the start's activation cell* (every
-    pre-activation near zero keeps its side, so the problem is smooth and SLSQP cannot wander far:
-    :func:`homflow.kkt._kink_newton.cell_slsqp`) and polishes from there, and only then the global SLSQP (whose BFGS
-    model is spoiled by the kinks: it wandered to norms ~3,000 with normalized margin ~1e-11 on depth-3 leaky-ReLU
-    nets, which the guards below now report as ``'margin_collapsed'``).
+    whose QP asks every slope piece of a near-active sample's kinks to stay feasible, solved as a least-distance problem
+    by NNLS, with a continuation in the kink tolerance ``sqp_kink_tols``) and polishes from where it ends; then SLSQP
+    *inside the start's activation cell* (every pre-activation near zero keeps its side, so the problem is smooth and
+    SLSQP cannot wander far: :func:`homflow.kkt._kink_newton.cell_slsqp`) and polishes from there, and only then the
+    global SLSQP (whose BFGS model is spoiled by the kinks: it wandered to norms ~3,000 with normalized margin ~1e-11 on
+    depth-3 leaky-ReLU nets, which the guards below now report as ``'margin_collapsed'``).
 
     Whatever the route, a result is ``converged`` only if it is certified *and* it stays near the start: its direction
     within ``max_distance`` of the start's and its normalized margin at least ``min_margin_ratio`` times the start's
@@ -332,12 +331,12 @@ the start's activation cell* (every
             # Clarke: the SQP over every slope piece of the near-active samples, then the kink polish from there
             th_q, its_q, msg_q = clarke_sqp(prob, th0, kink_tols=sqp_kink_tols, max_iter=sqp_max_iter)
             total += its_q
-            q = np.asarray(_margins_jac(prob, jnp.asarray(th_q))[0])
-            if q.min() > 0:
+            if np.asarray(_margins(prob, jnp.asarray(th_q))).min() > 0:  # then clarke_sqp rescaled it to q_min = 1
                 label = f"Clarke SQP presolve ({its_q} iterations{'; ' + msg_q if msg_q else ''}), then local polish"
                 # its kinks sit within its last kink tolerance: seeds with looser ones only add columns
-                near = tuple(t for t in polish_kink_tols if t <= max(sqp_kink_tols[-1:], default=0.0)) or None
-                best, total_q = polish_from(th_q / q.min() ** (1.0 / prob.degree), label, near)
+                last = sqp_kink_tols[-1] if sqp_kink_tols else 0.0
+                near = tuple(t for t in polish_kink_tols if t <= last) or None
+                best, total_q = polish_from(th_q, label, near)
                 total += total_q
         if best is None and kt is not None and presolve == "auto":
             # Clarke: a smooth SLSQP inside the start's activation cell, then the kink polish from where it ends
