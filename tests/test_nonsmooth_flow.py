@@ -181,6 +181,109 @@ def test_in_loop_crossings_are_the_host_decisions(arch):
     assert np.all(np.diff(loop.loss) <= 1e-14 * loop.loss[0])
 
 
+def _planted_two_layer(rng, n=24, d=4, m=6, dup=True):
+    """A two-layer ReLU problem with units planted on their kinks: neuron 0 on three samples, neuron 3 on two; with
+    ``dup`` sample 5 repeats sample 1, so neuron 0's kink normals are linearly dependent (the Gram matrix is
+    singular and the pseudo-inverse path is taken)."""
+    X = rng.standard_normal((n, d))
+    if dup:
+        X[5] = X[1]
+    W = rng.standard_normal((m, d))
+    a = rng.standard_normal(m)
+    planted = {0: [1, 2, 5], 3: [4, 7]}
+    for j, ids in planted.items():
+        Q, _ = np.linalg.qr(X[ids].T)
+        W[j] -= Q @ (Q.T @ W[j])
+    model = TwoLayer.from_weights(jnp.asarray(a), jnp.asarray(W), relu)
+    prob, theta = make_problem(model, Dataset(jnp.asarray(X), jnp.asarray(np.sign(rng.standard_normal(n)))),
+                               "logistic")
+    units = sorted(i * m + j for j, ids in planted.items() for i in ids)
+    return make_kinked(prob, model), theta, units
+
+
+@pytest.mark.parametrize("dup", [False, True])
+def test_sliding_factor_gives_the_per_evaluation_field(dup):
+    """The once-per-mode factor of a one-hidden-layer net's kink normals (SlidingFactor) gives the field, the sliding
+    slopes and the projection that forming the normals and their Gram matrix at every evaluation gives, also when
+    the normals are dependent (a repeated sample); the field is tangent to every kink surface of the set."""
+    from homflow.flow._clarke import _padded
+    from homflow.flow._nonsmooth_kernel import project_sliding
+
+    kp, theta, units = _planted_two_layer(np.random.default_rng(11), dup=dup)
+    idx, valid = _padded(units)
+    z, _ = kp.preactivations(theta)
+    signs = jnp.where(z > 0, 1, -1).astype(jnp.int8)
+    fac = kp.sliding_factor(theta, jnp.asarray(idx), jnp.asarray(valid))
+    assert fac is not None
+    for log_scale in (0.0, 1.5):
+        v0, r0, s0 = kp.velocity(theta, log_scale, signs, idx, valid)
+        v1, r1, s1 = kp.velocity(theta, log_scale, signs, idx, valid, fac)
+        np.testing.assert_allclose(v1, v0, rtol=1e-12, atol=1e-14 * float(jnp.linalg.norm(v0)))
+        np.testing.assert_allclose(r1, r0, rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(s1)[: len(units)], np.asarray(s0)[: len(units)], rtol=1e-10,
+                                   atol=1e-12)
+        N = np.asarray(kp.normals(theta, jnp.asarray(units)))
+        assert np.max(np.abs(N @ np.asarray(v1))) <= 1e-13 * float(jnp.linalg.norm(v1)) * np.linalg.norm(N)
+    off = theta + 1e-3 * jax.random.normal(jax.random.PRNGKey(2), theta.shape)
+    p0 = project_sliding(kp, off, idx, valid, 1)
+    p1 = project_sliding(kp, off, idx, valid, 1, fac)
+    np.testing.assert_allclose(p1[0], p0[0], rtol=1e-13, atol=1e-15)
+    assert float(jnp.max(jnp.abs(p1[2]))) <= 1e-14 * float(jnp.max(kp.preactivations(off)[1]))  # rounding
+
+
+def test_flow_with_the_factor_is_the_flow_without(monkeypatch):
+    """A two-layer flow with the sliding factor formed once per sliding set has the events, sliding modes and end
+    states of the flow that forms the kink normals' Gram matrix at every field evaluation."""
+    from homflow.flow import _nonsmooth
+
+    data = sphere(30, 4, seed=2)
+    model = TwoLayer(4, 10, relu, key=jax.random.PRNGKey(3), scale=0.3)
+    run = lambda: nonsmooth_flow(model, data, loss="logistic", t1=1.0, n_save=5, time="linear")  # noqa: E731
+    fast = run()
+    monkeypatch.setattr(_nonsmooth._Driver, "factor", lambda self, mode: None)
+    slow = run()
+    assert fast.success and slow.success, (fast.reason, slow.reason)
+    assert fast.stats["sliding_entered"] > 0
+    for key_ in ("events", "pattern_changes", "sliding_entered", "sliding_left"):
+        assert fast.stats[key_] == slow.stats[key_], key_
+    ref = np.linalg.norm(slow.thetas, axis=1)
+    assert np.max(np.linalg.norm(fast.thetas - slow.thetas, axis=1) / ref) <= 1e-9
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bvls_by_components_is_one_bvls(seed):
+    """The mode decision's bounded least squares solved component by component (columns sharing no row separate; the
+    in-box ones from one batched SVD) reaches the optimum of SciPy's BVLS of all columns at once, on block-sparse
+    problems (a one-hidden-layer net's slope Jacobian: a hidden unit's kinks live in its weights), with columns of
+    very different scales, a rank-deficient block, and a dense problem."""
+    from scipy.optimize import lsq_linear
+
+    from homflow.flow._clarke import bvls
+
+    rng = np.random.default_rng(seed)
+    blocks, P = [], 12 * 5 + 12
+    for j in range(12):
+        for _ in range(rng.integers(0, 6)):
+            c = np.zeros(P)
+            c[j * 5:(j + 1) * 5] = rng.standard_normal(5) * rng.choice([1e-4, 1.0, 30.0])
+            blocks.append(c)
+    blocks.append(2.0 * blocks[0])  # a dependent column in the first block
+    problems = [np.stack(blocks, axis=1), rng.standard_normal((40, 15))]
+    for J in problems:
+        for lo, hi, shift in ((0.0, 1.0, 0.0), (0.2, 1.0, 0.0), (0.0, 1.0, 1e3)):
+            # shift: a residual the columns cannot reach inside the box pushes slopes to the bounds
+            r = rng.standard_normal(J.shape[0]) * (1 + shift * rng.random(J.shape[0]))
+            s = bvls(J, r, lo, hi)
+            ref = lsq_linear(J, -r, bounds=(lo, hi), method="bvls", tol=1e-15, lsq_solver="exact").x
+            assert np.all((s >= lo) & (s <= hi))
+            f, f_ref = np.linalg.norm(J @ s + r), np.linalg.norm(J @ ref + r)
+            assert f <= f_ref * (1 + 1e-12) + 1e-13
+    # in the box: the unconstrained solution itself
+    J = problems[0][:, 1:-1]
+    x = rng.uniform(0.3, 0.7, J.shape[1])
+    np.testing.assert_allclose(bvls(J, -J @ x, 0.0, 1.0), x, rtol=1e-9)
+
+
 def test_clarke_flow_rejects_non_bool_switches():
     for name in ("crossings", "project"):
         with pytest.raises(ValueError, match=name):

@@ -127,6 +127,11 @@ def _dz(problem, theta, v, signs, idx, valid, s):
 
 
 @jit
+def _sliding_factor(problem, theta, idx, valid):
+    return problem.sliding_factor(theta, idx, valid)
+
+
+@jit
 def _diag(problem, thetas):
     return jax.vmap(lambda th: (problem.log_loss(th), jnp.linalg.norm(th)))(thetas)
 
@@ -173,6 +178,8 @@ class _Driver:
                             factor_min=A(sol.factor_min), factor_max=A(sol.factor_max),
                             max_locate=jnp.asarray(sol.max_locate, jnp.int32))
         self.proj_iters = 1 if problem.n_hidden == 1 else 2
+        self._factors = {}  # sliding set -> its SlidingFactor (nets with one hidden layer; flow/_clarke.py)
+        self._theta0 = theta0
         self.stats = dict(num_steps=0, num_accepted_steps=0, num_rejected_steps=0, num_locate_steps=0,
                           grad_evals=0, kink_normals=0, events=0, pattern_changes=0, sliding_entered=0,
                           sliding_left=0, max_sliding=0, max_constraint_drift=0.0, max_constraint_residual=0.0,
@@ -192,7 +199,7 @@ class _Driver:
         signs, idx, valid = mode.arrays()
         out = advance(self.problem, y, self.A(u), self.A(h), self.A(err_prev), self.A(u_stop), signs, idx, valid,
                       self.ctl, np.asarray(n_max, np.int32), np.asarray(bool(project_first)), self.log_time,
-                      bool(self.sol.project), self.proj_iters, bool(self.sol.crossings))
+                      bool(self.sol.project), self.proj_iters, bool(self.sol.crossings), self.factor(mode))
         out = jax.device_get(out)
         st = self.stats
         n_att, n_loc = int(out["n_att"]), int(out["n_loc"])
@@ -210,6 +217,21 @@ class _Driver:
             st["pattern_changes"] += n_cross
             st["crossings_in_loop"] += n_cross
         return out
+
+    def factor(self, mode):
+        """The sliding set's :class:`~homflow.flow._clarke.SlidingFactor` for nets whose kink normals do not move with
+        ``theta`` (one hidden layer), formed once per distinct sliding set (the last 32 kept); ``None`` otherwise."""
+        if self.problem.n_hidden != 1 or not mode.sliding:
+            return None
+        key = tuple(mode.sliding)
+        fac = self._factors.pop(key, None)
+        if fac is None:
+            _, idx, valid = mode.arrays()
+            fac = _sliding_factor(self.problem, self._theta0, idx, valid)
+            if len(self._factors) >= 32:
+                self._factors.pop(next(iter(self._factors)))
+        self._factors[key] = fac  # most recently used last
+        return fac
 
     def _tiny_dz(self, theta, v, sc, ids):
         return self.kt * sc[ids] * (np.linalg.norm(v) / max(float(np.linalg.norm(theta)), np.finfo(float).tiny))
@@ -273,7 +295,8 @@ class _Driver:
         # a unit that is not sliding must start on its side of the kink: one beyond kink_tol on the other side (the
         # projection of a deep net's sliding set moves nearby pre-activations by its correction) keeps the side it
         # is on, and crosses later as an event of its own
-        free = np.asarray([e for e in C if e not in set(new.sliding)], np.int64)
+        new_sliding = set(new.sliding)
+        free = np.asarray([e for e in C if e not in new_sliding], np.int64)
         if free.size:
             off = free[new.signs[free] * z[free] < -self.kt * sc[free]]
             if off.size:

@@ -70,12 +70,29 @@ class JointKinked(eqx.Module):
     def log_loss(self, theta):
         return self.narrow.log_loss(theta[: self.P])
 
-    def velocity(self, theta, log_scale, signs, idx, valid):
+    def sliding_factor(self, theta, idx, valid):
+        """The two halves' :class:`~homflow.flow._clarke.SlidingFactor` s (``None`` unless both nets have one hidden
+        layer)."""
+        if self.n_hidden != 1 or idx.shape[0] == 0:
+            return None
+        a, b = self._blocks(theta)
+        (i_n, v_n), (i_w, v_w) = self._idx(idx, valid)
+        return self.narrow.sliding_factor(a, i_n, v_n), self.wide.sliding_factor(b, i_w, v_w)
+
+    def sliding_correction(self, fac, zS):
+        """Each half's minimal-norm correction from its own units' entries of ``zS`` (the Gram matrix of the joint
+        normals is block diagonal)."""
+        fn, fw = fac
+        return jnp.concatenate([self.narrow.sliding_correction(fn, jnp.where(fn.valid, zS, 0.0)),
+                                self.wide.sliding_correction(fw, jnp.where(fw.valid, zS, 0.0))])
+
+    def velocity(self, theta, log_scale, signs, idx, valid, fac=None):
         a, b = self._blocks(theta)
         Nn = self.narrow.n_entries
         (i_n, v_n), (i_w, v_w) = self._idx(idx, valid)
-        vn, rn, sn = self.narrow.velocity(a, log_scale, signs[:Nn], i_n, v_n)
-        vw, rw, sw = self.wide.velocity(b, log_scale, signs[Nn:], i_w, v_w)
+        fn, fw = (None, None) if fac is None else fac
+        vn, rn, sn = self.narrow.velocity(a, log_scale, signs[:Nn], i_n, v_n, fn)
+        vw, rw, sw = self.wide.velocity(b, log_scale, signs[Nn:], i_w, v_w, fw)
         return jnp.concatenate([vn, vw]), rn + rw, jnp.where(v_n, sn, sw)
 
     def normals(self, theta, idx):

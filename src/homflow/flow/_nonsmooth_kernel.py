@@ -43,28 +43,32 @@ def _normals(problem, theta, idx, valid):
     return problem.normals(theta, idx) * valid[:, None].astype(theta.dtype)
 
 
-def project_sliding(problem, theta, idx, valid, iters):
+def project_sliding(problem, theta, idx, valid, iters, fac=None):
     """Gauss-Newton projection onto ``{z_e(theta) = 0, e in S}`` with the minimal-norm correction
-    ``-N^T (N N^T)^+ z_S`` (``N`` the kink normals): exact in one step for two-layer nets, whose constraints are linear.
-    Returns ``(theta, z_S before, z_S after)``."""
+    ``-N^T (N N^T)^+ z_S`` (``N`` the kink normals): exact in one step for two-layer nets, whose constraints are linear
+    (``fac``: their :class:`~homflow.flow._clarke.SlidingFactor`, formed once per mode). Returns
+    ``(theta, z_S before, z_S after)``."""
     def zS(th):
         return jnp.where(valid, problem.preactivations(th)[0][idx], 0.0)
 
     before = zS(theta)
     z = before
     for _ in range(iters):
-        J = _normals(problem, theta, idx, valid).T
-        theta = theta - J @ gram_solve(J, z, valid)
+        if fac is None:
+            J = _normals(problem, theta, idx, valid).T
+            theta = theta - J @ gram_solve(J, z, valid)
+        else:
+            theta = theta - problem.sliding_correction(fac, z)
         z = zS(theta)
     return theta, before, z
 
 
-def _aug_field(problem, y, u, log_time, signs, idx, valid):
-    v, rate, s = problem.velocity(y[:-1], u if log_time else jnp.zeros_like(u), signs, idx, valid)
+def _aug_field(problem, y, u, log_time, signs, idx, valid, fac=None):
+    v, rate, s = problem.velocity(y[:-1], u if log_time else jnp.zeros_like(u), signs, idx, valid, fac)
     return jnp.concatenate([v, rate[None]]), s
 
 
-def _rk_step(problem, y, f0, u, h, log_time, signs, idx, valid, rtol, atol):
+def _rk_step(problem, y, f0, u, h, log_time, signs, idx, valid, rtol, atol, fac=None):
     """One DOPRI5 step: ``(y1, f1, err_norm, z1, scale1, s1)``; the error norm is the RMS of the local error of the
     error-controlled part of ``theta`` scaled by ``atol + rtol max(|y0|, |y1|)``."""
     dtype = y.dtype
@@ -74,7 +78,7 @@ def _rk_step(problem, y, f0, u, h, log_time, signs, idx, valid, rtol, atol):
     def body(carry, i):
         ks, _ = carry
         yi = y + h * (A[i] @ ks)
-        fi, si = _aug_field(problem, yi, u + C[i] * h, log_time, signs, idx, valid)
+        fi, si = _aug_field(problem, yi, u + C[i] * h, log_time, signs, idx, valid, fac)
         return (ks.at[i].set(fi), si), None
 
     (ks, s1), _ = jax.lax.scan(body, (ks, jnp.zeros(idx.shape, dtype)), jnp.arange(1, 7))
@@ -120,7 +124,7 @@ class Controls(eqx.Module):
 
 @partial(jit, static_argnames=("log_time", "project", "proj_iters", "crossings"))
 def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls, n_max, project_first,
-            log_time: bool, project: bool, proj_iters: int, crossings: bool = False):
+            log_time: bool, project: bool, proj_iters: int, crossings: bool = False, fac=None):
     """Integrate the mode ``(signs, idx, valid)`` from ``(u, y)`` with proposed step ``h`` until ``u_stop`` (status
     ``SAVE``), a located event (``EVENT``), a step size underflow (``UNDERFLOW``) or ``n_max`` attempted steps
     (``BUDGET``). ``project_first``: first project ``y`` onto the sliding set's kink surfaces (after a mode change).
@@ -136,6 +140,10 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
     a bound and both one-sided fields agree); anything else (several units at kinks, a unit whose fields point into
     the kink, a sliding slope at a bound) returns as before. ``signs`` (the final pattern) and ``n_cross`` are returned.
 
+    ``fac``: the sliding set's :class:`~homflow.flow._clarke.SlidingFactor` (``problem.sliding_factor``) when its kink
+    normals do not move with ``theta`` (one hidden layer): the host forms it once per sliding set, and no field
+    evaluation or projection here forms a Gram matrix. ``None``: the normals are recomputed at every evaluation.
+
     Returns a dict of the state (``y``, ``u``, ``h``, ``err_prev``), the event (``h_event`` from the returned ``u``,
     ``h_step``: the step that saw it, ``target``, ``y_event``, ``z_event``, ``scale_event``), the start values
     (``y0`` after the projection, ``f0``, ``s0``, ``z0``, ``scale0``) and counters."""
@@ -149,7 +157,7 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
     i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
 
     def proj(y1, sc1):
-        th, before, after = project_sliding(problem, y1[:-1], idx, valid, proj_iters)
+        th, before, after = project_sliding(problem, y1[:-1], idx, valid, proj_iters, fac)
         scS = jnp.maximum(jnp.where(valid, sc1[idx], 1.0), jnp.finfo(dtype).tiny)
         return jnp.concatenate([th, y1[-1:]]), jnp.max(jnp.abs(before) / scS), jnp.max(jnp.abs(after) / scS)
 
@@ -161,7 +169,7 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
                                    problem.preactivations(y[:-1])[1])
     else:
         dr0, rs0 = zero, zero
-    f0, s0 = _aug_field(problem, y, u, log_time, signs, idx, valid)
+    f0, s0 = _aug_field(problem, y, u, log_time, signs, idx, valid, fac)
     z0, sc0 = problem.preactivations(y[:-1])
     y0 = y
     ev0 = _event_values(signs, in_S, valid, z0, sc0, s0, ctl.kt, ctl.st, ctl.alpha)
@@ -191,7 +199,7 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
     def body(c):
         hh = step_size(c)
         y1, f1, errn, z1, sc1, s1 = _rk_step(problem, c["y"], c["f0"], c["u"], hh, log_time, c["signs"], idx, valid,
-                                             ctl.rtol, ctl.atol)
+                                             ctl.rtol, ctl.atol, fac)
         ev1 = _event_values(c["signs"], in_S, valid, z1, sc1, s1, ctl.kt, ctl.st, ctl.alpha)
         hit1 = ev1 < -1.0
         c = jax.lax.cond(c["locating"], locate_update, advance_update, c, hh, y1, f1, errn, z1, sc1, s1, ev1, hit1)
@@ -216,9 +224,9 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
         if project:
             y_e = jax.lax.cond(jnp.any(valid), proj, no_proj, y_e, c["scc"])[0]
         th = y_e[:-1]
-        f_old, s_old = _aug_field(problem, y_e, u_e, log_time, sg, idx, valid)
+        f_old, s_old = _aug_field(problem, y_e, u_e, log_time, sg, idx, valid, fac)
         sg_new = sg.at[tt].set(-sg[tt])
-        f_new, s_new = _aug_field(problem, y_e, u_e, log_time, sg_new, idx, valid)
+        f_new, s_new = _aug_field(problem, y_e, u_e, log_time, sg_new, idx, valid, fac)
         nth = jnp.maximum(jnp.linalg.norm(th), tiny)
         z_e, sc_e = problem.preactivations(th)
         side = sg[tt].astype(dtype)
