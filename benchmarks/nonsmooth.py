@@ -130,6 +130,10 @@ def bench_random(k, depth=2, budget_s=None, only=None):
             row = dict(head, **_summ(tr, wall, cpu))
             print(json.dumps(row), flush=True)
             rows.append(row)
+        # every problem compiles its own kernels (data shape, sliding-set capacities, methods): without this, one
+        # process running the whole sweep exhausts XLA's CPU code memory ("LLVM ERROR: Unable to allocate section
+        # memory", seen at the 19th flow)
+        jax.clear_caches()
     return rows
 
 

@@ -250,6 +250,46 @@ def test_flow_with_the_factor_is_the_flow_without(monkeypatch):
     assert np.max(np.linalg.norm(fast.thetas - slow.thetas, axis=1) / ref) <= 1e-9
 
 
+@pytest.fixture(scope="module")
+def stiff_runs():
+    """A flow whose later phase is stiff (square loss on inputs of norm 10: the Hessian's spectral radius ~4e3 while
+    the state barely moves), solved by DOPRI5 throughout, by the automatic switch and by RKC throughout."""
+    d0 = sphere(24, 3, seed=5)
+    data = Dataset(10.0 * d0.X, d0.y)
+    model = TwoLayer(3, 6, leaky_relu(0.2), key=jax.random.PRNGKey(1), scale=0.5)
+    return {m: nonsmooth_flow(model, data, loss="square", t1=10.0, n_save=5, time="linear",
+                              solver=ClarkeFlow(method=m, rtol=1e-10)) for m in ("explicit", "auto", "stiff")}
+
+
+@pytest.mark.parametrize("method", ["auto", "stiff"])
+def test_rkc_stretches_give_the_dopri_flow(stiff_runs, method):
+    """Runge-Kutta-Chebyshev steps in a stiff stretch (automatic switch, or throughout) give the Dormand-Prince flow:
+    the same end state to the tolerances' order, the energy identity, a monotone loss and exact sliding constraints;
+    the switch finds the stiffness (h rho at DOPRI5's bound) and pays fewer field evaluations for it."""
+    ref, tr = stiff_runs["explicit"], stiff_runs[method]
+    assert ref.success and tr.success, (ref.reason, tr.reason)
+    assert ref.stats["stiff_steps"] == 0 and ref.stats["switches_to_stiff"] == 0
+    assert np.max(np.abs(tr.thetas[-1] - ref.thetas[-1])) <= 1e-6 * np.max(np.abs(ref.thetas[-1]))
+    np.testing.assert_allclose(tr.loss, ref.loss, rtol=1e-6)
+    drop = tr.loss[0] - tr.loss[-1]
+    assert abs(drop - tr.extras["energy"][-1]) <= 1e-6 * drop
+    assert np.all(np.diff(tr.loss) <= 1e-14 * tr.loss[0])
+    assert tr.stats["max_constraint_residual"] <= 1e-12
+    assert tr.stats["spectral_radius"] > 1e3  # the power method saw the stiffness (3.3 / h of DOPRI5's steps)
+    if method == "stiff":
+        assert tr.stats["stiff_steps"] == tr.stats["num_accepted_steps"]
+    else:
+        assert tr.stats["switches_to_stiff"] >= 1 and 0 < tr.stats["stiff_steps"] < tr.stats["num_accepted_steps"]
+        assert tr.stats["grad_evals"] < 0.8 * ref.stats["grad_evals"]
+
+
+def test_clarke_flow_rejects_bad_stiffness_options():
+    for kw, word in ((dict(method="rk45"), "method"), (dict(s_max=1), "s_max"), (dict(stiff_after=0), "stiff_after"),
+                     (dict(stiff_ratio=-1.0), "stiff_ratio")):
+        with pytest.raises(ValueError, match=word):
+            ClarkeFlow(**kw)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_bvls_by_components_is_one_bvls(seed):
     """The mode decision's bounded least squares solved component by component (columns sharing no row separate; the

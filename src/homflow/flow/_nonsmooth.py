@@ -66,6 +66,19 @@ class ClarkeFlow:
         chatter_limit: a unit flipped this many times in consecutive events without progress in time is chattering
             at its kink; when the mode decision would flip it again it slides instead (its slope from the sliding
             field, which must lie in ``[alpha, 1]``; docs/nonsmooth.md).
+        method: ``'auto'`` (default: Dormand-Prince 5(4), switching to Runge-Kutta-Chebyshev while the step is limited by
+            stability rather than accuracy, on to the linearly implicit Rosenbrock pair of ode23s while RKC's steps
+            are limited by its stage budget, and back down), ``'explicit'`` (DOPRI5 throughout), ``'stiff'`` (RKC
+            throughout) or ``'implicit'`` (Rosenbrock throughout). The late phase of a flow is often stiff (the
+            spectral radius of the loss's Hessian reaches 1e3..1e4 while the state barely moves; log time multiplies
+            it by ``1 + t``): RKC's stage count grows like ``sqrt(h rho)``, DOPRI5's step count like ``h rho``, and the
+            Rosenbrock step (one Jacobian and LU per step) is limited by accuracy only (flow/_nonsmooth_kernel.py).
+        stiff_ratio, stiff_after: switch to RKC after ``stiff_after`` accepted DOPRI5 steps with ``h rho > stiff_ratio``
+            (``rho`` the pair's free estimate; its stability bound is 3.3), counted until a call with mostly non-stiff
+            steps; nonstiff_ratio, nonstiff_after: back to DOPRI5 after ``nonstiff_after`` accepted 2-stage RKC steps
+            with ``h rho < nonstiff_ratio``. s_max: most RKC stages per step; rho_every: accepted RKC steps between
+            spectral-radius re-estimates (rkc.f's 25). implicit_max_params: the Rosenbrock rung is used only for
+            problems with at most this many parameters (its Jacobian is ``P x P``, its LU ``O(P^3)`` per step).
         crossings: pass transversal crossings (one unit at its kink, both one-sided fields moving it across, the
             sliding slopes still admissible) inside the compiled loop as sign flips, instead of returning to the host
             for the mode decision (which gives the same flip there; flow/_nonsmooth_kernel.py). Every other event
@@ -88,9 +101,19 @@ class ClarkeFlow:
     project: bool = True
     chatter_limit: int = 3
     crossings: bool = True
+    method: str = "auto"
+    stiff_ratio: float = 2.5
+    stiff_after: int = 15
+    nonstiff_ratio: float = 0.5
+    nonstiff_after: int = 25
+    s_max: int = 250
+    rho_every: int = 25
+    implicit_max_params: int = 2000
 
     def __post_init__(self):
-        for name in ("rtol", "safety", "factor_max"):
+        if self.method not in ("auto", "explicit", "stiff", "implicit"):
+            raise ValueError(f"`method` must be 'auto', 'explicit', 'stiff' or 'implicit'; got {self.method!r}.")
+        for name in ("rtol", "safety", "factor_max", "stiff_ratio", "nonstiff_ratio"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"`{name}` must be a finite number > 0; got {v!r}.")
@@ -100,10 +123,13 @@ class ClarkeFlow:
                 raise ValueError(f"`{name}` must be None or a finite number > 0; got {v!r}.")
         if not 0 < self.factor_min < 1:
             raise ValueError(f"`factor_min` must lie in (0, 1); got {self.factor_min!r}.")
-        for name in ("n_slope_iters", "max_steps", "max_locate", "zeno_limit", "chatter_limit"):
+        for name in ("n_slope_iters", "max_steps", "max_locate", "zeno_limit", "chatter_limit", "stiff_after",
+                     "nonstiff_after", "rho_every", "implicit_max_params"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1; got {v!r}.")
+        if isinstance(self.s_max, bool) or not isinstance(self.s_max, (int, np.integer)) or self.s_max < 2:
+            raise ValueError(f"`s_max` must be an integer >= 2; got {self.s_max!r}.")
         for name in ("project", "crossings"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"`{name}` must be True or False; got {getattr(self, name)!r}.")
@@ -176,14 +202,22 @@ class _Driver:
         self.ctl = Controls(rtol=A(sol.rtol), atol=A(atol), kt=A(self.kt), st=A(self.st), alpha=A(self.alpha),
                             pcoeff=A(sol.pcoeff), icoeff=A(sol.icoeff), safety=A(sol.safety),
                             factor_min=A(sol.factor_min), factor_max=A(sol.factor_max),
-                            max_locate=jnp.asarray(sol.max_locate, jnp.int32))
+                            max_locate=jnp.asarray(sol.max_locate, jnp.int32),
+                            rho_every=jnp.asarray(sol.rho_every, jnp.int32), s_max=jnp.asarray(sol.s_max, jnp.int32),
+                            stiff_ratio=A(sol.stiff_ratio), nonstiff_ratio=A(sol.nonstiff_ratio))
+        self.level = {"auto": "dopri5", "explicit": "dopri5", "stiff": "rkc", "implicit": "ros2"}[sol.method]
+        self._implicit_ok = theta0.shape[0] <= sol.implicit_max_params
+        self._stiff_cnt = self._easy_cnt = 0
+        self._v_rho = None  # the power method's direction, warm-starting every RKC call
+        self.switched = False  # set when a call switched methods: the controller's error memory is reset
         self.proj_iters = 1 if problem.n_hidden == 1 else 2
         self._factors = {}  # sliding set -> its SlidingFactor (nets with one hidden layer; flow/_clarke.py)
         self._theta0 = theta0
         self.stats = dict(num_steps=0, num_accepted_steps=0, num_rejected_steps=0, num_locate_steps=0,
                           grad_evals=0, kink_normals=0, events=0, pattern_changes=0, sliding_entered=0,
                           sliding_left=0, max_sliding=0, max_constraint_drift=0.0, max_constraint_residual=0.0,
-                          chatter_slides=0, crossings_in_loop=0, solver="clarke", log_time=bool(log_time))
+                          chatter_slides=0, crossings_in_loop=0, step_verdicts=0, stiff_steps=0, implicit_steps=0,
+                          switches_to_stiff=0, switches_to_implicit=0, switches_to_explicit=0, spectral_radius=0.0, solver="clarke", log_time=bool(log_time))
 
     def A(self, x):
         return np.asarray(x, self.dtype)
@@ -197,18 +231,32 @@ class _Driver:
     def advance(self, y, u, h, err_prev, u_stop, mode, n_max, project_first=False):
         """Many steps of ``mode`` in one compiled call (flow/_nonsmooth_kernel.py); updates the statistics."""
         signs, idx, valid = mode.arrays()
+        # evaluations (n_max = 0) use the DOPRI5 kernel: no spectral radius needed
+        method = self.level if n_max > 0 else "dopri5"
+        extra = {}
+        if method != "dopri5":
+            v = self._v_rho
+            extra = dict(method=method, v_rho=v if v is not None else np.eye(1, y.shape[0] - 1, dtype=self.dtype)[0],
+                         rho_iters0=np.asarray(20 if v is None else 6, np.int32))
         out = advance(self.problem, y, self.A(u), self.A(h), self.A(err_prev), self.A(u_stop), signs, idx, valid,
                       self.ctl, np.asarray(n_max, np.int32), np.asarray(bool(project_first)), self.log_time,
-                      bool(self.sol.project), self.proj_iters, bool(self.sol.crossings), self.factor(mode))
+                      bool(self.sol.project), self.proj_iters, bool(self.sol.crossings), self.factor(mode), **extra)
         out = jax.device_get(out)
         st = self.stats
-        n_att, n_loc = int(out["n_att"]), int(out["n_loc"])
+        n_att, n_loc, n_acc = int(out["n_att"]), int(out["n_loc"]), int(out["n_acc"])
         st["num_steps"] += n_att + n_loc
-        st["num_accepted_steps"] += int(out["n_acc"])
+        st["num_accepted_steps"] += n_acc
         st["num_rejected_steps"] += int(out["n_rej"])
         st["num_locate_steps"] += n_loc
-        st["grad_evals"] += 1 + 6 * (n_att + n_loc)  # the start value and six stages per step
-        st["kink_normals"] += len(mode.sliding) * (1 + 6 * (n_att + n_loc))
+        n_ev = int(out["n_ev"])  # the start value, the stages of every step, power iterations, Jacobian columns
+        st["grad_evals"] += n_ev
+        st["kink_normals"] += len(mode.sliding) * n_ev
+        if method != "dopri5":
+            self._v_rho = out["v_rho"]
+            st["stiff_steps" if method == "rkc" else "implicit_steps"] += n_acc
+            st["spectral_radius"] = float(out["rho"])
+        if n_max > 0 and self.sol.method == "auto":
+            self._switch(method, n_acc, int(out["n_stiff"]), int(out["n_easy"]))
         st["max_constraint_drift"] = max(st["max_constraint_drift"], float(out["drift"]))
         st["max_constraint_residual"] = max(st["max_constraint_residual"], float(out["resid"]))
         n_cross = int(out["n_cross"])
@@ -217,6 +265,29 @@ class _Driver:
             st["pattern_changes"] += n_cross
             st["crossings_in_loop"] += n_cross
         return out
+
+    def _switch(self, method, n_acc, n_stiff, n_easy):
+        """The automatic method ladder DOPRI5 -> RKC -> Rosenbrock (``ClarkeFlow.method = 'auto'``): up after
+        ``stiff_after`` accepted steps limited by stability (DOPRI5: ``h rho > stiff_ratio``; RKC: the step shortened to
+        fit ``s_max`` stages), counted until a call with mostly unlimited steps; down after ``nonstiff_after`` easy
+        steps (RKC: 2 stages with ``h rho < nonstiff_ratio``; Rosenbrock: steps RKC would take with under half its
+        stage budget)."""
+        st = self.stats
+        up = {"dopri5": "rkc", "rkc": "ros2" if self._implicit_ok else None, "ros2": None}[method]
+        down = {"dopri5": None, "rkc": "dopri5", "ros2": "rkc"}[method]
+        if up is not None:
+            if n_acc >= 6 and 2 * n_stiff < n_acc:
+                self._stiff_cnt = 0
+            self._stiff_cnt += n_stiff
+            if self._stiff_cnt >= self.sol.stiff_after:
+                self.level, self._stiff_cnt, self._easy_cnt, self.switched = up, 0, 0, True
+                st["switches_to_stiff" if up == "rkc" else "switches_to_implicit"] += 1
+                return
+        if down is not None:
+            self._easy_cnt += n_easy
+            if self._easy_cnt >= self.sol.nonstiff_after:
+                self.level, self._stiff_cnt, self._easy_cnt, self.switched = down, 0, 0, True
+                st["switches_to_explicit" if down == "dopri5" else "switches_to_stiff"] += 1
 
     def factor(self, mode):
         """The sliding set's :class:`~homflow.flow._clarke.SlidingFactor` for nets whose kink normals do not move with
@@ -232,6 +303,28 @@ class _Driver:
                 self._factors.pop(next(iter(self._factors)))
         self._factors[key] = fac  # most recently used last
         return fac
+
+    def step_verdict(self, y, u, mode, target):
+        """The mode after an event where the mode decision kept the mode the step left. That mode would find the same
+        event again within a step (its target sits at the kink or slope bound and the step moved it across), so the
+        flow would stop or creep (seen: 200 events at one time; or events 5e-10 apart with a slope at its bound).
+        Why the decision kept it: the target's first-order motion is below the decision's rounding threshold
+        (``_tiny_dz``, a slope within ``slope_tol`` of its bound), so first order cannot tell its side, while the
+        Runge-Kutta step of the mode moved it across (second order). Take the step's verdict: a free unit crosses (its sign flips; if that mode sends it back, the chatter rule makes it
+        slide), a sliding unit whose slope left ``[alpha, 1]`` leaves the set on that bound's side.
+        ``stats['step_verdicts']`` counts them."""
+        signs, slide = mode.signs.copy(), set(mode.sliding)
+        N = signs.shape[0]
+        if target < N:
+            signs[target] = -signs[target]
+        else:
+            k = target - N
+            e = mode.sliding[k]
+            _, s, _, _ = self.evaluate(y, u, mode)
+            slide.discard(e)
+            signs[e] = 1 if s[k] > 0.5 * (1.0 + self.alpha) else -1
+        self.stats["step_verdicts"] += 1
+        return _Mode(signs, slide)
 
     def _tiny_dz(self, theta, v, sc, ids):
         return self.kt * sc[ids] * (np.linalg.norm(v) / max(float(np.linalg.norm(theta)), np.finfo(float).tiny))
@@ -361,6 +454,8 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
             break
         n_max = min(_CALL_STEPS, sol.max_steps - stats["num_steps"])
         out = D.advance(y, u, h, err_prev, float(us[k_save]), mode, n_max, project_first=pending_projection)
+        if D.switched:
+            out["err_prev"], D.switched = 1.0, False
         if int(out["n_cross"]):  # crossings passed inside the compiled loop: the pattern it ended in
             mode = _Mode(np.asarray(out["signs"]), mode.sliding)
         pending_projection = False
@@ -410,6 +505,8 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
             pre = D.advance(y, u, 0.0, 1.0, u, mode, 0, project_first=True)
             y = pre["y0"]
             new = D.resolve(y, u, mode, cands, chatter, z=pre["z0"], sc=pre["scale0"])
+            if new.key() == mode.key():  # kept: the same event would be found again at once (docstring)
+                new = D.step_verdict(y, u, mode, target)
             if no_progress:
                 flips = np.flatnonzero(new.signs != mode.signs)
                 recent = (recent + [int(e) for e in flips])[-64 * max(sol.chatter_limit, 1):]

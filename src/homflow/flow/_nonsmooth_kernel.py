@@ -21,8 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._clarke import gram_solve, jit, mode_slopes
+from ._stiff import RKC_STABILITY, rkc_recurrence, rkc_stages, rkc_start
 
-__all__ = ["advance", "RUN", "SAVE", "EVENT", "UNDERFLOW", "BUDGET", "project_sliding"]
+__all__ = ["advance", "RUN", "SAVE", "EVENT", "UNDERFLOW", "BUDGET", "project_sliding", "METHODS"]
+
+# the explicit pair; Runge-Kutta-Chebyshev for stiff stretches (flow/_stiff.py); the linearly implicit
+# Rosenbrock pair of MATLAB's ode23s for stretches too stiff even for RKC's stage budget
+METHODS = ("dopri5", "rkc", "ros2")
 
 RUN, SAVE, EVENT, UNDERFLOW, BUDGET = 0, 1, 2, 3, 4
 
@@ -69,8 +74,9 @@ def _aug_field(problem, y, u, log_time, signs, idx, valid, fac=None):
 
 
 def _rk_step(problem, y, f0, u, h, log_time, signs, idx, valid, rtol, atol, fac=None):
-    """One DOPRI5 step: ``(y1, f1, err_norm, z1, scale1, s1)``; the error norm is the RMS of the local error of the
-    error-controlled part of ``theta`` scaled by ``atol + rtol max(|y0|, |y1|)``."""
+    """One DOPRI5 step: ``(y1, f1, err_norm, z1, scale1, s1, rho)``; the error norm is the RMS of the local error of the
+    error-controlled part of ``theta`` scaled by ``atol + rtol max(|y0|, |y1|)``; ``rho = ||k7 - k6|| / ||y1 - y6||``
+    is the pair's free estimate of the field's spectral radius along the step (Hairer & Wanner's stiffness test)."""
     dtype = y.dtype
     A, C, E = jnp.asarray(_A, dtype), jnp.asarray(_C, dtype), jnp.asarray(_E, dtype)
     ks = jnp.zeros((7,) + y.shape, dtype).at[0].set(f0)
@@ -88,7 +94,90 @@ def _rk_step(problem, y, f0, u, h, log_time, signs, idx, valid, rtol, atol, fac=
     scale = atol + rtol * jnp.maximum(jnp.abs(y[:ne]), jnp.abs(y1[:ne]))
     errn = jnp.sqrt(jnp.mean((err[:ne] / scale) ** 2))
     z1, sc1 = problem.preactivations(y1[:-1])
-    return y1, ks[6], errn, z1, sc1, s1
+    y6 = y + h * (A[5] @ ks)
+    num, den = jnp.linalg.norm((ks[6] - ks[5])[:ne]), jnp.linalg.norm((y1 - y6)[:ne])
+    rho = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+    return y1, ks[6], errn, z1, sc1, s1, rho
+
+
+def _rkc_step(problem, y, f0, u, h, s, log_time, signs, idx, valid, rtol, atol, fac=None):
+    """One step of the second-order Runge-Kutta-Chebyshev method with ``s`` stages (flow/_stiff.py, rkc.f's damping
+    2/13): stable for ``h rho <= 0.653 s^2``, so a stiff stretch costs ``~sqrt(1.54 h rho)`` field evaluations per step
+    instead of ``h rho / 3.3`` Dormand-Prince steps. Every stage is an affine combination of ``y`` and field values,
+    so the linear invariants of a two-layer sliding mode are kept as by DOPRI5. Returns what :func:`_rk_step` returns,
+    with the error estimate ``0.8 (y - y1) + 0.4 h (f0 + f1)`` of rkc.f and ``rho = 0``."""
+    w0, w1, coef = rkc_start(s, y.dtype)
+    yjm1 = y + (h * coef[0]) * f0
+
+    def body(j, c):
+        (yjm1, yjm2), coef = c
+        mu, nu, mus, ajm1, new = rkc_recurrence(w0, w1, coef)
+        fj, _ = _aug_field(problem, yjm1, u + h * coef[0], log_time, signs, idx, valid, fac)
+        yj = mu * yjm1 + nu * yjm2 + (1.0 - mu - nu) * y + (h * mus) * (fj - ajm1 * f0)
+        return (yj, yjm1), new
+
+    (y1, _), _ = jax.lax.fori_loop(2, s + 1, body, ((yjm1, y), coef))
+    f1, s1 = _aug_field(problem, y1, u + h, log_time, signs, idx, valid, fac)
+    err = 0.8 * (y - y1) + 0.4 * h * (f0 + f1)
+    ne = getattr(problem, "n_error", y.shape[0] - 1)
+    scale = atol + rtol * jnp.maximum(jnp.abs(y[:ne]), jnp.abs(y1[:ne]))
+    errn = jnp.sqrt(jnp.mean((err[:ne] / scale) ** 2))
+    z1, sc1 = problem.preactivations(y1[:-1])
+    return y1, f1, errn, z1, sc1, s1, jnp.zeros((), y.dtype)
+
+
+_ROS_D = 1.0 / (2.0 + np.sqrt(2.0))
+_ROS_E32 = 6.0 + np.sqrt(2.0)
+
+
+def _ros_step(problem, y, f0, u, h, log_time, signs, idx, valid, rtol, atol, fac=None):
+    """One step of the modified Rosenbrock pair of Shampine & Reichelt (SIAM J. Sci. Comput. 18, 1997; MATLAB's
+    ``ode23s``): second order, L-stable, with a third-order error estimate, three field evaluations, one Jacobian
+    ``J = df/dy`` (forward mode, one JVP per parameter) and one LU of ``W = I - h d J`` (``d = 1/(2 + sqrt 2)``) per
+    step. Its step is limited by accuracy only, so a state at rest in a stiff late phase (log time multiplies the
+    Hessian's spectrum by ``1 + t``) is crossed in a few steps. ``W`` maps the tangent space of a two-layer sliding
+    mode (constant kink normals) to itself, so the stages keep the linear invariants as the explicit pairs do.
+    Returns what :func:`_rk_step` returns (``rho = 0``)."""
+    def F(yy, uu):
+        return _aug_field(problem, yy, uu, log_time, signs, idx, valid, fac)[0]
+
+    J = jax.jacfwd(F)(y, u)
+    T = jax.jvp(lambda uu: F(y, uu), (u,), (jnp.ones_like(u),))[1] if log_time else jnp.zeros_like(y)
+    d = _ROS_D
+    W = jnp.eye(y.shape[0], dtype=y.dtype) - (h * d) * J
+    lu = jax.scipy.linalg.lu_factor(W)
+    solve = lambda b: jax.scipy.linalg.lu_solve(lu, b)  # noqa: E731
+    k1 = solve(f0 + (h * d) * T)
+    f1 = F(y + 0.5 * h * k1, u + 0.5 * h)
+    k2 = solve(f1 - k1) + k1
+    y1 = y + h * k2
+    f2, s2 = _aug_field(problem, y1, u + h, log_time, signs, idx, valid, fac)
+    k3 = solve(f2 - _ROS_E32 * (k2 - f1) - 2.0 * (k1 - f0) + (h * d) * T)
+    err = (h / 6.0) * (k1 - 2.0 * k2 + k3)
+    ne = getattr(problem, "n_error", y.shape[0] - 1)
+    scale = atol + rtol * jnp.maximum(jnp.abs(y[:ne]), jnp.abs(y1[:ne]))
+    errn = jnp.sqrt(jnp.mean((err[:ne] / scale) ** 2))
+    z1, sc1 = problem.preactivations(y1[:-1])
+    return y1, f2, errn, z1, sc1, s2, jnp.zeros((), y.dtype)
+
+
+def _power(problem, y, f0, u, v, iters, log_time, signs, idx, valid, fac=None):
+    """``iters`` steps of the nonlinear power method on the mode's field (rkc.f's ``rkcrho``, as
+    :func:`homflow.flow._stiff.spectral_radius`), warm-started from ``v``; ``theta`` only (the energy is not fed back).
+    Returns ``(rho, v)``."""
+    th = y[:-1]
+    eps = jnp.sqrt(jnp.finfo(y.dtype).eps) * (1.0 + jnp.linalg.norm(th))
+
+    def body(i, c):
+        rho, v = c
+        vn = jnp.linalg.norm(v)
+        dv = v * (eps / jnp.where(vn > 0, vn, 1.0))
+        fp, _ = _aug_field(problem, y.at[:-1].add(dv), u, log_time, signs, idx, valid, fac)
+        diff = fp[:-1] - f0[:-1]
+        r = jnp.linalg.norm(diff) / eps
+        return r, jnp.where(r > 0, diff, v + 0.5 * dv)
+
+    return jax.lax.fori_loop(0, iters, body, (jnp.zeros((), y.dtype), v))
 
 
 def _event_values(signs, in_S, valid, z, sc, s, kt, st, alpha):
@@ -120,11 +209,16 @@ class Controls(eqx.Module):
     factor_min: jax.Array
     factor_max: jax.Array
     max_locate: jax.Array
+    rho_every: jax.Array
+    s_max: jax.Array
+    stiff_ratio: jax.Array
+    nonstiff_ratio: jax.Array
 
 
-@partial(jit, static_argnames=("log_time", "project", "proj_iters", "crossings"))
+@partial(jit, static_argnames=("log_time", "project", "proj_iters", "crossings", "method"))
 def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls, n_max, project_first,
-            log_time: bool, project: bool, proj_iters: int, crossings: bool = False, fac=None):
+            log_time: bool, project: bool, proj_iters: int, crossings: bool = False, fac=None,
+            method: str = "dopri5", v_rho=None, rho_iters0=None):
     """Integrate the mode ``(signs, idx, valid)`` from ``(u, y)`` with proposed step ``h`` until ``u_stop`` (status
     ``SAVE``), a located event (``EVENT``), a step size underflow (``UNDERFLOW``) or ``n_max`` attempted steps
     (``BUDGET``). ``project_first``: first project ``y`` onto the sliding set's kink surfaces (after a mode change).
@@ -143,6 +237,14 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
     ``fac``: the sliding set's :class:`~homflow.flow._clarke.SlidingFactor` (``problem.sliding_factor``) when its kink
     normals do not move with ``theta`` (one hidden layer): the host forms it once per sliding set, and no field
     evaluation or projection here forms a Gram matrix. ``None``: the normals are recomputed at every evaluation.
+
+    ``method``: ``'dopri5'`` (Dormand-Prince 5(4)) or ``'rkc'`` (Runge-Kutta-Chebyshev, for stretches where DOPRI5's
+    step is limited by stability, not accuracy: ``h rho`` near its bound 3.3). In RKC mode the spectral radius is
+    estimated at the start by ``rho_iters0`` power iterations warm-started from ``v_rho`` (shape of ``theta``) and
+    re-estimated (4 iterations) every ``ctl.rho_every`` accepted steps; the estimate is multiplied by 1.2 (rkc.f) and
+    the stage count ``s`` chosen per step (at most ``ctl.s_max``, the step shortened to fit). In DOPRI5 mode
+    ``n_stiff`` counts the accepted steps with ``h rho > ctl.stiff_ratio`` (``rho`` the pair's free estimate) and
+    ``n_easy`` in RKC mode the accepted 2-stage steps with ``h rho < ctl.nonstiff_ratio``: the host switches on them.
 
     Returns a dict of the state (``y``, ``u``, ``h``, ``err_prev``), the event (``h_event`` from the returned ``u``,
     ``h_step``: the step that saw it, ``target``, ``y_event``, ``z_event``, ``scale_event``), the start values
@@ -172,6 +274,19 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
     f0, s0 = _aug_field(problem, y, u, log_time, signs, idx, valid, fac)
     z0, sc0 = problem.preactivations(y[:-1])
     y0 = y
+    stiff = method == "rkc"
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
+    order_q = 5.0 if method == "dopri5" else 3.0  # the controller's exponent: 1 / (order of the error estimate)
+    n_ev0 = i32(1)
+    if method != "dopri5":
+        v_rho = jnp.zeros(y.shape[0] - 1, dtype).at[0].set(1.0) if v_rho is None else v_rho
+        it0 = i32(20) if rho_iters0 is None else rho_iters0
+        rho, v_rho = _power(problem, y, f0, u, v_rho, it0, log_time, signs, idx, valid, fac)
+        rho = 1.2 * rho
+        n_ev0 = n_ev0 + it0
+    else:
+        rho, v_rho = zero, jnp.zeros(y.shape[0] - 1, dtype)
     ev0 = _event_values(signs, in_S, valid, z0, sc0, s0, ctl.kt, ctl.st, ctl.alpha)
     at_stop = u_stop - u <= tiny_h * jnp.maximum(jnp.abs(u), 1.0)
 
@@ -179,6 +294,8 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
              signs=signs, n_cross=i32(0),
              locating=jnp.asarray(False), n_att=i32(0), n_acc=i32(0), n_rej=i32(0), n_loc=i32(0),
              drift=dr0, resid=rs0, last_h=h,
+             rho=rho, v_rho=v_rho, since_rho=i32(0), n_ev=n_ev0, n_stiff=i32(0), n_easy=i32(0), s_last=i32(6),
+             capped=jnp.asarray(False),
              # locate state
              h_step=zero, ha=zero, hb=zero, ev_a=ev0, ev_b=ev0, target=i32(0), p1=jnp.zeros(2, dtype),
              p2=jnp.zeros(2, dtype), n_it=i32(0), has_a=jnp.asarray(False),
@@ -196,13 +313,32 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
         h_adv = jnp.minimum(c["h"], u_stop - c["u"])
         return jnp.where(c["locating"], h_loc, h_adv)
 
+    def re_rho(c):
+        r, v = _power(problem, c["y"], c["f0"], c["u"], c["v_rho"], 4, log_time, c["signs"], idx, valid, fac)
+        return dict(c, rho=1.2 * r, v_rho=v, since_rho=i32(0), n_ev=c["n_ev"] + 4)
+
     def body(c):
         hh = step_size(c)
-        y1, f1, errn, z1, sc1, s1 = _rk_step(problem, c["y"], c["f0"], c["u"], hh, log_time, c["signs"], idx, valid,
-                                             ctl.rtol, ctl.atol, fac)
+        if stiff:
+            c = jax.lax.cond(~c["locating"] & (c["since_rho"] >= ctl.rho_every), re_rho, lambda c: c, c)
+            ns, hh_r = rkc_stages(hh, c["rho"], ctl.s_max)
+            c = dict(c, capped=~c["locating"] & (hh_r < hh))
+            hh = jnp.where(c["locating"], hh, hh_r)
+            y1, f1, errn, z1, sc1, s1, rho1 = _rkc_step(problem, c["y"], c["f0"], c["u"], hh, ns, log_time,
+                                                         c["signs"], idx, valid, ctl.rtol, ctl.atol, fac)
+            c = dict(c, n_ev=c["n_ev"] + ns, s_last=ns)
+        elif method == "ros2":
+            y1, f1, errn, z1, sc1, s1, rho1 = _ros_step(problem, c["y"], c["f0"], c["u"], hh, log_time, c["signs"],
+                                                        idx, valid, ctl.rtol, ctl.atol, fac)
+            c = dict(c, n_ev=c["n_ev"] + 3 + y.shape[0])  # three fields and a Jacobian (one JVP per column)
+        else:
+            y1, f1, errn, z1, sc1, s1, rho1 = _rk_step(problem, c["y"], c["f0"], c["u"], hh, log_time, c["signs"],
+                                                       idx, valid, ctl.rtol, ctl.atol, fac)
+            c = dict(c, n_ev=c["n_ev"] + 6)
         ev1 = _event_values(c["signs"], in_S, valid, z1, sc1, s1, ctl.kt, ctl.st, ctl.alpha)
         hit1 = ev1 < -1.0
-        c = jax.lax.cond(c["locating"], locate_update, advance_update, c, hh, y1, f1, errn, z1, sc1, s1, ev1, hit1)
+        c = jax.lax.cond(c["locating"], locate_update, advance_update, c, hh, y1, f1, errn, z1, sc1, s1, ev1, hit1,
+                         rho1)
         if crossings:
             c = jax.lax.cond(c["status"] == EVENT, try_cross, lambda c: c, c)
         return c
@@ -246,7 +382,7 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
                    status=jnp.where(saved, SAVE, RUN).astype(jnp.int32))
         return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, c)
 
-    def advance_update(c, hh, y1, f1, errn, z1, sc1, s1, ev1, hit1):
+    def advance_update(c, hh, y1, f1, errn, z1, sc1, s1, ev1, hit1, rho1):
         c = dict(c, n_att=c["n_att"] + 1)
         u = c["u"]
         ok = jnp.isfinite(errn) & (errn <= 1.0)
@@ -254,7 +390,7 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
         # rejected: shrink
         fac_rej = jnp.where(jnp.isfinite(errn),
                             jnp.maximum(ctl.factor_min,
-                                        ctl.safety * jnp.maximum(errn, 1e-10) ** (-(ctl.icoeff + ctl.pcoeff) / 5)),
+                                        ctl.safety * jnp.maximum(errn, 1e-10) ** (-(ctl.icoeff + ctl.pcoeff) / order_q)),
                             ctl.factor_min)
         h_rej = hh * fac_rej
         underflow = ~ok & (h_rej <= tiny_h * jnp.maximum(jnp.abs(u), 1.0))
@@ -269,13 +405,21 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
             y_acc, dr, rs = jax.lax.cond(jnp.any(valid), proj, no_proj, y1, sc1)
         else:
             y_acc, dr, rs = y1, zero, zero
-        fac = ctl.safety * jnp.maximum(errn, 1e-10) ** (-(ctl.icoeff + ctl.pcoeff) / 5) * \
-            jnp.maximum(c["err_prev"], 1e-10) ** (ctl.pcoeff / 5)
+        fac = ctl.safety * jnp.maximum(errn, 1e-10) ** (-(ctl.icoeff + ctl.pcoeff) / order_q) * \
+            jnp.maximum(c["err_prev"], 1e-10) ** (ctl.pcoeff / order_q)
         h_acc = hh * jnp.minimum(ctl.factor_max, jnp.maximum(ctl.factor_min, fac))
         h_acc = jnp.where(hh < c["h"], jnp.maximum(h_acc, c["h"]), h_acc)  # a step clipped at u_stop
         u_acc = u + hh
         saved = u_stop - u_acc <= tiny_h * jnp.maximum(jnp.abs(u_acc), 1.0)
-        acc = dict(y=y_acc, f0=f1, ev0=ev1, u=u_acc, h=h_acc, err_prev=errn, n_acc=c["n_acc"] + 1,
+        if stiff:
+            hot = (c["s_last"] == 2) & (hh * c["rho"] < ctl.nonstiff_ratio)
+            counters = dict(n_easy=c["n_easy"] + hot, since_rho=c["since_rho"] + 1, n_stiff=c["n_stiff"] + c["capped"])
+        elif method == "ros2":  # a step RKC would take with under half its stage budget
+            hot = hh * c["rho"] < (ctl.s_max.astype(dtype) ** 2 - 1.0) / (4 * RKC_STABILITY)
+            counters = dict(n_easy=c["n_easy"] + hot)
+        else:
+            counters = dict(n_stiff=c["n_stiff"] + (hh * rho1 > ctl.stiff_ratio))
+        acc = dict(y=y_acc, f0=f1, ev0=ev1, u=u_acc, h=h_acc, err_prev=errn, n_acc=c["n_acc"] + 1, **counters,
                    drift=jnp.maximum(c["drift"], dr), resid=jnp.maximum(c["resid"], rs), last_h=hh,
                    status=jnp.where(saved, SAVE, RUN).astype(jnp.int32))
         rej = dict(h=h_rej, n_rej=c["n_rej"] + 1, status=jnp.where(underflow, UNDERFLOW, RUN).astype(jnp.int32))
@@ -294,7 +438,7 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
         out = {k: sel(k) for k in c}
         return out
 
-    def locate_update(c, hc, y1, f1, errn, z1, sc1, s1, ev_c, hit_c):
+    def locate_update(c, hc, y1, f1, errn, z1, sc1, s1, ev_c, hit_c, rho1):
         t = c["target"]
         ec = ev_c[t]
         others = jnp.any(hit_c & (jnp.arange(ev_c.shape[0]) != t))
@@ -336,4 +480,5 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
                 err_prev=c["err_prev"], last_h=c["last_h"], h_event=c["hc"], h_step=c["h_step"], y_event=c["yc"],
                 z_event=c["zc"], scale_event=c["scc"], target=c["target"], n_att=c["n_att"], n_acc=c["n_acc"],
                 n_rej=c["n_rej"], n_loc=c["n_loc"], drift=c["drift"], resid=c["resid"], y0=y0, f0=f0, s0=s0, z0=z0,
-                scale0=sc0, signs=c["signs"], n_cross=c["n_cross"])
+                scale0=sc0, signs=c["signs"], n_cross=c["n_cross"], n_ev=c["n_ev"], n_stiff=c["n_stiff"],
+                n_easy=c["n_easy"], rho=c["rho"], v_rho=c["v_rho"])
