@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._clarke import KinkedProblem, _padded, clarke_min_norm, jit, mode_slopes, default_kink_tol, default_slope_tol, is_kinked, make_kinked
-from ._nonsmooth_kernel import BUDGET, SAVE, UNDERFLOW, Controls, advance
+from ._nonsmooth_kernel import BUDGET, SAVE, UNDERFLOW, Controls, advance, unpack
 from ._ode import _setup
 from ._results import RESULTS
 from ._solution import Trajectory
@@ -241,7 +241,7 @@ class _Driver:
         out = advance(self.problem, y, self.A(u), self.A(h), self.A(err_prev), self.A(u_stop), signs, idx, valid,
                       self.ctl, np.asarray(n_max, np.int32), np.asarray(bool(project_first)), self.log_time,
                       bool(self.sol.project), self.proj_iters, bool(self.sol.crossings), self.factor(mode), **extra)
-        out = jax.device_get(out)
+        out = unpack(jax.device_get(out))
         st = self.stats
         n_att, n_loc, n_acc = int(out["n_att"]), int(out["n_loc"]), int(out["n_acc"])
         st["num_steps"] += n_att + n_loc

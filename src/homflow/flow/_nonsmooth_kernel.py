@@ -23,7 +23,7 @@ import numpy as np
 from ._clarke import gram_solve, jit, mode_slopes
 from ._stiff import RKC_STABILITY, rkc_recurrence, rkc_stages, rkc_start
 
-__all__ = ["advance", "RUN", "SAVE", "EVENT", "UNDERFLOW", "BUDGET", "project_sliding", "METHODS"]
+__all__ = ["advance", "unpack", "RUN", "SAVE", "EVENT", "UNDERFLOW", "BUDGET", "project_sliding", "METHODS"]
 
 # the explicit pair; Runge-Kutta-Chebyshev for stiff stretches (flow/_stiff.py); the linearly implicit
 # Rosenbrock pair of MATLAB's ode23s for stretches too stiff even for RKC's stage budget
@@ -476,9 +476,27 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
     budget = c["status"] == RUN
     status = jnp.where(budget, BUDGET, c["status"])
     # a budget stop while locating: the next call retries the whole step from its start (nothing was accepted)
-    return dict(status=status, y=c["y"], u=c["u"], h=jnp.where(budget & c["locating"], c["h_step"], c["h"]),
-                err_prev=c["err_prev"], last_h=c["last_h"], h_event=c["hc"], h_step=c["h_step"], y_event=c["yc"],
-                z_event=c["zc"], scale_event=c["scc"], target=c["target"], n_att=c["n_att"], n_acc=c["n_acc"],
-                n_rej=c["n_rej"], n_loc=c["n_loc"], drift=c["drift"], resid=c["resid"], y0=y0, f0=f0, s0=s0, z0=z0,
-                scale0=sc0, signs=c["signs"], n_cross=c["n_cross"], n_ev=c["n_ev"], n_stiff=c["n_stiff"],
-                n_easy=c["n_easy"], rho=c["rho"], v_rho=c["v_rho"])
+    floats = dict(u=c["u"], h=jnp.where(budget & c["locating"], c["h_step"], c["h"]), err_prev=c["err_prev"],
+                  last_h=c["last_h"], h_event=c["hc"], h_step=c["h_step"], drift=c["drift"], resid=c["resid"],
+                  rho=c["rho"])
+    ints = dict(status=status, target=c["target"], n_att=c["n_att"], n_acc=c["n_acc"], n_rej=c["n_rej"],
+                n_loc=c["n_loc"], n_cross=c["n_cross"], n_ev=c["n_ev"], n_stiff=c["n_stiff"], n_easy=c["n_easy"])
+    # the scalars travel as two packed vectors (:func:`unpack`): one transfer each instead of one per scalar, which
+    # the host pays at every call (several per event)
+    return dict(y=c["y"], y_event=c["yc"], z_event=c["zc"], scale_event=c["scc"], y0=y0, f0=f0, s0=s0, z0=z0,
+                scale0=sc0, signs=c["signs"], v_rho=c["v_rho"],
+                floats=jnp.stack([jnp.asarray(v, dtype) for v in floats.values()]),
+                ints=jnp.stack([jnp.asarray(v, jnp.int32) for v in ints.values()]))
+
+
+_FLOATS = ("u", "h", "err_prev", "last_h", "h_event", "h_step", "drift", "resid", "rho")
+_INTS = ("status", "target", "n_att", "n_acc", "n_rej", "n_loc", "n_cross", "n_ev", "n_stiff", "n_easy")
+
+
+def unpack(out):
+    """The host's view of :func:`advance`'s result (after ``jax.device_get``): the packed scalars as Python numbers
+    beside the arrays."""
+    out = dict(out)
+    out.update(zip(_FLOATS, (float(v) for v in out.pop("floats"))))
+    out.update(zip(_INTS, (int(v) for v in out.pop("ints"))))
+    return out
