@@ -377,9 +377,11 @@ def test_gradient_flow_picks_the_non_smooth_solver_for_relu():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="not yet seen to finish on this machine (over 13 min alone under load); the split "
-                   "figure to t = 1e6 is part of the open non-smooth work")
 def test_split_flow_stays_on_T_theta_and_a_perturbed_one_does_not():
+    """The split narrow flow's image T theta(t) and the wide flow from eta(0) = T theta(0) agree to 1e-10 relative
+    through log time to t = 1e4 (measured 2.2e-11, ~40 s with the control); a 1e-7 perturbation of eta(0) is not
+    damped below 1e-9. To t = 1e6 the same problem measures 2.8e-9 (docs/nonsmooth.md: the deviation grows steadily
+    with t; the 1e-10 figure through 1e6 is open)."""
     from homflow.embedding import split
     from homflow.flow import joint_nonsmooth_flow
     from homflow.models import flatten
@@ -398,5 +400,5 @@ def test_split_flow_stays_on_T_theta_and_a_perturbed_one_does_not():
         T = np.stack([np.asarray(sp.apply_flat(jnp.asarray(th))) for th in a.thetas])
         devs[pert] = np.max(np.linalg.norm(b.thetas - T, axis=1) / np.linalg.norm(T, axis=1))
         assert a.stats["events"] > 0
-    assert devs[0.0] <= 1e-12
+    assert devs[0.0] <= 1e-10
     assert devs[1e-7] >= 1e-9
