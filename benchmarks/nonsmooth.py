@@ -169,7 +169,7 @@ def bench_gd(T=20.0, lrs=(1e-2, 5e-3, 2.5e-3)):
     return [row]
 
 
-def bench_split(t1=1e6):
+def bench_split(t1=1e6, rtol=1e-8):
     from homflow.embedding import split
     from homflow.flow._nonsmooth_joint import joint_nonsmooth_flow
 
@@ -184,10 +184,10 @@ def bench_split(t1=1e6):
                 np.sqrt(eta0.size)
         t0 = time.perf_counter()
         tn, tw = joint_nonsmooth_flow(sp, narrow, data, loss="exponential", t1=t1, time="log", n_save=30,
-                                      wide_theta0=eta0)
+                                      wide_theta0=eta0, solver=ClarkeFlow(rtol=rtol))
         T = np.stack([np.asarray(sp.apply_flat(jnp.asarray(th))) for th in tn.thetas])
         dev = np.linalg.norm(tw.thetas - T, axis=1) / np.linalg.norm(T, axis=1)
-        row = dict(case=name, ok=tn.success, t_end=float(tn.ts[-1]), max_rel_dev=float(dev.max()),
+        row = dict(case=name, rtol=rtol, ok=tn.success, t_end=float(tn.ts[-1]), max_rel_dev=float(dev.max()),
                    final_rel_dev=float(dev[-1]), events=tn.stats["events"], sliding=tn.stats["sliding_entered"],
                    wall_s=round(time.perf_counter() - t0, 1), load=round(_load(), 1))
         print(json.dumps(row), flush=True)
@@ -202,6 +202,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="3 random problems, 1 MLP")
     ap.add_argument("--budget", type=float, default=None, help="abandon a flow after this many wall seconds")
     ap.add_argument("--problems", default=None, help="comma-separated indices of the random problems to run")
+    ap.add_argument("--split-rtol", type=float, default=1e-8, help="rtol of the split flows (--only split)")
     ap.add_argument("--no-crossings", action="store_true",
                     help="every event to the host (ClarkeFlow(crossings=False)), for comparison")
     args = ap.parse_args()
@@ -222,7 +223,7 @@ def main():
         elif part == "gd":
             bench_gd()
         elif part == "split":
-            bench_split()
+            bench_split(rtol=args.split_rtol)
         else:
             raise SystemExit(f"unknown part {part!r}")
 

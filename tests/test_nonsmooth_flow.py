@@ -283,9 +283,35 @@ def test_rkc_stretches_give_the_dopri_flow(stiff_runs, method):
         assert tr.stats["grad_evals"] < 0.8 * ref.stats["grad_evals"]
 
 
+@pytest.mark.slow
+def test_a_flow_at_rest_stops_within_its_motion_bound():
+    """A square-loss flow that interpolates (8 points, width 20) is at rest once ``sqrt((t1 - t) L)`` is below the
+    tolerance: the solver fills the remaining saves (log time to 1e6, reached) and its bound holds for the flow
+    integrated on without the test (linear time from 0 to 3 t_rest: the motion after t_rest is below
+    ``sqrt((t - t_rest) L(t_rest))``, Cauchy-Schwarz with the energy identity), whose state at t_rest agrees with the
+    rest state to the integration tolerance."""
+    data = sphere(8, 3, seed=2)
+    model = TwoLayer(3, 20, leaky_relu(0.2), key=jax.random.PRNGKey(2), scale=1.0)
+    tr = nonsmooth_flow(model, data, loss="square", t1=1e6, n_save=20, time="log")
+    assert tr.success, tr.reason
+    tA, bound = tr.stats["at_rest_from"], tr.stats["rest_bound"]
+    assert tA is not None and tA < 1e4 and "at rest" in tr.reason
+    assert bound <= 1e-8 * np.linalg.norm(tr.thetas[-1]) + 1e-9 * np.linalg.norm(tr.thetas[0])
+    i = int(np.searchsorted(tr.ts, tA))
+    assert np.all(tr.thetas[i:] == tr.thetas[-1]) and tr.loss[-1] < 1e-20
+    t2 = 3 * tA
+    on = nonsmooth_flow(model, data, loss="square", t1=t2, ts=np.array([0.0, tA, t2]), time="linear",
+                        solver=ClarkeFlow(rest_test=False))
+    assert on.success and on.stats["at_rest_from"] is None
+    moved = np.linalg.norm(on.thetas[2] - on.thetas[1])
+    assert moved <= np.sqrt((t2 - tA) * on.loss[1])
+    assert np.linalg.norm(on.thetas[1] - tr.thetas[-1]) <= 1e-7 * np.linalg.norm(on.thetas[1])
+
+
 def test_clarke_flow_rejects_bad_stiffness_options():
     for kw, word in ((dict(method="rk45"), "method"), (dict(s_max=1), "s_max"), (dict(stiff_after=0), "stiff_after"),
-                     (dict(stiff_ratio=-1.0), "stiff_ratio")):
+                     (dict(stiff_ratio=-1.0), "stiff_ratio"), (dict(zeno_progress=0.0), "zeno_progress"),
+                     (dict(rest_test=1), "rest_test")):
         with pytest.raises(ValueError, match=word):
             ClarkeFlow(**kw)
 

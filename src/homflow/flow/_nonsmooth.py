@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from functools import partial
 import time as _time
 from typing import ClassVar
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,7 +58,15 @@ class ClarkeFlow:
         pcoeff, icoeff: PI controller coefficients; safety, factor_min, factor_max: step-size factor limits.
         max_steps: attempted steps (including event-location steps) before giving up.
         max_locate: regula-falsi iterations per event; zeno_limit: consecutive events without progress in time before
-            the solve stops (a Zeno point or an inconsistent mode).
+            the solve stops (a Zeno point or an inconsistent mode). zeno_progress: an event less than this far (relative
+            to ``max(|u|, 1)``) after the previous one counts as no progress (default 1e-10; two modes alternating with
+            progress ~1e-11 per event are a stall, not a flow).
+        rest_test: stop integrating where the flow is at rest to the tolerance: by Cauchy-Schwarz and the energy
+            identity (``L >= 0``) the state moves by at most ``sqrt((t1 - t) L(theta(t)))`` after ``t``; once that
+            is below ``rtol ||theta|| + atol`` the remaining saves are the current state (``stats['at_rest_from']``,
+            ``stats['rest_bound']``). A square-loss flow that interpolates gets there (its loss decays
+            exponentially); classification losses decay like ``1/t`` and do not. Tested every save and every 50
+            events.
         project: project onto the sliding set's kink surfaces after every accepted step (exact for two-layer nets, a
             Gauss-Newton step for deeper ones).
         chatter_limit: a unit flipped this many times in consecutive events without progress in time is chattering
@@ -98,6 +104,8 @@ class ClarkeFlow:
     max_steps: int = 1_000_000
     max_locate: int = 60
     zeno_limit: int = 200
+    zeno_progress: float = 1e-10
+    rest_test: bool = True
     project: bool = True
     chatter_limit: int = 3
     crossings: bool = True
@@ -113,7 +121,7 @@ class ClarkeFlow:
     def __post_init__(self):
         if self.method not in ("auto", "explicit", "stiff", "implicit"):
             raise ValueError(f"`method` must be 'auto', 'explicit', 'stiff' or 'implicit'; got {self.method!r}.")
-        for name in ("rtol", "safety", "factor_max", "stiff_ratio", "nonstiff_ratio"):
+        for name in ("rtol", "safety", "factor_max", "stiff_ratio", "nonstiff_ratio", "zeno_progress"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"`{name}` must be a finite number > 0; got {v!r}.")
@@ -130,7 +138,7 @@ class ClarkeFlow:
                 raise ValueError(f"`{name}` must be an integer >= 1; got {v!r}.")
         if isinstance(self.s_max, bool) or not isinstance(self.s_max, (int, np.integer)) or self.s_max < 2:
             raise ValueError(f"`s_max` must be an integer >= 2; got {self.s_max!r}.")
-        for name in ("project", "crossings"):
+        for name in ("project", "crossings", "rest_test"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"`{name}` must be True or False; got {getattr(self, name)!r}.")
 
@@ -236,7 +244,9 @@ class _Driver:
         extra = {}
         if method != "dopri5":
             v = self._v_rho
-            extra = dict(method=method, v_rho=v if v is not None else np.eye(1, y.shape[0] - 1, dtype=self.dtype)[0],
+            if v is None:  # a generic start: every direction of the state (a joint flow's wide half off T theta too)
+                v = np.random.default_rng(0).standard_normal(y.shape[0] - 1).astype(self.dtype)
+            extra = dict(method=method, v_rho=v,
                          rho_iters0=np.asarray(20 if v is None else 6, np.int32))
         out = advance(self.problem, y, self.A(u), self.A(h), self.A(err_prev), self.A(u_stop), signs, idx, valid,
                       self.ctl, np.asarray(n_max, np.int32), np.asarray(bool(project_first)), self.log_time,
@@ -446,12 +456,32 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
     recent = []  # (unit, sign) flips of the last events without progress in time: chattering units
     reason, success, failure = None, True, None
 
+    # the rest test (every save and every 50 events): one flow problem (a joint flow has two losses), L >= 0
+    check_rest = sol.rest_test and getattr(problem, "n_error", None) is None
+    last_rest_check = [0, 0]
+    stats["at_rest_from"], stats["rest_bound"] = None, None
     while k_save < len(us):
         if stats["num_steps"] >= sol.max_steps:
             success, failure = False, "max_steps"
             reason = (f"max_steps = {sol.max_steps} reached at t = {_t(u, log_time):.6g} before t1 = {t1:g} "
                       f"({stats['events']} events, {len(mode.sliding)} units sliding); raise max_steps")
             break
+        if check_rest and (k_save > last_rest_check[0] or stats["events"] >= last_rest_check[1] + 50):
+            last_rest_check[:] = [k_save, stats["events"]]
+            th = np.asarray(y[:-1])
+            log_l = float(np.asarray(_diag(problem, jnp.asarray(th)[None])[0])[0])
+            t_now = _t(u, log_time)
+            bound = math.sqrt(max(t1 - t_now, 0.0)) * math.exp(0.5 * log_l)
+            if bound <= sol.rtol * float(np.linalg.norm(th)) + D.atol:
+                # at rest: the flow moves by at most sqrt((t1 - t) L) from here (Cauchy-Schwarz and the energy
+                # identity, L >= 0), below the tolerance; the remaining saves are this state
+                for k in range(k_save, len(us)):
+                    saves_th.append(th)
+                    saves_E.append(float(y[-1]))
+                    saves_t.append(float(ts[k]))
+                k_save = len(us)
+                stats["at_rest_from"], stats["rest_bound"] = t_now, bound
+                break
         n_max = min(_CALL_STEPS, sol.max_steps - stats["num_steps"])
         out = D.advance(y, u, h, err_prev, float(us[k_save]), mode, n_max, project_first=pending_projection)
         if D.switched:
@@ -486,7 +516,7 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
             hc, h_step = float(out["h_event"]), float(out["h_step"])
             y, u = out["y_event"], u0 + hc
             err_prev = float(out["err_prev"])
-            no_progress = no_progress + 1 if hc <= tiny_h * max(abs(u), 1.0) else 0
+            no_progress = no_progress + 1 if hc <= max(tiny_h, sol.zeno_progress) * max(abs(u), 1.0) else 0
             if no_progress > sol.zeno_limit:
                 success, failure = False, "zeno"
                 reason = (f"{no_progress} events without progress in time at t = {_t(u, log_time):.6g}: a Zeno point "
@@ -530,6 +560,9 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
         result = RESULTS.successful
         reason = (f"reached t1 = {t1:g} ({stats['events']} events: {stats['pattern_changes']} pattern changes, "
                   f"{stats['sliding_entered']} sliding modes entered, {stats['sliding_left']} left)")
+        if stats["at_rest_from"] is not None:
+            reason += (f"; at rest from t = {stats['at_rest_from']:.6g} (it moves by at most "
+                       f"sqrt((t1 - t) L) = {stats['rest_bound']:.2e} after that)")
     else:
         result = _FAILURES[failure]
     return Trajectory(ts=np.asarray(saves_t), thetas=thetas, loss=np.exp(log_l), log_loss=log_l, norm=norm,

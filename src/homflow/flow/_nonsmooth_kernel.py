@@ -253,7 +253,6 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
     (``y0`` after the projection, ``f0``, ``s0``, ``z0``, ``scale0``) and counters."""
     dtype = y.dtype
     N = signs.shape[0]
-    K = idx.shape[0]
     in_S = jnp.zeros(N, bool).at[idx].max(valid)
     eps = jnp.finfo(dtype).eps
     tiny_h = 16 * eps
