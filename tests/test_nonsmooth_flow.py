@@ -231,6 +231,44 @@ def test_sliding_factor_gives_the_per_evaluation_field(dup):
     assert float(jnp.max(jnp.abs(p1[2]))) <= 1e-14 * float(jnp.max(kp.preactivations(off)[1]))  # rounding
 
 
+@pytest.mark.parametrize("dup", [False, True])
+def test_bordered_factors_are_the_from_scratch_factors(dup):
+    """Sliding factors bordered and trimmed by Schur complements (flow/_factor_cache.py) along a random walk of sliding
+    sets (units added and removed one or two at a time, across a capacity boundary) solve ``G lambda = b`` as the
+    factor formed from scratch does, to rounding. With a duplicated sample, sets holding both copies on one neuron have
+    dependent normals: those fall back to the from-scratch factor (the eigendecomposition) and still match."""
+    from homflow.flow._clarke import _padded
+    from homflow.flow._factor_cache import FactorCache
+
+    rng = np.random.default_rng(5)
+    d, m = 12, 8
+    kp, theta, _ = _planted_two_layer(rng, n=40, d=d, m=m, dup=dup)
+    cache = FactorCache(kp, theta, refresh=40)
+    pool = np.arange((d - 1) * m)  # samples 0..d-2 on every neuron: independent normals unless a sample repeats
+    units = set(rng.choice(pool, 6, replace=False).tolist())
+    worst = 0.0
+    for step in range(60):
+        if step < 30 or rng.random() < 0.4:
+            units |= set(rng.choice(pool, int(rng.integers(1, 3)), replace=False).tolist())
+        else:
+            units -= set(rng.choice(sorted(units), int(rng.integers(1, 3)), replace=False).tolist())
+        key = tuple(sorted(units))
+        fac = cache.get(key)
+        idx, valid = _padded(np.asarray(key))
+        ref = kp.sliding_factor(theta, jnp.asarray(idx), jnp.asarray(valid))
+        assert fac.N.shape == ref.N.shape and fac.Q.shape == ref.Q.shape
+        np.testing.assert_allclose(np.asarray(fac.N), np.asarray(ref.N), rtol=0, atol=1e-15)
+        b = np.where(valid, rng.standard_normal(idx.shape[0]), 0.0)
+        b = jnp.asarray(ref.N @ (ref.N.T @ b))  # in the range of G (the minimal-norm solution if dependent)
+        got, want = np.asarray(fac.solve(b)), np.asarray(ref.solve(b))
+        worst = max(worst, float(np.linalg.norm(ref.N.T @ (got - want)) / np.linalg.norm(ref.N.T @ want)))
+    assert worst <= 1e-10, worst
+    assert max(len(k) for k in cache._sets) > 16  # the walk crossed a capacity boundary
+    if not dup:
+        assert cache.stats["updated"] >= 40, cache.stats
+        assert cache.stats["built"] >= 2, cache.stats  # the first set and the refresh
+
+
 def test_flow_with_the_factor_is_the_flow_without(monkeypatch):
     """A two-layer flow with the sliding factor formed once per sliding set has the events, sliding modes and end
     states of the flow that forms the kink normals' Gram matrix at every field evaluation."""
@@ -351,7 +389,7 @@ def test_bvls_by_components_is_one_bvls(seed):
 
 
 def test_clarke_flow_rejects_non_bool_switches():
-    for name in ("crossings", "project"):
+    for name in ("crossings", "project", "factor_updates"):
         with pytest.raises(ValueError, match=name):
             ClarkeFlow(**{name: 1})
 

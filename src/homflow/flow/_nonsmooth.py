@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._factor_cache import FactorCache
 from ._clarke import KinkedProblem, _padded, clarke_min_norm, jit, mode_slopes, default_kink_tol, default_slope_tol, is_kinked, make_kinked
 from ._nonsmooth_kernel import BUDGET, SAVE, UNDERFLOW, Controls, advance, unpack
 from ._ode import _setup
@@ -89,6 +90,10 @@ class ClarkeFlow:
             sliding slopes still admissible) inside the compiled loop as sign flips, instead of returning to the host
             for the mode decision (which gives the same flip there; flow/_nonsmooth_kernel.py). Every other event
             goes to the host. ``stats['crossings_in_loop']`` counts them.
+        factor_updates: for nets with one hidden layer, form the sliding factor of a new sliding set by bordering the
+            inverse Gram matrix of a recent set that differs by a few units (Schur complements, ``O(k^2)``) instead of
+            from scratch (``O(K^2 P + K^3)`` at the padded capacity ``K``), with safeguards and a from-scratch refresh
+            (flow/_factor_cache.py). ``stats['factors_built']``, ``stats['factors_updated']`` count them.
     """
 
     rtol: float = 1e-8
@@ -117,6 +122,7 @@ class ClarkeFlow:
     s_max: int = 250
     rho_every: int = 25
     implicit_max_params: int = 2000
+    factor_updates: bool = True
 
     def __post_init__(self):
         if self.method not in ("auto", "explicit", "stiff", "implicit"):
@@ -138,7 +144,7 @@ class ClarkeFlow:
                 raise ValueError(f"`{name}` must be an integer >= 1; got {v!r}.")
         if isinstance(self.s_max, bool) or not isinstance(self.s_max, (int, np.integer)) or self.s_max < 2:
             raise ValueError(f"`s_max` must be an integer >= 2; got {self.s_max!r}.")
-        for name in ("project", "crossings", "rest_test"):
+        for name in ("project", "crossings", "rest_test", "factor_updates"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"`{name}` must be True or False; got {getattr(self, name)!r}.")
 
@@ -220,6 +226,9 @@ class _Driver:
         self.switched = False  # set when a call switched methods: the controller's error memory is reset
         self.proj_iters = 1 if problem.n_hidden == 1 else 2
         self._factors = {}  # sliding set -> its SlidingFactor (nets with one hidden layer; flow/_clarke.py)
+        # a plain one-hidden-layer problem: factors bordered from the last ones (flow/_factor_cache.py)
+        self._fcache = (FactorCache(problem, theta0) if isinstance(problem, KinkedProblem) and problem.n_hidden == 1
+                        and sol.factor_updates else None)
         self._theta0 = theta0
         self.stats = dict(num_steps=0, num_accepted_steps=0, num_rejected_steps=0, num_locate_steps=0,
                           grad_evals=0, kink_normals=0, events=0, pattern_changes=0, sliding_entered=0,
@@ -302,6 +311,8 @@ class _Driver:
     def factor(self, mode):
         """The sliding set's :class:`~homflow.flow._clarke.SlidingFactor` for nets whose kink normals do not move with
         ``theta`` (one hidden layer), formed once per distinct sliding set (the last 32 kept); ``None`` otherwise."""
+        if self._fcache is not None:
+            return self._fcache.get(tuple(mode.sliding))
         if self.problem.n_hidden != 1 or not mode.sliding:
             return None
         key = tuple(mode.sliding)
@@ -556,6 +567,8 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
     log_l, norm = (np.asarray(a) for a in _diag(problem, jnp.asarray(thetas)))
     stats["wall_s"] = _time.perf_counter() - t_start
     stats["sliding_final"] = len(mode.sliding)
+    if D._fcache is not None:
+        stats["factors_built"], stats["factors_updated"] = D._fcache.stats["built"], D._fcache.stats["updated"]
     if success:
         result = RESULTS.successful
         reason = (f"reached t1 = {t1:g} ({stats['events']} events: {stats['pattern_changes']} pattern changes, "
