@@ -366,6 +366,11 @@ class SlidingFactor(eqx.Module):
 
     @classmethod
     def build(cls, N, valid, cond_max=None):
+        return cls.build_checked(N, valid, cond_max)[0]
+
+    @classmethod
+    def build_checked(cls, N, valid, cond_max=None):
+        """The factor and whether Cholesky formed it (``False``: the eigendecomposition, dependent normals)."""
         G, Lc, ok = _gram_cholesky(N.T, valid, cond_max)
         eye = jnp.eye(G.shape[0], dtype=G.dtype)
 
@@ -374,7 +379,7 @@ class SlidingFactor(eqx.Module):
             return (V * inv) @ V.T
 
         Q = jax.lax.cond(ok, lambda _: jax.scipy.linalg.cho_solve((Lc, True), eye), eig, None)
-        return cls(N, G, Q, valid)
+        return cls(N, G, Q, valid), ok
 
     def solve(self, b):
         d = self.Q @ b

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._clarke import SlidingFactor, _gram_cholesky, _padded, capacity, jit
+from ._clarke import SlidingFactor, _padded, capacity, jit
 
 
 @jit
@@ -39,18 +39,23 @@ def _normals(problem, theta, idx, valid):
 @jit
 def _build(problem, theta, idx, valid):
     """The from-scratch factor and whether Cholesky formed it."""
-    N = problem.normals(theta, idx) * valid[:, None].astype(theta.dtype)
-    _, _, ok = _gram_cholesky(N.T, valid, None)
-    return SlidingFactor.build(N, valid), ok
+    return SlidingFactor.build_checked(problem.normals(theta, idx) * valid[:, None].astype(theta.dtype), valid)
+
+
+@jit
+def _sliding_factor(problem, theta, idx, valid):
+    return problem.sliding_factor(theta, idx, valid)
 
 
 class FactorCache:
     """The :class:`SlidingFactor` of each sliding set (a sorted tuple of flat unit indices) of a one-hidden-layer
     problem, the last ``keep`` kept, new ones bordered from the nearest kept one (at most ``max_diff`` units
-    different) or formed from scratch. ``stats``: ``built`` (from scratch), ``updated`` (by Schur complements)."""
+    different) or formed from scratch. ``border=False``: every factor from scratch by ``problem.sliding_factor`` (a
+    joint problem's pair of factors; ``ClarkeFlow(factor_updates=False)``), ``None`` for the empty set. ``stats``:
+    ``built`` (from scratch), ``updated`` (by Schur complements)."""
 
-    def __init__(self, problem, theta0, keep: int = 32, refresh: int = 64, max_diff: int = 4):
-        self.problem, self.theta0 = problem, theta0
+    def __init__(self, problem, theta0, keep: int = 32, refresh: int = 64, max_diff: int = 4, border: bool = True):
+        self.problem, self.theta0, self.border = problem, theta0, border
         self.dtype = np.dtype(theta0.dtype)
         self.keep, self.refresh, self.max_diff = keep, refresh, max_diff
         self._normals = {}  # unit -> its kink normal (P,)
@@ -60,6 +65,8 @@ class FactorCache:
 
     def get(self, key):
         if not key:  # no sliding set: an all-invalid factor, so that the first capacity compiles once, not twice
+            if not self.border:
+                return None
             if self._empty is None:
                 P = self.theta0.shape[0]
                 self._empty = self._device(np.zeros((0, P), self.dtype), np.zeros((0, 0), self.dtype),
@@ -67,7 +74,7 @@ class FactorCache:
             return self._empty
         ent = self._sets.pop(key, None)
         if ent is None:
-            ent = self._bordered(key) or self._scratch(key)
+            ent = (self.border and self._bordered(key)) or self._scratch(key)
             if len(self._sets) >= self.keep:
                 self._sets.popitem(last=False)
         self._sets[key] = ent  # most recently used last
@@ -76,8 +83,10 @@ class FactorCache:
     # ---------------------------------------------------------------------------------------------------------------
     def _scratch(self, key):
         idx, valid = _padded(np.asarray(key, np.int64))
-        fac, ok = _build(self.problem, self.theta0, idx, valid)
         self.stats["built"] += 1
+        if not self.border:  # the problem's own factor (a joint problem: one per half), kept as it is
+            return dict(fac=_sliding_factor(self.problem, self.theta0, idx, valid), exact=False, age=0)
+        fac, ok = _build(self.problem, self.theta0, idx, valid)
         k = len(key)
         ent = dict(fac=fac, exact=bool(ok), age=0)
         if ent["exact"]:

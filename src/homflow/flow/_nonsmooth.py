@@ -167,11 +167,6 @@ def _dz(problem, theta, v, signs, idx, valid, s):
 
 
 @jit
-def _sliding_factor(problem, theta, idx, valid):
-    return problem.sliding_factor(theta, idx, valid)
-
-
-@jit
 def _diag(problem, thetas):
     return jax.vmap(lambda th: (problem.log_loss(th), jnp.linalg.norm(th)))(thetas)
 
@@ -225,16 +220,16 @@ class _Driver:
         self._v_rho = None  # the power method's direction, warm-starting every RKC call
         self.switched = False  # set when a call switched methods: the controller's error memory is reset
         self.proj_iters = 1 if problem.n_hidden == 1 else 2
-        self._factors = {}  # sliding set -> its SlidingFactor (nets with one hidden layer; flow/_clarke.py)
-        # a plain one-hidden-layer problem: factors bordered from the last ones (flow/_factor_cache.py)
-        self._fcache = (FactorCache(problem, theta0) if isinstance(problem, KinkedProblem) and problem.n_hidden == 1
-                        and sol.factor_updates else None)
-        self._theta0 = theta0
+        # sliding set -> its SlidingFactor for nets with one hidden layer (flow/_clarke.py); a plain problem's are
+        # bordered from the last ones (flow/_factor_cache.py)
+        self._fcache = (FactorCache(problem, theta0, border=isinstance(problem, KinkedProblem) and sol.factor_updates)
+                        if problem.n_hidden == 1 else None)
         self.stats = dict(num_steps=0, num_accepted_steps=0, num_rejected_steps=0, num_locate_steps=0,
                           grad_evals=0, kink_normals=0, events=0, pattern_changes=0, sliding_entered=0,
                           sliding_left=0, max_sliding=0, max_constraint_drift=0.0, max_constraint_residual=0.0,
                           chatter_slides=0, crossings_in_loop=0, step_verdicts=0, stiff_steps=0, implicit_steps=0,
-                          switches_to_stiff=0, switches_to_implicit=0, switches_to_explicit=0, spectral_radius=0.0, solver="clarke", log_time=bool(log_time))
+                          switches_to_stiff=0, switches_to_implicit=0, switches_to_explicit=0, spectral_radius=0.0,
+                          solver="clarke", log_time=bool(log_time))
 
     def A(self, x):
         return np.asarray(x, self.dtype)
@@ -255,8 +250,7 @@ class _Driver:
             v = self._v_rho
             if v is None:  # a generic start: every direction of the state (a joint flow's wide half off T theta too)
                 v = np.random.default_rng(0).standard_normal(y.shape[0] - 1).astype(self.dtype)
-            extra = dict(method=method, v_rho=v,
-                         rho_iters0=np.asarray(20 if v is None else 6, np.int32))
+            extra = dict(method=method, v_rho=v, rho_iters0=np.asarray(6, np.int32))
         out = advance(self.problem, y, self.A(u), self.A(h), self.A(err_prev), self.A(u_stop), signs, idx, valid,
                       self.ctl, np.asarray(n_max, np.int32), np.asarray(bool(project_first)), self.log_time,
                       bool(self.sol.project), self.proj_iters, bool(self.sol.crossings), self.factor(mode), **extra)
@@ -310,20 +304,8 @@ class _Driver:
 
     def factor(self, mode):
         """The sliding set's :class:`~homflow.flow._clarke.SlidingFactor` for nets whose kink normals do not move with
-        ``theta`` (one hidden layer), formed once per distinct sliding set (the last 32 kept); ``None`` otherwise."""
-        if self._fcache is not None:
-            return self._fcache.get(tuple(mode.sliding))
-        if self.problem.n_hidden != 1 or not mode.sliding:
-            return None
-        key = tuple(mode.sliding)
-        fac = self._factors.pop(key, None)
-        if fac is None:
-            _, idx, valid = mode.arrays()
-            fac = _sliding_factor(self.problem, self._theta0, idx, valid)
-            if len(self._factors) >= 32:
-                self._factors.pop(next(iter(self._factors)))
-        self._factors[key] = fac  # most recently used last
-        return fac
+        ``theta`` (one hidden layer), the last 32 sets kept (:class:`FactorCache`); ``None`` otherwise."""
+        return None if self._fcache is None else self._fcache.get(tuple(mode.sliding))
 
     def step_verdict(self, y, u, mode, target):
         """The mode after an event where the mode decision kept the mode the step left. That mode would find the same

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._clarke import gram_solve, jit, mode_slopes
-from ._stiff import RKC_STABILITY, rkc_recurrence, rkc_stages, rkc_start
+from ._stiff import RKC_STABILITY, rkc_recurrence, rkc_stages, rkc_start, spectral_radius
 
 __all__ = ["advance", "unpack", "RUN", "SAVE", "EVENT", "UNDERFLOW", "BUDGET", "project_sliding", "METHODS"]
 
@@ -73,6 +73,17 @@ def _aug_field(problem, y, u, log_time, signs, idx, valid, fac=None):
     return jnp.concatenate([v, rate[None]]), s
 
 
+def _err_norm_and_preacts(problem, y, y1, err, rtol, atol):
+    """The RMS of the local error ``err`` over the error-controlled part of ``theta`` (``problem.n_error`` entries,
+    default all of ``theta``) scaled by ``atol + rtol max(|y0|, |y1|)``, and the pre-activations at ``y1`` with their
+    bounds: the common tail of every step (a joint problem controls the error of its first part only)."""
+    ne = getattr(problem, "n_error", y.shape[0] - 1)
+    scale = atol + rtol * jnp.maximum(jnp.abs(y[:ne]), jnp.abs(y1[:ne]))
+    errn = jnp.sqrt(jnp.mean((err[:ne] / scale) ** 2))
+    z1, sc1 = problem.preactivations(y1[:-1])
+    return errn, z1, sc1
+
+
 def _rk_step(problem, y, f0, u, h, log_time, signs, idx, valid, rtol, atol, fac=None):
     """One DOPRI5 step: ``(y1, f1, err_norm, z1, scale1, s1, rho)``; the error norm is the RMS of the local error of the
     error-controlled part of ``theta`` scaled by ``atol + rtol max(|y0|, |y1|)``; ``rho = ||k7 - k6|| / ||y1 - y6||``
@@ -90,10 +101,8 @@ def _rk_step(problem, y, f0, u, h, log_time, signs, idx, valid, rtol, atol, fac=
     (ks, s1), _ = jax.lax.scan(body, (ks, jnp.zeros(idx.shape, dtype)), jnp.arange(1, 7))
     y1 = y + h * (A[6] @ ks)
     err = h * (E @ ks)
-    ne = getattr(problem, "n_error", y.shape[0] - 1)  # a joint problem controls the error of its first part only
-    scale = atol + rtol * jnp.maximum(jnp.abs(y[:ne]), jnp.abs(y1[:ne]))
-    errn = jnp.sqrt(jnp.mean((err[:ne] / scale) ** 2))
-    z1, sc1 = problem.preactivations(y1[:-1])
+    errn, z1, sc1 = _err_norm_and_preacts(problem, y, y1, err, rtol, atol)
+    ne = getattr(problem, "n_error", y.shape[0] - 1)
     y6 = y + h * (A[5] @ ks)
     num, den = jnp.linalg.norm((ks[6] - ks[5])[:ne]), jnp.linalg.norm((y1 - y6)[:ne])
     rho = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
@@ -119,10 +128,7 @@ def _rkc_step(problem, y, f0, u, h, s, log_time, signs, idx, valid, rtol, atol, 
     (y1, _), _ = jax.lax.fori_loop(2, s + 1, body, ((yjm1, y), coef))
     f1, s1 = _aug_field(problem, y1, u + h, log_time, signs, idx, valid, fac)
     err = 0.8 * (y - y1) + 0.4 * h * (f0 + f1)
-    ne = getattr(problem, "n_error", y.shape[0] - 1)
-    scale = atol + rtol * jnp.maximum(jnp.abs(y[:ne]), jnp.abs(y1[:ne]))
-    errn = jnp.sqrt(jnp.mean((err[:ne] / scale) ** 2))
-    z1, sc1 = problem.preactivations(y1[:-1])
+    errn, z1, sc1 = _err_norm_and_preacts(problem, y, y1, err, rtol, atol)
     return y1, f1, errn, z1, sc1, s1, jnp.zeros((), y.dtype)
 
 
@@ -156,30 +162,19 @@ def _ros_step(problem, y, f0, u, h, log_time, signs, idx, valid, rtol, atol, fac
     f2, s2 = _aug_field(problem, y1, u + h, log_time, signs, idx, valid, fac)
     k3 = solve(f2 - _ROS_E32 * (k2 - f1) - 2.0 * (k1 - f0) + (h * d) * T)
     err = (h / 6.0) * (k1 - 2.0 * k2 + k3)
-    ne = getattr(problem, "n_error", y.shape[0] - 1)
-    scale = atol + rtol * jnp.maximum(jnp.abs(y[:ne]), jnp.abs(y1[:ne]))
-    errn = jnp.sqrt(jnp.mean((err[:ne] / scale) ** 2))
-    z1, sc1 = problem.preactivations(y1[:-1])
+    errn, z1, sc1 = _err_norm_and_preacts(problem, y, y1, err, rtol, atol)
     return y1, f2, errn, z1, sc1, s2, jnp.zeros((), y.dtype)
 
 
 def _power(problem, y, f0, u, v, iters, log_time, signs, idx, valid, fac=None):
-    """``iters`` steps of the nonlinear power method on the mode's field (rkc.f's ``rkcrho``, as
-    :func:`homflow.flow._stiff.spectral_radius`), warm-started from ``v``; ``theta`` only (the energy is not fed back).
+    """``iters`` steps of the nonlinear power method on the mode's field (:func:`homflow.flow._stiff.spectral_radius`,
+    rkc.f's ``rkcrho``, a batch of one), warm-started from ``v``; ``theta`` only (the energy is not fed back).
     Returns ``(rho, v)``."""
-    th = y[:-1]
-    eps = jnp.sqrt(jnp.finfo(y.dtype).eps) * (1.0 + jnp.linalg.norm(th))
+    def f(_, th):
+        return _aug_field(problem, jnp.concatenate([th[0], y[-1:]]), u, log_time, signs, idx, valid, fac)[0][None, :-1]
 
-    def body(i, c):
-        rho, v = c
-        vn = jnp.linalg.norm(v)
-        dv = v * (eps / jnp.where(vn > 0, vn, 1.0))
-        fp, _ = _aug_field(problem, y.at[:-1].add(dv), u, log_time, signs, idx, valid, fac)
-        diff = fp[:-1] - f0[:-1]
-        r = jnp.linalg.norm(diff) / eps
-        return r, jnp.where(r > 0, diff, v + 0.5 * dv)
-
-    return jax.lax.fori_loop(0, iters, body, (jnp.zeros((), y.dtype), v))
+    rho, v = spectral_radius(f, u, y[None, :-1], f0[None, :-1], v[None], iters)
+    return rho[0], v[0]
 
 
 def _event_values(signs, in_S, valid, z, sc, s, kt, st, alpha):
@@ -486,8 +481,8 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
     # the host pays at every call (several per event)
     return dict(y=c["y"], y_event=c["yc"], z_event=c["zc"], scale_event=c["scc"], y0=y0, f0=f0, s0=s0, z0=z0,
                 scale0=sc0, signs=c["signs"], v_rho=c["v_rho"],
-                floats=jnp.stack([jnp.asarray(v, dtype) for v in floats.values()]),
-                ints=jnp.stack([jnp.asarray(v, jnp.int32) for v in ints.values()]))
+                floats=jnp.stack([jnp.asarray(floats[k], dtype) for k in _FLOATS]),
+                ints=jnp.stack([jnp.asarray(ints[k], jnp.int32) for k in _INTS]))
 
 
 _FLOATS = ("u", "h", "err_prev", "last_h", "h_event", "h_step", "drift", "resid", "rho")
