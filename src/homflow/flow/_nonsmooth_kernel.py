@@ -208,6 +208,7 @@ class Controls(eqx.Module):
     max_locate: jax.Array
     rho_every: jax.Array
     s_max: jax.Array
+    s_switch: jax.Array  # RKC steps with more stages than this count toward the Rosenbrock rung
     stiff_ratio: jax.Array
     nonstiff_ratio: jax.Array
 
@@ -240,8 +241,11 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
     estimated at the start by ``rho_iters0`` power iterations warm-started from ``v_rho`` (shape of ``theta``) and
     re-estimated (4 iterations) every ``ctl.rho_every`` accepted steps; the estimate is multiplied by 1.2 (rkc.f) and
     the stage count ``s`` chosen per step (at most ``ctl.s_max``, the step shortened to fit). In DOPRI5 mode
-    ``n_stiff`` counts the accepted steps with ``h rho > ctl.stiff_ratio`` (``rho`` the pair's free estimate) and
-    ``n_easy`` in RKC mode the accepted 2-stage steps with ``h rho < ctl.nonstiff_ratio``: the host switches on them.
+    ``n_stiff`` counts the accepted steps with ``h rho > ctl.stiff_ratio`` (``rho`` the pair's free estimate), in RKC
+    mode the accepted steps shortened to fit ``s_max`` stages or taking more than ``ctl.s_switch`` (the cost of a
+    Rosenbrock step in evaluations); ``n_easy`` in RKC mode the accepted 2-stage steps with
+    ``h rho < ctl.nonstiff_ratio``, in Rosenbrock mode the steps RKC would take with under ``s_switch / 2`` stages:
+    the host switches on them.
 
     Returns a dict of the state (``y``, ``u``, ``h``, ``err_prev``), the event (``h_event`` from the returned ``u``,
     ``h_step``: the step that saw it, ``target``, ``y_event``, ``z_event``, ``scale_event``), the start values
@@ -318,7 +322,8 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
         if stiff:
             c = jax.lax.cond(~c["locating"] & (c["since_rho"] >= ctl.rho_every), re_rho, lambda c: c, c)
             ns, hh_r = rkc_stages(hh, c["rho"], ctl.s_max)
-            c = dict(c, capped=~c["locating"] & (hh_r < hh))
+            # a step shortened to fit s_max stages, or one costing more stages than a Rosenbrock step
+            c = dict(c, capped=~c["locating"] & ((hh_r < hh) | (ns > ctl.s_switch)))
             hh = jnp.where(c["locating"], hh, hh_r)
             y1, f1, errn, z1, sc1, s1, rho1 = _rkc_step(problem, c["y"], c["f0"], c["u"], hh, ns, log_time,
                                                          c["signs"], idx, valid, ctl.rtol, ctl.atol, fac)
@@ -410,8 +415,8 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
         if stiff:
             hot = (c["s_last"] == 2) & (hh * c["rho"] < ctl.nonstiff_ratio)
             counters = dict(n_easy=c["n_easy"] + hot, since_rho=c["since_rho"] + 1, n_stiff=c["n_stiff"] + c["capped"])
-        elif method == "ros2":  # a step RKC would take with under half its stage budget
-            hot = hh * c["rho"] < (ctl.s_max.astype(dtype) ** 2 - 1.0) / (4 * RKC_STABILITY)
+        elif method == "ros2":  # a step RKC would take with under half the stages that make it the dearer method
+            hot = hh * c["rho"] < (ctl.s_switch.astype(dtype) ** 2 - 1.0) / (4 * RKC_STABILITY)
             counters = dict(n_easy=c["n_easy"] + hot)
         else:
             counters = dict(n_stiff=c["n_stiff"] + (hh * rho1 > ctl.stiff_ratio))
