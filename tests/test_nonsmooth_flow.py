@@ -269,23 +269,108 @@ def test_bordered_factors_are_the_from_scratch_factors(dup):
         assert cache.stats["built"] >= 2, cache.stats  # the first set and the refresh
 
 
+def _one_hidden_layer(kind, rng):
+    """A one-hidden-layer problem of each kind the block factors serve: a two-layer net with a repeated sample
+    (dependent normals on a neuron), an MLP with one hidden layer, and a net with one 2-D convolution layer (a
+    channel's units at all positions share its kernel; border positions see zero padding)."""
+    if kind == "two-layer":
+        kp, theta, _ = _planted_two_layer(rng, n=40, d=5, m=7, dup=True)
+        return kp, theta
+    key = jax.random.PRNGKey(int(rng.integers(1000)))
+    if kind == "mlp":
+        model, X = MLP(4, (9,), leaky_relu(0.2), key=key, scale=1.0), rng.standard_normal((30, 4))
+    else:
+        model, X = CNN((2, 4, 4), (3,), relu, key=key, scale=1.0), rng.standard_normal((6, 32))
+    prob, theta = make_problem(model, Dataset(jnp.asarray(X), jnp.asarray(np.sign(rng.standard_normal(len(X))))),
+                               "logistic")
+    return make_kinked(prob, model), theta
+
+
+@pytest.mark.parametrize("kind", ["two-layer", "mlp", "cnn"])
+def test_block_factor_is_the_dense_factor(kind):
+    """The block-diagonal sliding factor (flow/_block_factor.py: one block per neuron, found from the normals' column
+    supports, laid out in slots) gives the products with the normals, the Gram solve, the field, its sliding slopes
+    and the projection that the dense factor of the same sliding set gives, for random sets up to several units per
+    neuron (across block capacities 4 and 16), also with dependent normals (a repeated sample, more units than a
+    neuron's fan-in)."""
+    from homflow.flow._block_factor import block_normals, block_slots
+    from homflow.flow._clarke import _padded
+    from homflow.flow._nonsmooth_kernel import project_sliding
+
+    rng = np.random.default_rng(3)
+    kp, theta = _one_hidden_layer(kind, rng)
+    bn = block_normals(kp, theta)
+    assert bn is not None
+    z, _ = kp.preactivations(theta)
+    N = z.shape[0]
+    group, m = np.asarray(bn.group), bn.n_groups
+    Nd = np.asarray(jax.jit(lambda ids: kp.normals(theta, ids))(jnp.arange(N)))
+    # the blocks are the neurons: normals of different groups share no column, the compact normals are the normals
+    for j in range(m):
+        cols = np.asarray(bn.cols[j, :int(bn.width[j])])
+        other = np.setdiff1d(np.arange(Nd.shape[1]), cols)
+        assert np.all(Nd[np.ix_(group == j, other)] == 0)
+        np.testing.assert_array_equal(np.asarray(bn.Nc)[group == j][:, :cols.size], Nd[np.ix_(group == j, cols)])
+    signs = jnp.where(z > 0, 1, -1).astype(jnp.int8)
+    velocity = jax.jit(lambda *a: kp.velocity(*a))
+    block_factor = jax.jit(lambda idx, valid: bn.factor(idx, valid))
+    dense_factor = jax.jit(lambda idx, valid: kp.sliding_factor(theta, idx, valid))
+    project = jax.jit(lambda th, idx, valid, fac: project_sliding(kp, th, idx, valid, 1, fac))
+    caps = set()
+    for size in (3, 40, min(N // 2, 120)):
+        units = np.sort(rng.choice(N, size, replace=False))
+        if kind == "two-layer":  # the repeated sample's pair on neuron 0: dependent normals
+            units = np.union1d(units, [1 * 7, 5 * 7])
+        idx_b, valid_b, slot = block_slots(group, m, units)
+        caps.add(idx_b.shape[0] // m)
+        np.testing.assert_array_equal(idx_b[slot], units)
+        idx_d, valid_d = _padded(units)
+        fb = block_factor(jnp.asarray(idx_b), jnp.asarray(valid_b))
+        fd = dense_factor(jnp.asarray(idx_d), jnp.asarray(valid_d))
+        g = jnp.asarray(rng.standard_normal(theta.shape[0]))
+        np.testing.assert_allclose(np.asarray(fb.matvec(g))[slot], np.asarray(fd.matvec(g))[:units.size],
+                                   rtol=1e-13, atol=1e-13)
+        lam = rng.standard_normal(units.size)
+        lb = np.zeros(idx_b.shape[0]); lb[slot] = lam
+        ld = np.zeros(idx_d.shape[0]); ld[:units.size] = lam
+        np.testing.assert_allclose(np.asarray(fb.rmatvec(jnp.asarray(lb))), np.asarray(fd.rmatvec(jnp.asarray(ld))),
+                                   rtol=1e-13, atol=1e-13)
+        for log_scale in (0.0, 1.5):
+            vb, rb, sb = velocity(theta, log_scale, signs, idx_b, valid_b, fb)
+            vd, rd, sd = velocity(theta, log_scale, signs, idx_d, valid_d, fd)
+            np.testing.assert_allclose(vb, vd, rtol=1e-10, atol=1e-11 * float(jnp.linalg.norm(vd)))
+            np.testing.assert_allclose(rb, rd, rtol=1e-10)
+            np.testing.assert_allclose(np.asarray(sb)[slot], np.asarray(sd)[:units.size], rtol=1e-8, atol=1e-9)
+        off = theta + 1e-3 * jax.random.normal(jax.random.PRNGKey(size), theta.shape)
+        pb = project(off, idx_b, valid_b, fb)
+        pd = project(off, idx_d, valid_d, fd)
+        np.testing.assert_allclose(pb[0], pd[0], rtol=1e-11, atol=1e-13)
+    assert len(caps) >= 2, caps  # more than one block capacity
+
+
 def test_flow_with_the_factor_is_the_flow_without(monkeypatch):
-    """A two-layer flow with the sliding factor formed once per sliding set has the events, sliding modes and end
-    states of the flow that forms the kink normals' Gram matrix at every field evaluation."""
+    """A two-layer flow with block-diagonal sliding factors formed in the compiled loop (the default), one with dense
+    factors bordered on the host (``block_factors=False``), and one that forms the kink normals' Gram matrix at every
+    field evaluation have the same events, sliding modes and end states."""
     from homflow.flow import _nonsmooth
 
     data = sphere(30, 4, seed=2)
     model = TwoLayer(4, 10, relu, key=jax.random.PRNGKey(3), scale=0.3)
-    run = lambda: nonsmooth_flow(model, data, loss="logistic", t1=1.0, n_save=5, time="linear")  # noqa: E731
-    fast = run()
+
+    def run(**kw):
+        return nonsmooth_flow(model, data, loss="logistic", t1=1.0, n_save=5, time="linear", solver=ClarkeFlow(**kw))
+
+    runs = dict(block=run(), dense=run(block_factors=False))
+    assert runs["dense"].stats["factors_built"] > 0 and "factors_built" not in runs["block"].stats
     monkeypatch.setattr(_nonsmooth._Driver, "factor", lambda self, mode: None)
-    slow = run()
-    assert fast.success and slow.success, (fast.reason, slow.reason)
-    assert fast.stats["sliding_entered"] > 0
-    for key_ in ("events", "pattern_changes", "sliding_entered", "sliding_left"):
-        assert fast.stats[key_] == slow.stats[key_], key_
+    slow = run(block_factors=False)
+    assert slow.success and slow.stats["sliding_entered"] > 0, slow.reason
     ref = np.linalg.norm(slow.thetas, axis=1)
-    assert np.max(np.linalg.norm(fast.thetas - slow.thetas, axis=1) / ref) <= 1e-9
+    for name, fast in runs.items():
+        assert fast.success, (name, fast.reason)
+        for key_ in ("events", "pattern_changes", "sliding_entered", "sliding_left"):
+            assert fast.stats[key_] == slow.stats[key_], (name, key_)
+        assert np.max(np.linalg.norm(fast.thetas - slow.thetas, axis=1) / ref) <= 1e-9, name
 
 
 @pytest.fixture(scope="module")
@@ -382,10 +467,13 @@ def test_bvls_by_components_is_one_bvls(seed):
             assert np.all((s >= lo) & (s <= hi))
             f, f_ref = np.linalg.norm(J @ s + r), np.linalg.norm(J @ ref + r)
             assert f <= f_ref * (1 + 1e-12) + 1e-13
-    # in the box: the unconstrained solution itself
+    # in the box: the unconstrained solution itself (its residual to rounding; the slopes to rounding times the
+    # blocks' condition number, up to ~1e5 here with columns of scale 1e-4 beside ones of 30)
     J = problems[0][:, 1:-1]
     x = rng.uniform(0.3, 0.7, J.shape[1])
-    np.testing.assert_allclose(bvls(J, -J @ x, 0.0, 1.0), x, rtol=1e-9)
+    s = bvls(J, -J @ x, 0.0, 1.0)
+    assert np.linalg.norm(J @ (s - x)) <= 1e-13 * np.linalg.norm(J @ x)
+    np.testing.assert_allclose(s, x, rtol=1e3 * np.linalg.cond(J) * np.finfo(float).eps)
 
 
 def test_clarke_flow_rejects_non_bool_switches():

@@ -276,7 +276,7 @@ class KinkedProblem(eqx.Module):
     def sliding_correction(self, fac, zS):
         """The minimal-norm correction ``N^T (N N^T)^+ z_S`` that puts the sliding set back on its kink surfaces, from
         a :class:`SlidingFactor` (``zS``: the set's pre-activations, zero at invalid entries)."""
-        return fac.N.T @ fac.solve(zS)
+        return fac.rmatvec(fac.solve(zS))
 
     def sliding_grad(self, theta, signs, idx, valid, fac=None):
         """Gradient of the smooth piece ``signs`` with the slopes of the sliding set chosen so that the velocity is
@@ -295,13 +295,14 @@ class KinkedProblem(eqx.Module):
             if fac is None:
                 Nz = self.normals(theta, idx) * valid[:, None].astype(g.dtype)
                 lam = gram_solve(Nz.T, Nz @ g, valid)
-            else:
-                Nz = fac.N
-                lam = fac.solve(Nz @ g)
+                corr = Nz.T @ lam
+            else:  # a SlidingFactor or a block-diagonal BlockFactor (flow/_block_factor.py)
+                lam = fac.solve(fac.matvec(g))
+                corr = fac.rmatvec(lam)
             ce = c[idx]
             tiny = jnp.finfo(g.dtype).tiny
             s = s0 - lam / jnp.where(jnp.abs(ce) > tiny, ce, tiny)
-            return g - Nz.T @ lam, jnp.where(valid, s, s0)
+            return g - corr, jnp.where(valid, s, s0)
 
         g, s = jax.lax.cond(jnp.any(valid), sliding, lambda g: (g, s0), g)
         return F, g, s
@@ -380,6 +381,14 @@ class SlidingFactor(eqx.Module):
 
         Q = jax.lax.cond(ok, lambda _: jax.scipy.linalg.cho_solve((Lc, True), eye), eig, None)
         return cls(N, G, Q, valid), ok
+
+    def matvec(self, g):
+        """``N g`` (K,)."""
+        return self.N @ g
+
+    def rmatvec(self, lam):
+        """``N^T lam`` (P,)."""
+        return self.N.T @ lam
 
     def solve(self, b):
         d = self.Q @ b
@@ -511,7 +520,7 @@ def _batched_lstsq(J, r, cols, rows):
     return [x[k, :len(c)] for k, c in enumerate(cols)], full
 
 
-def bvls(J, r, lo, hi):
+def bvls(J, r, lo, hi, groups=None):
     """``argmin_s ||J s + r||`` subject to ``lo <= s <= hi``.
 
     The problem separates over the connected components of the columns, two columns being connected when they share a
@@ -520,7 +529,9 @@ def bvls(J, r, lo, hi):
     rank and lies in the box is that solution (a sliding set whose slopes are admissible: the common case at an
     event; all such solutions come from one batched SVD); every other one is SciPy's bounded-variable least squares
     (exact active set). One BVLS of all the columns was most of a two-layer flow's time with a hundred units
-    sliding."""
+    sliding. ``groups``: ``(group of every column, rows of every group)`` when the components are known (a net with
+    one hidden layer: the columns of one neuron, flow/_block_factor.py), instead of finding them from ``J``'s
+    nonzeros."""
     from scipy.optimize import lsq_linear
 
     J = np.asarray(J, float)
@@ -528,7 +539,15 @@ def bvls(J, r, lo, hi):
     K = J.shape[1]
     if K == 0:
         return np.zeros(0)
-    cols, rows = _column_groups(J != 0)
+    if groups is None:
+        cols, rows = _column_groups(J != 0)
+    else:
+        gcol, grows = groups
+        gcol = np.asarray(gcol)
+        order = np.argsort(gcol, kind="stable")
+        cuts = np.flatnonzero(np.diff(gcol[order])) + 1
+        cols = np.split(order, cuts)
+        rows = [grows[int(gcol[c[0]])] for c in cols]
     xs, full = _batched_lstsq(J, r, cols, rows)
     s = np.empty(K)
     for ck, rk, x, ok in zip(cols, rows, xs, full):
@@ -541,7 +560,7 @@ def bvls(J, r, lo, hi):
 
 
 def clarke_min_norm(problem: KinkedProblem, theta, *, signs=None, kinks=None, kink_tol: float | None = None,
-                    slope_tol: float | None = None, n_slope_iters: int = 3) -> MinNorm:
+                    slope_tol: float | None = None, n_slope_iters: int = 3, groups=None) -> MinNorm:
     """Minimal-norm element of ``conv D(theta)`` for ``F = log L`` (classification) or ``L`` (square loss).
 
     Arguments:
@@ -551,6 +570,8 @@ def clarke_min_norm(problem: KinkedProblem, theta, *, signs=None, kinks=None, ki
         kink_tol: default :func:`default_kink_tol`; slope_tol: interior means at least this far from a bound
             (default :func:`default_slope_tol`).
         n_slope_iters: BVLS re-linearisations (one suffices when ``g`` is affine in the slopes: two-layer nets).
+        groups: ``(group of every unit (N,), columns of every group)`` of a net with one hidden layer (its neurons,
+            :func:`homflow.flow._block_factor.block_normals`): the BVLS's independent components, known in advance.
 
     Returns:
         A :class:`MinNorm`.
@@ -558,7 +579,8 @@ def clarke_min_norm(problem: KinkedProblem, theta, *, signs=None, kinks=None, ki
     theta = jnp.asarray(theta)
     kink_tol = default_kink_tol(theta.dtype) if kink_tol is None else float(kink_tol)
     slope_tol = default_slope_tol(theta.dtype) if slope_tol is None else float(slope_tol)
-    z, sc = (np.asarray(a) for a in _preacts(problem, theta))
+    if kinks is None or signs is None:
+        z, sc = (np.asarray(a) for a in _preacts(problem, theta))
     if kinks is None:
         kinks = np.flatnonzero(np.abs(z) <= kink_tol * sc)
     kinks = np.asarray(kinks, dtype=np.int32)
@@ -575,7 +597,7 @@ def clarke_min_norm(problem: KinkedProblem, theta, *, signs=None, kinks=None, ki
         s_pad[:k] = s
         f, g, J = jax.device_get(_jac_at(problem, theta, signs_j, idx, valid, s_pad))
         J = J[:, :k]
-        s_new = bvls(J, g - J @ s, a, 1.0)
+        s_new = bvls(J, g - J @ s, a, 1.0, None if groups is None else (groups[0][kinks], groups[1]))
         g = g + J @ (s_new - s)
         s = s_new
     interior = (s > a + slope_tol) & (s < 1.0 - slope_tol)

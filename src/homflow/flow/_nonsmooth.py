@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._block_factor import block_normals, block_slots
 from ._factor_cache import FactorCache
 from ._clarke import KinkedProblem, _padded, clarke_min_norm, jit, mode_slopes, default_kink_tol, default_slope_tol, is_kinked, make_kinked
 from ._nonsmooth_kernel import BUDGET, SAVE, UNDERFLOW, Controls, advance, unpack
@@ -123,6 +124,7 @@ class ClarkeFlow:
     rho_every: int = 25
     implicit_max_params: int = 2000
     factor_updates: bool = True
+    block_factors: bool = True
 
     def __post_init__(self):
         if self.method not in ("auto", "explicit", "stiff", "implicit"):
@@ -144,7 +146,7 @@ class ClarkeFlow:
                 raise ValueError(f"`{name}` must be an integer >= 1; got {v!r}.")
         if isinstance(self.s_max, bool) or not isinstance(self.s_max, (int, np.integer)) or self.s_max < 2:
             raise ValueError(f"`s_max` must be an integer >= 2; got {self.s_max!r}.")
-        for name in ("project", "crossings", "rest_test", "factor_updates"):
+        for name in ("project", "crossings", "rest_test", "factor_updates", "block_factors"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"`{name}` must be True or False; got {getattr(self, name)!r}.")
 
@@ -180,13 +182,23 @@ _CALL_STEPS = 20_000  # attempted steps per compiled call at most (the host chec
 class _Mode:
     """Activation pattern and sliding set, with the padded arrays the compiled pieces take."""
 
-    def __init__(self, signs: np.ndarray, sliding=()):
+    def __init__(self, signs: np.ndarray, sliding=(), layout=None):
         self.signs = np.asarray(signs).astype(np.int8)
         self.sliding = sorted(int(e) for e in sliding)
-        idx, valid = _padded(self.sliding)  # capacity 16, 64, 256, ...: one compilation each
+        self.layout = layout
+        if layout is None:  # capacity 16, 64, 256, ...: one compilation each
+            idx, valid = _padded(self.sliding)
+            self.slot = np.arange(len(self.sliding))
+        else:  # the slots of a block-diagonal factor (flow/_block_factor.py)
+            idx, valid, self.slot = layout(self.sliding)
         self._arrays = (self.signs, idx, valid)
 
+    def like(self, signs, sliding):
+        """A mode with the same layout."""
+        return _Mode(signs, sliding, self.layout)
+
     def arrays(self):
+        """``(signs, idx, valid)``; ``idx[slot[k]]`` is the ``k``-th sliding unit."""
         return self._arrays
 
     def key(self):
@@ -223,8 +235,19 @@ class _Driver:
         self.proj_iters = 1 if problem.n_hidden == 1 else 2
         # sliding set -> its SlidingFactor for nets with one hidden layer (flow/_clarke.py); a plain problem's are
         # bordered from the last ones (flow/_factor_cache.py)
+        # a plain one-hidden-layer problem: block-diagonal factors formed in the compiled loop, modes laid out in their
+        # slots (flow/_block_factor.py); otherwise (a joint problem: a pair of factors) sliding set -> SlidingFactor
+        self._blocks, self.layout, self._groups = None, None, None
+        if problem.n_hidden == 1 and isinstance(problem, KinkedProblem) and sol.block_factors:
+            self._blocks = block_normals(problem, theta0)
+        if self._blocks is not None:
+            group, m = np.asarray(self._blocks.group), self._blocks.n_groups
+            self.layout = lambda sliding: block_slots(group, m, sliding)
+            cols = np.asarray(self._blocks.cols)
+            width = np.asarray(self._blocks.width)
+            self._groups = (group, [cols[j, :width[j]] for j in range(m)])  # the BVLS's components
         self._fcache = (FactorCache(problem, theta0, border=isinstance(problem, KinkedProblem) and sol.factor_updates)
-                        if problem.n_hidden == 1 else None)
+                        if problem.n_hidden == 1 and self._blocks is None else None)
         self.stats = dict(num_steps=0, num_accepted_steps=0, num_rejected_steps=0, num_locate_steps=0,
                           grad_evals=0, kink_normals=0, events=0, pattern_changes=0, sliding_entered=0,
                           sliding_left=0, max_sliding=0, max_constraint_drift=0.0, max_constraint_residual=0.0,
@@ -313,6 +336,8 @@ class _Driver:
     def factor(self, mode):
         """The sliding set's :class:`~homflow.flow._clarke.SlidingFactor` for nets whose kink normals do not move with
         ``theta`` (one hidden layer), the last 32 sets kept (:class:`FactorCache`); ``None`` otherwise."""
+        if self._blocks is not None:
+            return self._blocks
         return None if self._fcache is None else self._fcache.get(tuple(mode.sliding))
 
     def step_verdict(self, y, u, mode, target):
@@ -330,12 +355,12 @@ class _Driver:
             signs[target] = -signs[target]
         else:
             k = target - N
-            e = mode.sliding[k]
+            e = int(mode.arrays()[1][k])  # event values of sliding units are per slot
             _, s, _, _ = self.evaluate(y, u, mode)
             slide.discard(e)
             signs[e] = 1 if s[k] > 0.5 * (1.0 + self.alpha) else -1
         self.stats["step_verdicts"] += 1
-        return _Mode(signs, slide)
+        return mode.like(signs, slide)
 
     def _tiny_dz(self, theta, v, sc, ids):
         return self.kt * sc[ids] * (np.linalg.norm(v) / max(float(np.linalg.norm(theta)), np.finfo(float).tiny))
@@ -350,7 +375,7 @@ class _Driver:
         problem, theta = self.problem, y[:-1]
         C = np.asarray(sorted(set(mode.sliding) | set(int(c) for c in cands)), np.int64)
         mn = clarke_min_norm(problem, theta, signs=mode.signs, kinks=C, kink_tol=self.kt, slope_tol=self.st,
-                             n_slope_iters=self.sol.n_slope_iters)
+                             n_slope_iters=self.sol.n_slope_iters, groups=self._groups)
         self.stats["grad_evals"] += 1
         self.stats["kink_normals"] += len(C)
         slide = set(C[mn.interior].tolist())
@@ -368,16 +393,15 @@ class _Driver:
             side = np.where(mn.slopes[~mn.interior] > 0.5 * (1 + self.alpha), 1, -1)
             signs[bound] = np.where(np.abs(dz) > self._tiny_dz(theta, v, sc, bound), np.sign(dz), side)
         flipped = set()
-        new = _Mode(signs, slide)
+        new = mode.like(signs, slide)
         for _ in range(2 * len(C) + 2):
             f, s, _, _ = self.evaluate(y, u, new)
-            k = len(new.sliding)
-            out = [(e, se) for e, se in zip(new.sliding, s[:k]) if se < self.alpha - self.st or se > 1.0 + self.st]
+            out = [(e, se) for e, se in zip(new.sliding, s[new.slot]) if se < self.alpha - self.st or se > 1.0 + self.st]
             if out:
                 for e, se in out:
                     slide.discard(e)
                     signs[e] = 1 if se > 1.0 else -1
-                new = _Mode(signs, slide)
+                new = mode.like(signs, slide)
                 continue
             rest = np.asarray([e for e in C if e not in slide], np.int64)
             if rest.size == 0:
@@ -395,7 +419,7 @@ class _Driver:
             else:
                 signs[e] = -signs[e]
                 flipped.add(e)
-            new = _Mode(signs, slide)
+            new = mode.like(signs, slide)
         # a unit that is not sliding must start on its side of the kink: one beyond kink_tol on the other side (the
         # projection of a deep net's sliding set moves nearby pre-activations by its correction) keeps the side it
         # is on, and crosses later as an event of its own
@@ -406,7 +430,7 @@ class _Driver:
             if off.size:
                 signs = new.signs.copy()
                 signs[off] = np.sign(z[off]).astype(np.int8)
-                new = _Mode(signs, new.sliding)
+                new = mode.like(signs, new.sliding)
         old_s, new_s = set(mode.sliding), set(new.sliding)
         both_out = np.asarray([e for e in C if e not in old_s and e not in new_s], np.int64)
         if both_out.size:
@@ -436,7 +460,7 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
 
     theta = np.asarray(theta0)
     z, sc = (np.asarray(a) for a in _preacts(problem, theta))
-    mode = _Mode(np.where(z > 0, 1, -1))
+    mode = _Mode(np.where(z > 0, 1, -1), (), D.layout)
     y = np.concatenate([theta, np.zeros((1,), dtype)])
     u = 0.0
     near = np.flatnonzero(np.abs(z) <= D.kt * sc)
@@ -488,7 +512,7 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
         if D.switched:
             out["err_prev"], D.switched = 1.0, False
         if int(out["n_cross"]):  # crossings passed inside the compiled loop: the pattern it ended in
-            mode = _Mode(np.asarray(out["signs"]), mode.sliding)
+            mode = mode.like(np.asarray(out["signs"]), mode.sliding)
         pending_projection = False
         status = int(out["status"])
         if status in (SAVE, BUDGET):

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._block_factor import BlockNormals
 from ._clarke import gram_solve, jit, mode_slopes
 from ._stiff import RKC_STABILITY, rkc_recurrence, rkc_stages, rkc_start, spectral_radius
 
@@ -232,7 +233,9 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
     a bound and both one-sided fields agree); anything else (several units at kinks, a unit whose fields point into
     the kink, a sliding slope at a bound) returns as before. ``signs`` (the final pattern) and ``n_cross`` are returned.
 
-    ``fac``: the sliding set's :class:`~homflow.flow._clarke.SlidingFactor` (``problem.sliding_factor``) when its kink
+    ``fac``: a :class:`~homflow.flow._block_factor.BlockNormals` (nets with one hidden layer: ``idx`` / ``valid`` are
+    then its slots, and the block-diagonal factor of the sliding set is formed here), or the sliding set's
+    :class:`~homflow.flow._clarke.SlidingFactor` (``problem.sliding_factor``) when its kink
     normals do not move with ``theta`` (one hidden layer): the host forms it once per sliding set, and no field
     evaluation or projection here forms a Gram matrix. ``None``: the normals are recomputed at every evaluation.
 
@@ -250,6 +253,8 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
     Returns a dict of the state (``y``, ``u``, ``h``, ``err_prev``), the event (``h_event`` from the returned ``u``,
     ``h_step``: the step that saw it, ``target``, ``y_event``, ``z_event``, ``scale_event``), the start values
     (``y0`` after the projection, ``f0``, ``s0``, ``z0``, ``scale0``) and counters."""
+    if isinstance(fac, BlockNormals):  # a one-hidden-layer net's block-diagonal factor, formed here per call
+        fac = fac.factor(idx, valid)
     dtype = y.dtype
     N = signs.shape[0]
     in_S = jnp.zeros(N, bool).at[idx].max(valid)
