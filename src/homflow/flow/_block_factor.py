@@ -141,7 +141,7 @@ def block_normals(problem, theta, chunk: int = 2048):
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    N = int(problem.preactivations(theta)[0].shape[0])
+    N = problem.n_entries
     P = int(theta.shape[0])
     rows = []
     chunk = min(chunk, N)

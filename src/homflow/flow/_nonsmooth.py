@@ -30,6 +30,7 @@ import math
 import time as _time
 from typing import ClassVar
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,7 +95,12 @@ class ClarkeFlow:
         factor_updates: for nets with one hidden layer, form the sliding factor of a new sliding set by bordering the
             inverse Gram matrix of a recent set that differs by a few units (Schur complements, ``O(k^2)``) instead of
             from scratch (``O(K^2 P + K^3)`` at the padded capacity ``K``), with safeguards and a from-scratch refresh
-            (flow/_factor_cache.py). ``stats['factors_built']``, ``stats['factors_updated']`` count them.
+            (flow/_factor_cache.py). ``stats['factors_built']``, ``stats['factors_updated']`` count them. Used when
+            ``block_factors`` is off (and, without bordering, for the joint narrow + wide problem).
+        block_factors: for nets with one hidden layer, use the block-diagonal structure of the kink normals' Gram
+            matrix (one block per neuron or channel, flow/_block_factor.py): the compiled loop forms a sliding set's
+            factor itself, so new sliding sets cost the host nothing and an evaluation ``O(K w)`` (``w`` the fan-in);
+            the mode decision's BVLS takes the neurons as its components.
     """
 
     rtol: float = 1e-8
@@ -226,7 +232,10 @@ class _Driver:
                             max_locate=jnp.asarray(sol.max_locate, jnp.int32),
                             rho_every=jnp.asarray(sol.rho_every, jnp.int32), s_max=jnp.asarray(sol.s_max, jnp.int32),
                             s_switch=jnp.asarray(self._s_switch(sol, theta0.shape[0]), jnp.int32),
-                            stiff_ratio=A(sol.stiff_ratio), nonstiff_ratio=A(sol.nonstiff_ratio))
+                            stiff_ratio=A(sol.stiff_ratio), nonstiff_ratio=A(sol.nonstiff_ratio),
+                            switch_after=jnp.asarray(2**30, jnp.int32))
+        # calls of a rung with a rung above (method 'auto') end once the switch up is due
+        self.ctl_up = eqx.tree_at(lambda c: c.switch_after, self.ctl, jnp.asarray(sol.stiff_after, jnp.int32))
         self.level = {"auto": "dopri5", "explicit": "dopri5", "stiff": "rkc", "implicit": "ros2"}[sol.method]
         self._implicit_ok = theta0.shape[0] <= sol.implicit_max_params
         self._stiff_cnt = self._easy_cnt = 0
@@ -282,8 +291,9 @@ class _Driver:
             if v is None:  # a generic start: every direction of the state (a joint flow's wide half off T theta too)
                 v = np.random.default_rng(0).standard_normal(y.shape[0] - 1).astype(self.dtype)
             extra = dict(method=method, v_rho=v, rho_iters0=np.asarray(6, np.int32))
+        has_up = self.sol.method == "auto" and (method == "dopri5" or (method == "rkc" and self._implicit_ok))
         out = advance(self.problem, y, self.A(u), self.A(h), self.A(err_prev), self.A(u_stop), signs, idx, valid,
-                      self.ctl, np.asarray(n_max, np.int32), np.asarray(bool(project_first)), self.log_time,
+                      self.ctl_up if n_max > 0 and has_up else self.ctl, np.asarray(n_max, np.int32), np.asarray(bool(project_first)), self.log_time,
                       bool(self.sol.project), self.proj_iters, bool(self.sol.crossings), self.factor(mode), **extra)
         out = unpack(jax.device_get(out))
         st = self.stats
@@ -334,8 +344,10 @@ class _Driver:
                 st["switches_to_explicit" if down == "dopri5" else "switches_to_stiff"] += 1
 
     def factor(self, mode):
-        """The sliding set's :class:`~homflow.flow._clarke.SlidingFactor` for nets whose kink normals do not move with
-        ``theta`` (one hidden layer), the last 32 sets kept (:class:`FactorCache`); ``None`` otherwise."""
+        """What the compiled loop applies for nets whose kink normals do not move with ``theta`` (one hidden layer):
+        the problem's :class:`~homflow.flow._block_factor.BlockNormals` (the loop forms the set's factor), or the
+        sliding set's :class:`~homflow.flow._clarke.SlidingFactor`, the last 32 sets kept (:class:`FactorCache`);
+        ``None`` otherwise."""
         if self._blocks is not None:
             return self._blocks
         return None if self._fcache is None else self._fcache.get(tuple(mode.sliding))

@@ -210,6 +210,7 @@ class Controls(eqx.Module):
     rho_every: jax.Array
     s_max: jax.Array
     s_switch: jax.Array  # RKC steps with more stages than this count toward the Rosenbrock rung
+    switch_after: jax.Array  # end the call after this many limited steps, if most are: the host switches up
     stiff_ratio: jax.Array
     nonstiff_ratio: jax.Array
 
@@ -476,7 +477,10 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
                     status=jnp.where(done, EVENT, RUN).astype(jnp.int32))
 
     def cond(c):
-        return (c["status"] == RUN) & (c["n_att"] + c["n_loc"] < n_max)
+        # a call of mostly limited steps ends after ctl.switch_after of them, so that the host switches up at once
+        # (not after n_max steps: 20,000 RKC steps cut to s_max stages took 77 s)
+        switch = (c["n_stiff"] >= ctl.switch_after) & (2 * c["n_stiff"] >= c["n_acc"]) & ~c["locating"]
+        return (c["status"] == RUN) & (c["n_att"] + c["n_loc"] < n_max) & ~switch
 
     c = jax.lax.while_loop(cond, body, c)
     budget = c["status"] == RUN
