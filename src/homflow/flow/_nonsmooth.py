@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time as _time
+from functools import partial
 from typing import ClassVar
 
 import equinox as eqx
@@ -35,10 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._block_factor import block_normals, block_slots
+from ._block_factor import BlockNormals, block_normals, block_slots
 from ._factor_cache import FactorCache
 from ._clarke import KinkedProblem, _padded, clarke_min_norm, jit, mode_slopes, default_kink_tol, default_slope_tol, is_kinked, make_kinked
-from ._nonsmooth_kernel import BUDGET, SAVE, UNDERFLOW, Controls, advance, unpack
+from ._nonsmooth_kernel import BUDGET, SAVE, UNDERFLOW, Controls, _aug_field, advance, unpack
 from ._ode import _setup
 from ._results import RESULTS
 from ._solution import Trajectory
@@ -166,12 +167,24 @@ def _preacts(problem, theta):
     return problem.preactivations(theta)
 
 
-@jit
-def _dz(problem, theta, v, signs, idx, valid, s):
+def _dz_of(problem, theta, v, signs, idx, valid, s):
     """``dz/dt`` of every pre-activation along ``v`` in the mode ``(signs, idx, valid)`` with slopes ``s`` at ``idx``
     (:func:`~homflow.flow._clarke.mode_slopes`)."""
     S = mode_slopes(signs, problem.alpha, idx, valid, s, theta.dtype)
     return jax.jvp(lambda th: problem.preactivations_at(th, S), (theta,), (v,))[1]
+
+
+_dz = jit(_dz_of)
+
+
+@partial(jit, static_argnames=("log_time",))
+def _field_dz(problem, y, u, signs, idx, valid, fac, log_time):
+    """The augmented field of the mode ``(signs, idx, valid)`` at ``y``, its sliding slopes and ``dz/du`` of every
+    pre-activation along it (:func:`_dz`): one compiled call per candidate mode of a mode decision."""
+    if isinstance(fac, BlockNormals):
+        fac = fac.factor(idx, valid)
+    f, s = _aug_field(problem, y, u, log_time, signs, idx, valid, fac)
+    return f, s, _dz_of(problem, y[:-1], f[:-1], signs, idx, valid, s)
 
 
 @jit
@@ -407,7 +420,11 @@ class _Driver:
         flipped = set()
         new = mode.like(signs, slide)
         for _ in range(2 * len(C) + 2):
-            f, s, _, _ = self.evaluate(y, u, new)
+            signs_n, idx_n, valid_n = new.arrays()
+            f, s, dz_all = jax.device_get(_field_dz(problem, y, self.A(u), signs_n, idx_n, valid_n, self.factor(new),
+                                                    self.log_time))
+            self.stats["grad_evals"] += 1
+            self.stats["kink_normals"] += len(new.sliding)
             out = [(e, se) for e, se in zip(new.sliding, s[new.slot]) if se < self.alpha - self.st or se > 1.0 + self.st]
             if out:
                 for e, se in out:
@@ -419,7 +436,7 @@ class _Driver:
             if rest.size == 0:
                 break
             v = np.asarray(f[:-1])
-            dz = np.asarray(_dz(problem, theta, f[:-1], *new.arrays(), s))[rest]
+            dz = dz_all[rest]
             wrong = rest[signs[rest] * dz < -self._tiny_dz(theta, v, sc, rest)]
             if wrong.size == 0:
                 break
