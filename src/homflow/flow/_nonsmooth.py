@@ -81,8 +81,9 @@ class ClarkeFlow:
             are limited by its stage budget or cost more stages than a Rosenbrock step, and back down),
             ``'explicit'`` (DOPRI5 throughout), ``'stiff'`` (RKC throughout) or ``'implicit'`` (Rosenbrock
             throughout). The late phase of a flow is often stiff (the spectral radius of the loss's Hessian reaches
-            1e3..1e4 while the state barely moves; log time multiplies it by ``1 + t``): RKC's stage count grows like ``sqrt(h rho)``, DOPRI5's step count like ``h rho``, and the
-            Rosenbrock step (one Jacobian and LU per step) is limited by accuracy only (flow/_nonsmooth_kernel.py).
+            1e3..1e4 while the state barely moves; log time multiplies it by ``1 + t``): RKC's stage count grows like
+            ``sqrt(h rho)``, DOPRI5's step count like ``h rho``, and the Rosenbrock step (one Jacobian and LU per
+            step) is limited by accuracy only (flow/_nonsmooth_kernel.py).
         stiff_ratio, stiff_after: switch to RKC after ``stiff_after`` accepted DOPRI5 steps with ``h rho > stiff_ratio``
             (``rho`` the pair's free estimate; its stability bound is 3.3), counted until a call with mostly non-stiff
             steps; nonstiff_ratio, nonstiff_after: back to DOPRI5 after ``nonstiff_after`` accepted 2-stage RKC steps
@@ -255,10 +256,9 @@ class _Driver:
         self._v_rho = None  # the power method's direction, warm-starting every RKC call
         self.switched = False  # set when a call switched methods: the controller's error memory is reset
         self.proj_iters = 1 if problem.n_hidden == 1 else 2
-        # sliding set -> its SlidingFactor for nets with one hidden layer (flow/_clarke.py); a plain problem's are
-        # bordered from the last ones (flow/_factor_cache.py)
-        # a plain one-hidden-layer problem: block-diagonal factors formed in the compiled loop, modes laid out in their
-        # slots (flow/_block_factor.py); otherwise (a joint problem: a pair of factors) sliding set -> SlidingFactor
+        # a plain one-hidden-layer problem: block-diagonal factors formed in the compiled loop, modes laid out in
+        # their slots (flow/_block_factor.py); otherwise sliding set -> SlidingFactor (flow/_clarke.py), bordered from
+        # the last ones (flow/_factor_cache.py; a joint problem's pair of factors from scratch)
         self._blocks, self.layout, self._groups = None, None, None
         if problem.n_hidden == 1 and isinstance(problem, KinkedProblem) and sol.block_factors:
             self._blocks = block_normals(problem, theta0)
@@ -305,8 +305,9 @@ class _Driver:
                 v = np.random.default_rng(0).standard_normal(y.shape[0] - 1).astype(self.dtype)
             extra = dict(method=method, v_rho=v, rho_iters0=np.asarray(6, np.int32))
         has_up = self.sol.method == "auto" and (method == "dopri5" or (method == "rkc" and self._implicit_ok))
+        ctl = self.ctl_up if n_max > 0 and has_up else self.ctl
         out = advance(self.problem, y, self.A(u), self.A(h), self.A(err_prev), self.A(u_stop), signs, idx, valid,
-                      self.ctl_up if n_max > 0 and has_up else self.ctl, np.asarray(n_max, np.int32), np.asarray(bool(project_first)), self.log_time,
+                      ctl, np.asarray(n_max, np.int32), np.asarray(bool(project_first)), self.log_time,
                       bool(self.sol.project), self.proj_iters, bool(self.sol.crossings), self.factor(mode), **extra)
         out = unpack(jax.device_get(out))
         st = self.stats
@@ -338,7 +339,8 @@ class _Driver:
         ``stiff_after`` accepted steps limited by stability or cost (DOPRI5: ``h rho > stiff_ratio``; RKC: the step
         shortened to fit ``s_max`` stages, or taking more stages than a Rosenbrock step costs, :meth:`_s_switch`),
         counted until a call with mostly unlimited steps; down after ``nonstiff_after`` easy steps (RKC: 2 stages with
-        ``h rho < nonstiff_ratio``; Rosenbrock: steps RKC would take with under half the stages of :meth:`_s_switch`)."""
+        ``h rho < nonstiff_ratio``; Rosenbrock: steps RKC would take with under half the stages of
+        :meth:`_s_switch`)."""
         st = self.stats
         up = {"dopri5": "rkc", "rkc": "ros2" if self._implicit_ok else None, "ros2": None}[method]
         down = {"dopri5": None, "rkc": "dopri5", "ros2": "rkc"}[method]
@@ -425,7 +427,8 @@ class _Driver:
                                                     self.log_time))
             self.stats["grad_evals"] += 1
             self.stats["kink_normals"] += len(new.sliding)
-            out = [(e, se) for e, se in zip(new.sliding, s[new.slot]) if se < self.alpha - self.st or se > 1.0 + self.st]
+            out = [(e, se) for e, se in zip(new.sliding, s[new.slot])
+                   if se < self.alpha - self.st or se > 1.0 + self.st]
             if out:
                 for e, se in out:
                     slide.discard(e)
