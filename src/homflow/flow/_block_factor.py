@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._clarke import _eig_pinv, jit
+from ._clarke import _eig_pinv, _gram_cholesky, capacity, jit
 
 BLOCK_MIN = 4  # smallest block capacity (sliding units of one neuron)
 BLOCK_GROWTH = 4
@@ -29,10 +29,7 @@ BLOCK_GROWTH = 4
 
 def block_capacity(k: int) -> int:
     """Slots per neuron for a fullest neuron of ``k`` sliding units: :data:`BLOCK_MIN` times a power of 4."""
-    cap = BLOCK_MIN
-    while cap < k:
-        cap *= BLOCK_GROWTH
-    return cap
+    return capacity(k, BLOCK_MIN, BLOCK_GROWTH)
 
 
 class BlockFactor(eqx.Module):
@@ -91,12 +88,7 @@ class BlockNormals(eqx.Module):
         vm = valid.reshape(m, B)
         Ns = (self.Nc[idx] * valid[:, None].astype(self.Nc.dtype)).reshape(m, B, -1)
         eye = jnp.eye(B, dtype=Ns.dtype)
-        G = jnp.einsum("jbw,jcw->jbc", Ns, Ns) + jax.vmap(jnp.diag)(jnp.where(vm, 0.0, 1.0).astype(Ns.dtype))
-        L = jnp.linalg.cholesky(G)
-        dL = jnp.diagonal(L, axis1=1, axis2=2)
-        eps = jnp.finfo(G.dtype).eps
-        ok = jnp.all(jnp.isfinite(L), axis=(1, 2)) & (
-            jnp.min(dL, axis=1) ** 2 * (1.0 / (1e3 * B * eps)) > jnp.max(dL, axis=1) ** 2)
+        G, L, ok = jax.vmap(lambda Nb, vb: _gram_cholesky(Nb.T, vb, None))(Ns, vm)  # per block, as gram_solve
         Lsafe = jnp.where(ok[:, None, None], L, eye)
         Qc = jax.vmap(lambda Lk: jax.scipy.linalg.cho_solve((Lk, True), eye))(Lsafe)
 
@@ -107,7 +99,6 @@ class BlockNormals(eqx.Module):
 
         Q = jax.lax.cond(jnp.all(ok), lambda Qc: Qc, with_eig, Qc)
         return BlockFactor(Ns, self.cols, G, Q, vm, self.P)
-
 
 
 def block_slots(group, m, sliding):
@@ -162,12 +153,11 @@ def block_normals(problem, theta, chunk: int = 2048):
     cols_of = [np.flatnonzero(col_label == l) for l in used]
     w = max(len(x) for x in cols_of)
     m = len(cols_of)
-    cols = np.zeros((m, w), np.int32)
-    for k, cc in enumerate(cols_of):
-        cols[k, :len(cc)] = cc
     group = np.array([comp.get(int(l), 0) for l in unit_label], np.int32)  # a unit with a zero normal: neuron 0
+    cols = np.zeros((m, w), np.int32)
     Nc = np.zeros((N, w), Nd.dtype)
     for k, cc in enumerate(cols_of):
+        cols[k, :len(cc)] = cc
         sel = np.flatnonzero(group == k)
         Nc[np.ix_(sel, np.arange(len(cc)))] = Nd[np.ix_(sel, cc)]
     width = np.asarray([len(cc) for cc in cols_of], np.int32)

@@ -439,11 +439,12 @@ MIN_CAPACITY = 16  # smallest padded size of a set of kinked units (compiled pro
 CAPACITY_GROWTH = 4  # the next capacity when a set outgrows one: one compilation per capacity, so few of them
 
 
-def capacity(k: int) -> int:
-    """Padded size for ``k`` units: :data:`MIN_CAPACITY` times a power of :data:`CAPACITY_GROWTH`."""
-    cap = MIN_CAPACITY
+def capacity(k: int, minimum: int = MIN_CAPACITY, growth: int = CAPACITY_GROWTH) -> int:
+    """Padded size for ``k`` units: ``minimum`` (:data:`MIN_CAPACITY`) times a power of ``growth``
+    (:data:`CAPACITY_GROWTH`)."""
+    cap = minimum
     while cap < k:
-        cap *= CAPACITY_GROWTH
+        cap *= growth
     return cap
 
 
