@@ -483,6 +483,60 @@ def test_clarke_flow_rejects_non_bool_switches():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("alpha", [0.0, 0.2])
+def test_deep_sliding_slopes_make_the_mode_gradient_the_field(alpha):
+    """Depth-3 MLP with one sample kinked in both hidden layers (two units of layer 1, one of layer 2 whose input
+    carries the layer-1 slopes) and another sample kinked in layer 1: the sliding field's slopes are the exact
+    selection, i.e. the gradient of the mode with those slopes (an own forward and jax.grad, slopes per sample and
+    unit) is the field, tangent to every kink surface. The gradient is bilinear in the slopes of the coupled sample;
+    a read-off linearised at the midpoint slopes alone is off by ~1e-2 there."""
+    rng = np.random.default_rng(5)
+    n, d, m1, m2 = 9, 4, 5, 4
+    X = rng.standard_normal((n, d))
+    y = np.sign(rng.standard_normal(n))
+    W1, W2, W3 = rng.standard_normal((m1, d)), rng.standard_normal((m2, m1)), rng.standard_normal((1, m2))
+    i, j = 2, 6  # the coupled sample, and one kinked in layer 1 only
+    for r in (1, 3):  # layer-1 units 1 and 3 of sample i on their kinks
+        W1[r] -= (W1[r] @ X[i]) / (X[i] @ X[i]) * X[i]
+    W1[0] -= (W1[0] @ X[j]) / (X[j] @ X[j]) * X[j]
+    act = relu if alpha == 0 else leaky_relu(alpha)
+    sig = lambda z: np.where(z > 0, z, alpha * z)  # noqa: E731
+    h1 = sig(X[i] @ W1.T)
+    W2[2] -= (W2[2] @ h1) / (h1 @ h1) * h1  # layer-2 unit 2 of sample i on its kink
+    model = MLP.from_weights((jnp.asarray(W1), jnp.asarray(W2), jnp.asarray(W3)), act)
+    data = Dataset(jnp.asarray(X), jnp.asarray(y))
+    obj, theta = make_problem(model, data, "logistic")
+    kp = make_kinked(obj, model)
+    units = np.asarray([i * m1 + 1, i * m1 + 3, j * m1 + 0, n * m1 + i * m2 + 2])
+    z, _ = kp.preactivations(theta)
+    assert np.max(np.abs(np.asarray(z)[units])) < 1e-14
+    from homflow.flow._clarke import _padded
+
+    idx, valid = _padded(units)
+    signs = jnp.where(z > 0, 1, -1).astype(jnp.int8)
+    v, _, s = kp.velocity(theta, 0.0, signs, jnp.asarray(idx), jnp.asarray(valid))
+    S = np.asarray(kp.slopes(signs, jnp.asarray(idx), jnp.asarray(valid), s))
+    S1, S2 = S[: n * m1].reshape(n, m1), S[n * m1:].reshape(n, m2)
+
+    def own(th):  # log of the summed logistic loss of the mode with slopes S1, S2
+        A, B, C = kp.unflatten(th).weights
+        f = ((S2 * ((S1 * (jnp.asarray(X) @ A.T)) @ B.T)) @ C.T)[:, 0]
+        return jnp.log(jnp.sum(jnp.logaddexp(0.0, -jnp.asarray(y) * f)))
+
+    F, g = jax.value_and_grad(own)(theta)
+    v_own = -jnp.exp(F) * g
+    np.testing.assert_allclose(np.asarray(v), np.asarray(v_own), rtol=0, atol=1e-12 * float(jnp.linalg.norm(v_own)))
+    N = np.asarray(kp.normals(theta, jnp.asarray(units)))
+    assert np.max(np.abs(N @ np.asarray(v))) <= 1e-12 * float(jnp.linalg.norm(v)) * np.linalg.norm(N)
+    # the linearisation at the midpoint slopes alone (the previous read-off) is visibly off: the check can fail
+    S0 = np.asarray(kp.slopes(signs, jnp.asarray(idx), jnp.asarray(valid), jnp.full(idx.shape, 0.5 * (1 + alpha))))
+    _, g0, c0 = kp.grad_and_adjoint(theta, jnp.asarray(S0))
+    Nv = N * 1.0
+    lam = np.linalg.lstsq(Nv @ Nv.T, Nv @ np.asarray(g0), rcond=None)[0]
+    s_lin = 0.5 * (1 + alpha) - lam / np.asarray(c0)[units]
+    assert np.max(np.abs(s_lin - np.asarray(s)[: len(units)])) > 1e-6
+
+
 def test_depth3_mlp_flow_keeps_the_energy_identity():
     # depth-3 leaky-ReLU MLP through sliding modes in two layers: the located event state is projected onto the
     # sliding set before the mode decision (units leaving the set start at their kink); energy identity and monotone
