@@ -537,6 +537,43 @@ def test_deep_sliding_slopes_make_the_mode_gradient_the_field(alpha):
     assert np.max(np.abs(s_lin - np.asarray(s)[: len(units)])) > 1e-6
 
 
+def test_units_without_input_are_not_kinks():
+    """A depth-3 ReLU MLP whose sample 0 has every layer-1 unit off but one, which sits on its kink: the layer-2
+    pre-activations of that sample vanish identically. Their bound is the one from the layer below's bounds (not
+    the vanishing input, which made z / scale rounding noise over rounding noise), they are marked as having no input
+    (so the mode decision does not treat them as kinks with dependent normals), and a flow through such states
+    finishes (sphere(16, 3, seed 2), MLP (6, 6): a Zeno stop at t = 0.93 before)."""
+    from homflow.flow._nonsmooth import _no_input
+
+    rng = np.random.default_rng(3)
+    n, d, m1, m2 = 5, 3, 4, 4
+    X = rng.standard_normal((n, d))
+    W1 = rng.standard_normal((m1, d))
+    W1 -= np.outer(np.abs(W1 @ X[0]) + W1 @ X[0] + 0.5, X[0]) / (X[0] @ X[0])  # every unit off on sample 0
+    W1[1] -= (W1[1] @ X[0]) / (X[0] @ X[0]) * X[0]  # unit 1 on its kink
+    W2, W3 = rng.standard_normal((m2, m1)), rng.standard_normal((1, m2))
+    model = MLP.from_weights((jnp.asarray(W1), jnp.asarray(W2), jnp.asarray(W3)), relu)
+    obj, theta = make_problem(model, Dataset(jnp.asarray(X), jnp.asarray(np.sign(rng.standard_normal(n)))),
+                              "logistic")
+    kp = make_kinked(obj, model)
+    z, sc = (np.asarray(a) for a in kp.preactivations(theta))
+    z1, sc1 = z[: n * m1].reshape(n, m1), sc[: n * m1].reshape(n, m1)
+    assert np.all(z1[0, [0, 2, 3]] < 0) and abs(z1[0, 1]) < 1e-15
+    z2, sc2 = z[n * m1:].reshape(n, m2), sc[n * m1:].reshape(n, m2)
+    np.testing.assert_allclose(sc2, np.linalg.norm(W2, axis=1)[None, :] * np.linalg.norm(sc1, axis=1)[:, None],
+                               rtol=1e-13)
+    assert np.all(np.abs(z2[0]) <= 1e-15 * sc2[0])
+    quiet = _no_input(kp, z, sc, 1e3 * np.finfo(float).eps)
+    assert quiet.reshape(-1)[n * m1:].reshape(n, m2)[0].all()
+    assert quiet.sum() == m2  # nothing else: layer 1 always has its input, other samples have live units
+    data = sphere(16, 3, seed=2)
+    tr = nonsmooth_flow(MLP(3, (6, 6), relu, key=jax.random.PRNGKey(2), scale=1.0), data, loss="logistic", t1=2.0,
+                        n_save=10, time="linear")
+    assert tr.success, tr.reason
+    drop = tr.loss[0] - tr.loss[-1]
+    assert abs(drop - tr.extras["energy"][-1]) <= 1e-6 * drop
+
+
 def test_depth3_mlp_flow_keeps_the_energy_identity():
     # depth-3 leaky-ReLU MLP through sliding modes in two layers: the located event state is projected onto the
     # sliding set before the mode decision (units leaving the set start at their kink); energy identity and monotone

@@ -90,26 +90,31 @@ def _conv(h, K):
 
 def forward(model, x, act):
     """``Phi(theta; x)`` of a two-layer net, MLP or CNN with the activation replaced by ``act(layer, z, scale)``, where
-    ``scale`` bounds ``|z|`` entrywise (row norm times input norm). ``act = lambda k, z, s: model.activation(z)`` gives
-    the model's own output (tested)."""
+    ``scale`` bounds ``|z|`` entrywise: row norm times the norm of the layer's input bound (the data for the first
+    layer; after it the scales of the layer below, since ``|h_j| <= |z_j| <= scale_j`` for slopes in ``[alpha, 1]``).
+    Bounding by the input itself would make the scale of a unit whose input vanishes (a deep net's sample with every
+    unit below at or under its kink) as small as its rounding noise, and ``z_e / scale_e`` meaningless there.
+    ``act = lambda k, z, s: model.activation(z)`` gives the model's own output (tested)."""
     if isinstance(model, TwoLayer):
         z = model.W @ x
         return jnp.dot(model.a, act(0, z, safe_norm(model.W, axis=1) * safe_norm(x)))
     if isinstance(model, MLP):
-        h = x
+        h, hb = x, x
         for k, W in enumerate(model.weights[:-1]):
             z = W @ h
-            h = act(k, z, safe_norm(W, axis=1) * safe_norm(h))
+            sc = safe_norm(W, axis=1) * safe_norm(hb)
+            h, hb = act(k, z, sc), sc
         return (model.weights[-1] @ h)[0]
     if isinstance(model, CNN):
         h = jnp.reshape(x, model.input_shape)
+        hb = h
         for k, K in enumerate(model.kernels):
             z = _conv(h, K)
             rows = safe_norm(K.reshape(K.shape[0], -1), axis=1)
-            sc = jnp.broadcast_to(rows.reshape((-1,) + (1,) * (z.ndim - 1)) * safe_norm(h), z.shape)
-            h = act(k, z, sc)
+            sc = jnp.broadcast_to(rows.reshape((-1,) + (1,) * (z.ndim - 1)) * safe_norm(hb), z.shape)
+            h, hb = act(k, z, sc), sc
             if model.pool is not None and model.pool > 1:
-                h = _avg_pool(h, model.pool)
+                h, hb = _avg_pool(h, model.pool), _avg_pool(hb, model.pool)
         return jnp.sum(model.readout * h)
     raise ValueError(
         f"the non-smooth flow supports TwoLayer, MLP and CNN networks; got {type(model).__name__}, whose kinks it "
