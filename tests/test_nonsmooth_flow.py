@@ -577,7 +577,7 @@ def test_units_without_input_are_not_kinks():
 def test_depth3_mlp_flow_keeps_the_energy_identity():
     # depth-3 leaky-ReLU MLP through sliding modes in two layers: the located event state is projected onto the
     # sliding set before the mode decision (units leaving the set start at their kink); energy identity and monotone
-    # loss hold through the events. (Longer horizons of deep nets still stop at Zeno-like event cascades: t = 7.4 here.)
+    # loss hold through the events (longer horizons of deep nets: docs/nonsmooth.md, 'Deeper nets').
     data = sphere(16, 3, seed=2)
     model = MLP(3, (6, 6), leaky_relu(0.2), key=jax.random.PRNGKey(2), scale=0.5)
     tr = nonsmooth_flow(model, data, loss="logistic", t1=5.0, n_save=20, time="linear")

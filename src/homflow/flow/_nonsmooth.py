@@ -264,7 +264,20 @@ class _Driver:
             self._blocks = block_normals(problem, theta0)
         if self._blocks is not None:
             group, m = np.asarray(self._blocks.group), self._blocks.n_groups
-            self.layout = lambda sliding: block_slots(group, m, sliding)
+            slots = {}  # sliding set -> its slots: the mode decision lays out the same few sets again and again
+
+            def layout(sliding):
+                key = tuple(sliding)
+                if key not in slots:
+                    if len(slots) >= 4096:
+                        slots.clear()
+                    arrays = block_slots(group, m, sliding)
+                    for a in arrays:
+                        a.flags.writeable = False  # shared by every mode with this set
+                    slots[key] = arrays
+                return slots[key]
+
+            self.layout = layout
             cols = np.asarray(self._blocks.cols)
             width = np.asarray(self._blocks.width)
             self._groups = (group, [cols[j, :width[j]] for j in range(m)])  # the BVLS's components
@@ -443,15 +456,15 @@ class _Driver:
                                                     self.log_time))
             self.stats["grad_evals"] += 1
             self.stats["kink_normals"] += len(new.sliding)
-            out = [(e, se) for e, se in zip(new.sliding, s[new.slot])
-                   if se < self.alpha - self.st or se > 1.0 + self.st]
-            if out:
-                for e, se in out:
-                    slide.discard(e)
-                    signs[e] = 1 if se > 1.0 else -1
+            ss = s[new.slot]
+            out = (ss < self.alpha - self.st) | (ss > 1.0 + self.st)
+            if out.any():
+                left = np.asarray(new.sliding, np.int64)[out]
+                slide.difference_update(left.tolist())
+                signs[left] = np.where(ss[out] > 1.0, 1, -1)
                 new = mode.like(signs, slide)
                 continue
-            rest = np.asarray([e for e in C if e not in slide and e not in away], np.int64)
+            rest = C[~np.isin(C, list(slide | away))]
             if rest.size == 0:
                 break
             v = np.asarray(f[:-1])
