@@ -503,10 +503,11 @@ def capacity(k: int, minimum: int = MIN_CAPACITY, growth: int = CAPACITY_GROWTH)
     return cap
 
 
-def _padded(kinks):
-    """Indices padded to :func:`capacity` (one compilation per capacity) and their validity mask."""
+def _padded(kinks, growth: int = CAPACITY_GROWTH):
+    """Indices padded to :func:`capacity` (one compilation per capacity; ``growth`` between capacities) and their
+    validity mask."""
     k = len(kinks)
-    cap = capacity(k)
+    cap = capacity(k, growth=growth)
     idx = np.zeros(cap, np.int32)
     idx[:k] = kinks
     valid = np.zeros(cap, bool)
