@@ -668,7 +668,7 @@ def _no_input(problem, z, sc, kt):
     """Units (N,) whose input vanishes to rounding: in a hidden layer after the first, a sample every unit of whose
     layer below outputs ~0 (at its kink, within ``10 kink_tol``; off, for ReLU; or itself without input). Their
     pre-activation is rounding noise of a function that stays zero while the units below stay off, and their normal
-    lies in the span of those units' normals. A joint problem: each network's units.
+    lies in the span of those units' normals. A joint problem: each network's units."""
     if not hasattr(problem, "shapes"):
         Nn = problem.narrow.n_entries
         return np.concatenate([_no_input(problem.narrow, z[:Nn], sc[:Nn], kt),
