@@ -234,27 +234,40 @@ class KinkedProblem(eqx.Module):
         return F, g, c
 
     def _locate(self, idx):
-        """Sample and position inside that sample's flat pre-activation vector of every flat unit index."""
+        """Sample, position inside that sample's flat pre-activation vector, and hidden layer of every flat unit
+        index."""
         sizes = [math.prod(shp[1:]) for shp in self.shapes]
         glob = np.cumsum([0] + [self.X.shape[0] * m for m in sizes])
         loc = np.cumsum([0] + sizes)
         k = jnp.searchsorted(jnp.asarray(glob[1:]), idx, side="right")
         r = idx - jnp.asarray(glob)[k]
         m = jnp.asarray(sizes)[k]
-        return r // m, jnp.asarray(loc)[k] + r % m
+        return r // m, jnp.asarray(loc)[k] + r % m, k
 
-    def _layers(self, idx):
-        """The hidden layer of every flat unit index."""
-        sizes = [math.prod(shp[1:]) for shp in self.shapes]
-        glob = np.cumsum([0] + [self.X.shape[0] * m for m in sizes])
-        return jnp.searchsorted(jnp.asarray(glob[1:]), idx, side="right")
+    def no_input(self, z, sc, kt):
+        """Units (N,) whose input vanishes to rounding (host arrays ``z``, ``scale``; ``kt`` the kink tolerance): in a
+        hidden layer after the first, a sample every unit of whose layer below outputs ~0 (at its kink, within
+        ``10 kt``; off, for ReLU; or itself without input). Their pre-activation is rounding noise of a function that
+        stays zero while the units below stay off, and their normal lies in the span of those units' normals."""
+        n = self.X.shape[0]
+        out = np.zeros(z.shape[0], bool)
+        o, quiet_below = 0, None
+        for shp in self.shapes:
+            m = math.prod(shp[1:])
+            zl, sl = z[o:o + n * m].reshape(n, m), sc[o:o + n * m].reshape(n, m)
+            dead = np.zeros((n, m), bool) if quiet_below is None else np.repeat(quiet_below[:, None], m, axis=1)
+            out[o:o + n * m] = dead.ravel()
+            quiet = dead | (np.abs(zl) <= 10 * kt * sl) | ((self.alpha == 0) & (zl < 0))
+            quiet_below = quiet.all(axis=1)
+            o += n * m
+        return out
 
     def normals(self, theta, idx, S=None):
         """``grad_theta z_e`` (K, P) for the units ``idx``: one single-sample backward pass each. ``S`` (N,): the
         normals of the mode whose units act as ``S_e z_e`` (a kinked unit of an earlier layer then has its mode's
         slope, not autodiff's ``sigma'(0)``); default: the network itself."""
         model_of = self.unflatten
-        samples, local = self._locate(idx)
+        samples, local, _ = self._locate(idx)
         parts = None if S is None else jax.tree_util.tree_map(lambda a: a[samples], self._split(S))
 
         def z_one(th, x, l, Sk):
@@ -282,8 +295,7 @@ class KinkedProblem(eqx.Module):
 
     def _two_layer_samples(self, idx, valid):
         """Whether some sample has units of the set ``idx`` in two hidden layers (its slopes are then coupled)."""
-        samples, _ = self._locate(idx)
-        layers = self._layers(idx)
+        samples, _, layers = self._locate(idx)
         pair = valid[:, None] & valid[None, :] & (samples[:, None] == samples[None, :])
         return jnp.any(pair & (layers[:, None] != layers[None, :]))
 
@@ -312,7 +324,8 @@ class KinkedProblem(eqx.Module):
         K = idx.shape[0]
         max_newton = 8  # Newton steps on the slopes of samples kinked in two layers (below)
         s0 = jnp.full((K,), 0.5 * (1.0 + self.alpha), self.X.dtype)
-        F, g, c = self.grad_and_adjoint(theta, self.slopes(signs, idx, valid, s0))
+        S0 = self.slopes(signs, idx, valid, s0)
+        F, g, c = self.grad_and_adjoint(theta, S0)
         if K == 0:
             return F, g, s0
 
@@ -334,7 +347,6 @@ class KinkedProblem(eqx.Module):
         def sliding(g):
             if self.n_hidden == 1:
                 return read_off(g, c, s0, None)
-            S0 = self.slopes(signs, idx, valid, s0)
             v, s1 = read_off(g, c, s0, S0)
 
             def newton(carry):

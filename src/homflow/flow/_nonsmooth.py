@@ -423,11 +423,11 @@ class _Driver:
         z, sc = np.asarray(z), np.asarray(sc)
         C = np.asarray(sorted(set(mode.sliding) | set(int(c) for c in cands)), np.int64)
         # a unit whose input is identically zero (a deep net's sample with every unit of the layer below at or under
-        # its kink, :func:`_no_input`) is not a kink of its own: z_e = 0 stays so while those units stay off, and its
-        # normal lies in theirs (the Gram matrix of a set holding it is singular). It keeps its sign; when a unit
+        # its kink, KinkedProblem.no_input) is not a kink of its own: z_e = 0 stays so while those units stay off, and
+        # its normal lies in theirs (the Gram matrix of a set holding it is singular). It keeps its sign; when a unit
         # below turns on, z_e leaves 0 on one side at once and the mode decision then sets it (a documented
         # simplification of the minimal-norm element there: its slope is not optimised)
-        C = C[~_no_input(problem, z, sc, self.kt)[C]]
+        C = C[~problem.no_input(z, sc, self.kt)[C]]
         mn = clarke_min_norm(problem, theta, signs=mode.signs, kinks=C, kink_tol=self.kt, slope_tol=self.st,
                              n_slope_iters=self.sol.n_slope_iters, groups=self._groups)
         self.stats["grad_evals"] += 1
@@ -662,29 +662,6 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
                       stats=stats, result=result, reason=reason, unflatten=problem.unflatten,
                       degree=problem.unflatten(jnp.asarray(thetas[0])).degree,
                       extras={"energy": np.asarray(saves_E), "sliding_units": np.asarray(mode.sliding, np.int64)})
-
-
-def _no_input(problem, z, sc, kt):
-    """Units (N,) whose input vanishes to rounding: in a hidden layer after the first, a sample every unit of whose
-    layer below outputs ~0 (at its kink, within ``10 kink_tol``; off, for ReLU; or itself without input). Their
-    pre-activation is rounding noise of a function that stays zero while the units below stay off, and their normal
-    lies in the span of those units' normals. A joint problem: each network's units."""
-    if not hasattr(problem, "shapes"):
-        Nn = problem.narrow.n_entries
-        return np.concatenate([_no_input(problem.narrow, z[:Nn], sc[:Nn], kt),
-                               _no_input(problem.wide, z[Nn:], sc[Nn:], kt)])
-    n = problem.X.shape[0]
-    out = np.zeros(z.shape[0], bool)
-    o, quiet_below = 0, None
-    for shp in problem.shapes:
-        m = math.prod(shp[1:])
-        zl, sl = z[o:o + n * m].reshape(n, m), sc[o:o + n * m].reshape(n, m)
-        dead = np.zeros((n, m), bool) if quiet_below is None else np.repeat(quiet_below[:, None], m, axis=1)
-        out[o:o + n * m] = dead.ravel()
-        quiet = dead | (np.abs(zl) <= 10 * kt * sl) | ((problem.alpha == 0) & (zl < 0))
-        quiet_below = quiet.all(axis=1)
-        o += n * m
-    return out
 
 
 def _chattering(recent, limit):

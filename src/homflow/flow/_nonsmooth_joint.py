@@ -70,6 +70,10 @@ class JointKinked(eqx.Module):
     def log_loss(self, theta):
         return self.narrow.log_loss(theta[: self.P])
 
+    def no_input(self, z, sc, kt):
+        Nn = self.narrow.n_entries
+        return np.concatenate([self.narrow.no_input(z[:Nn], sc[:Nn], kt), self.wide.no_input(z[Nn:], sc[Nn:], kt)])
+
     def sliding_factor(self, theta, idx, valid):
         """The two halves' :class:`~homflow.flow._clarke.SlidingFactor` s (``None`` unless both nets have one hidden
         layer)."""
