@@ -73,6 +73,13 @@ class ClarkeFlow:
             events.
         project: project onto the sliding set's kink surfaces after every accepted step (exact for two-layer nets, a
             Gauss-Newton step for deeper ones).
+        zeno_escape: length of an escape step, relative to ``max(|u|, 1)`` (default 1e-8; ``None``: no escapes). After
+            ``escape_after`` consecutive events without progress in time (a point where no mode the decision builds is
+            consistent: seen where a deep net's sliding slopes, coupled through shared weights, leave ``[alpha, 1]``
+            for every sliding set that the first-order sides allow) the driver takes one explicit Euler step of the
+            inclusion itself, along the minimal-norm element of the Clarke set at that point, and decides the mode
+            again where it lands (the time-stepping scheme of differential inclusions, for one step of local error
+            ``O(h^2)``). ``stats['zeno_escapes']`` counts them; more than ``max_escapes`` in one solve is a Zeno stop.
         chatter_limit: a unit flipped this many times in consecutive events without progress in time is chattering
             at its kink; when the mode decision would flip it again it slides instead (its slope from the sliding
             field, which must lie in ``[alpha, 1]``; docs/nonsmooth.md).
@@ -121,6 +128,9 @@ class ClarkeFlow:
     zeno_progress: float = 1e-10
     rest_test: bool = True
     project: bool = True
+    zeno_escape: float | None = 1e-8
+    escape_after: int = 50
+    max_escapes: int = 1000
     chatter_limit: int = 3
     crossings: bool = True
     method: str = "auto"
@@ -141,14 +151,14 @@ class ClarkeFlow:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"`{name}` must be a finite number > 0; got {v!r}.")
-        for name in ("atol", "kink_tol", "slope_tol"):
+        for name in ("atol", "kink_tol", "slope_tol", "zeno_escape"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"`{name}` must be None or a finite number > 0; got {v!r}.")
         if not 0 < self.factor_min < 1:
             raise ValueError(f"`factor_min` must lie in (0, 1); got {self.factor_min!r}.")
-        for name in ("n_slope_iters", "max_steps", "max_locate", "zeno_limit", "chatter_limit", "stiff_after",
-                     "nonstiff_after", "rho_every", "implicit_max_params"):
+        for name in ("n_slope_iters", "max_steps", "max_locate", "zeno_limit", "escape_after", "max_escapes", "chatter_limit",
+                     "stiff_after", "nonstiff_after", "rho_every", "implicit_max_params"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1; got {v!r}.")
@@ -291,7 +301,7 @@ class _Driver:
         self.stats = dict(num_steps=0, num_accepted_steps=0, num_rejected_steps=0, num_locate_steps=0,
                           grad_evals=0, kink_normals=0, events=0, pattern_changes=0, sliding_entered=0,
                           sliding_left=0, max_sliding=0, max_constraint_drift=0.0, max_constraint_residual=0.0,
-                          chatter_slides=0, crossings_in_loop=0, step_verdicts=0, stiff_steps=0, implicit_steps=0,
+                          chatter_slides=0, zeno_escapes=0, crossings_in_loop=0, step_verdicts=0, stiff_steps=0, implicit_steps=0,
                           switches_to_stiff=0, switches_to_implicit=0, switches_to_explicit=0, spectral_radius=0.0,
                           solver="clarke", log_time=bool(log_time))
 
@@ -385,7 +395,7 @@ class _Driver:
             return self._blocks
         return None if self._fcache is None else self._fcache.get(tuple(mode.sliding))
 
-    def step_verdict(self, y, u, mode, target):
+    def step_verdict(self, y, u, mode, target, chatter=()):
         """The mode after an event where the mode decision kept the mode the step left. That mode would find the same
         event again within a step (its target sits at the kink or slope bound and the step moved it across), so the
         flow would stop or creep (seen: 200 events at one time; or events 5e-10 apart with a slope at its bound).
@@ -393,9 +403,25 @@ class _Driver:
         (``_tiny_dz``, a slope within ``slope_tol`` of its bound), so first order cannot tell its side, while the
         Runge-Kutta step of the mode moved it across (second order). Take the step's verdict: a free unit crosses (its sign flips; if that mode sends it back, the chatter rule makes it
         slide), a sliding unit whose slope left ``[alpha, 1]`` leaves the set on that bound's side.
-        ``stats['step_verdicts']`` counts them."""
+        ``stats['step_verdicts']`` counts them.
+
+        A free target in ``chatter`` (flipped back and forth by earlier verdicts at this time: second order moves it
+        across from either side while first order cannot tell its side) slides instead when its slope in that mode
+        is admissible (within ``slope_tol`` of ``[alpha, 1]``): the mode decision's chatter rule needs a first-order
+        motion to see the unit sent back, which such a unit never shows (seen: a depth-3 MLP's layer-2 unit flipped
+        by 190 verdicts at one time, a Zeno stop)."""
         signs, slide = mode.signs.copy(), set(mode.sliding)
         N = signs.shape[0]
+        if target < N and target in chatter:
+            trial = mode.like(signs, slide | {target})
+            _, s, _, _ = self.evaluate(y, u, trial)
+            st = float(s[trial.slot[trial.sliding.index(target)]])
+            if self.alpha - self.st <= st <= 1.0 + self.st:
+                self.stats["step_verdicts"] += 1
+                self.stats["chatter_slides"] += 1
+                self.stats["sliding_entered"] += 1
+                self.stats["max_sliding"] = max(self.stats["max_sliding"], len(trial.sliding))
+                return trial
         if target < N:
             signs[target] = -signs[target]
         else:
@@ -410,17 +436,10 @@ class _Driver:
     def _tiny_dz(self, theta, v, sc, ids):
         return self.kt * sc[ids] * (np.linalg.norm(v) / max(float(np.linalg.norm(theta)), np.finfo(float).tiny))
 
-    def resolve(self, y, u, mode, cands, chatter=(), z=None, sc=None):
-        """The mode after an event at ``y``: from the minimal-norm element (interior slope: slides; bound: crosses to
-        the side its velocity points to), then made consistent: a sliding slope of the new mode outside ``[alpha, 1]``
-        leaves on that bound's side; a unit at its kink whose new field points into the other side is flipped, and if
-        both sides point into the kink it slides. Units in ``chatter`` (at their kink and crossing back and forth
-        without progress in time) slide when the new mode would flip them again and their slope is admissible.
-        ``z``, ``sc``: the pre-activations at ``y`` and their bounds when known."""
-        problem, theta = self.problem, y[:-1]
-        if z is None or sc is None:
-            _, _, z, sc = self.evaluate(y, u, mode)
-        z, sc = np.asarray(z), np.asarray(sc)
+    def _min_norm(self, theta, mode, cands, z, sc):
+        """The units the mode decision considers (the sliding set and ``cands``) and the minimal-norm element of the
+        Clarke set over them (:func:`clarke_min_norm`)."""
+        problem = self.problem
         C = np.asarray(sorted(set(mode.sliding) | set(int(c) for c in cands)), np.int64)
         # a unit whose input is identically zero (a deep net's sample with every unit of the layer below at or under
         # its kink, KinkedProblem.no_input) is not a kink of its own: z_e = 0 stays so while those units stay off, and
@@ -432,6 +451,37 @@ class _Driver:
                              n_slope_iters=self.sol.n_slope_iters, groups=self._groups)
         self.stats["grad_evals"] += 1
         self.stats["kink_normals"] += len(C)
+        return C, mn
+
+    def escape(self, y, u, mode, cands, z, sc):
+        """One explicit Euler step of the inclusion of length ``h = zeno_escape max(|u|, 1)`` along the minimal-norm
+        element ``m`` of the Clarke set at ``y`` (``ClarkeFlow.zeno_escape``): ``theta - h v m``, ``E + h v^2 ||m||^2
+        / (1 + t)`` in the time variable ``u`` (``v = (1 + t) L`` in log time for classification losses, whose ``m``
+        is that of ``log L``). Returns ``(y, u)`` where it lands."""
+        theta = np.asarray(y[:-1])
+        _, mn = self._min_norm(theta, mode, cands, z, sc)
+        m = np.asarray(mn.m)
+        log_scale = u if self.log_time else 0.0
+        F = mn.value if self.problem.classification else 0.0
+        h = self.sol.zeno_escape * max(abs(u), 1.0)
+        y1 = np.array(y, dtype=self.dtype)
+        y1[:-1] = theta - h * math.exp(log_scale + F) * m
+        y1[-1] = y1[-1] + h * math.exp(log_scale + 2.0 * F) * float(m @ m)
+        self.stats["zeno_escapes"] += 1
+        return y1, u + h
+
+    def resolve(self, y, u, mode, cands, chatter=(), z=None, sc=None):
+        """The mode after an event at ``y``: from the minimal-norm element (interior slope: slides; bound: crosses to
+        the side its velocity points to), then made consistent: a sliding slope of the new mode outside ``[alpha, 1]``
+        leaves on that bound's side; a unit at its kink whose new field points into the other side is flipped, and if
+        both sides point into the kink it slides. Units in ``chatter`` (at their kink and crossing back and forth
+        without progress in time) slide when the new mode would flip them again and their slope is admissible.
+        ``z``, ``sc``: the pre-activations at ``y`` and their bounds when known."""
+        problem, theta = self.problem, y[:-1]
+        if z is None or sc is None:
+            _, _, z, sc = self.evaluate(y, u, mode)
+        z, sc = np.asarray(z), np.asarray(sc)
+        C, mn = self._min_norm(theta, mode, cands, z, sc)
         slide = set(C[mn.interior].tolist())
         chatter = set(int(e) for e in chatter) & set(C.tolist())
         signs = mode.signs.copy()
@@ -608,13 +658,26 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
             y, u = out["y_event"], u0 + hc
             err_prev = float(out["err_prev"])
             no_progress = no_progress + 1 if hc <= max(tiny_h, sol.zeno_progress) * max(abs(u), 1.0) else 0
+            if (sol.zeno_escape is not None and no_progress >= sol.escape_after
+                    and stats["zeno_escapes"] < sol.max_escapes):
+                # no mode the decision builds is consistent here: one Euler step of the inclusion (ClarkeFlow)
+                pre = D.advance(y, u, 0.0, 1.0, u, mode, 0, project_first=True)
+                y, u = D.escape(pre["y0"], u, mode, _near(pre["z0"], pre["scale0"], D.kt), pre["z0"], pre["scale0"])
+                ev = D.advance(y, u, 0.0, 1.0, u, mode, 0)
+                mode = D.resolve(y, u, mode, _near(ev["z0"], ev["scale0"], D.kt), (), z=ev["z0"], sc=ev["scale0"])
+                no_progress, recent = 0, []
+                pending_projection = True
+                h = max(h_step, tiny_h * max(abs(u), 1.0) * 2)
+                if progress is not None:
+                    progress(_t(u, log_time), stats)
+                continue
             if no_progress > sol.zeno_limit:
                 success, failure = False, "zeno"
                 reason = (f"{no_progress} events without progress in time at t = {_t(u, log_time):.6g}: a Zeno point "
                           "or a kink where no mode is consistent (try a larger kink_tol)")
                 break
             zc, scc = np.asarray(out["z_event"]), np.asarray(out["scale_event"])
-            cands = np.flatnonzero(np.abs(zc) <= 10 * D.kt * scc)
+            cands = _near(zc, scc, D.kt)
             target = int(out["target"])
             N = mode.signs.shape[0]
             if target < N:
@@ -627,7 +690,7 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
             y = pre["y0"]
             new = D.resolve(y, u, mode, cands, chatter, z=pre["z0"], sc=pre["scale0"])
             if new.key() == mode.key():  # kept: the same event would be found again at once (docstring)
-                new = D.step_verdict(y, u, mode, target)
+                new = D.step_verdict(y, u, mode, target, chatter)
             if no_progress:
                 flips = np.flatnonzero(new.signs != mode.signs)
                 recent = (recent + [int(e) for e in flips])[-64 * max(sol.chatter_limit, 1):]
@@ -662,6 +725,12 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
                       stats=stats, result=result, reason=reason, unflatten=problem.unflatten,
                       degree=problem.unflatten(jnp.asarray(thetas[0])).degree,
                       extras={"energy": np.asarray(saves_E), "sliding_units": np.asarray(mode.sliding, np.int64)})
+
+
+def _near(z, sc, kt):
+    """The mode decision's candidates: units within 10 kink tolerances of their kink."""
+    z, sc = np.asarray(z), np.asarray(sc)
+    return np.flatnonzero(np.abs(z) <= 10 * kt * sc)
 
 
 def _chattering(recent, limit):
