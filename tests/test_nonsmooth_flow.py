@@ -434,7 +434,8 @@ def test_a_flow_at_rest_stops_within_its_motion_bound():
 def test_clarke_flow_rejects_bad_stiffness_options():
     for kw, word in ((dict(method="rk45"), "method"), (dict(s_max=1), "s_max"), (dict(stiff_after=0), "stiff_after"),
                      (dict(stiff_ratio=-1.0), "stiff_ratio"), (dict(zeno_progress=0.0), "zeno_progress"),
-                     (dict(rest_test=1), "rest_test")):
+                     (dict(rest_test=1), "rest_test"), (dict(zeno_escape=-1e-8), "zeno_escape"),
+                     (dict(escape_after=0), "escape_after"), (dict(max_escapes=1.5), "max_escapes")):
         with pytest.raises(ValueError, match=word):
             ClarkeFlow(**kw)
 
@@ -570,6 +571,48 @@ def test_units_without_input_are_not_kinks():
     assert tr.success, tr.reason
     drop = tr.loss[0] - tr.loss[-1]
     assert abs(drop - tr.extras["energy"][-1]) <= 1e-6 * drop
+
+
+@pytest.mark.slow
+def test_escape_steps_carry_deep_flows_through_inconsistent_points():
+    """sphere(16, 3, seed 0), leaky-ReLU (0.2) MLP (6, 6): at t ~ 315 no mode the decision builds is consistent (a
+    sample with two layer-1 and four layer-2 units at their kinks; every sliding set the first-order sides allow puts a
+    slope outside [alpha, 1]). Without escape steps the flow stops there as a Zeno point; with them (the default) it
+    reaches t1 with the energy identity and a monotone loss. The escape itself is one Euler step of the inclusion:
+    the landing point is theta - h m (m the minimal-norm element of the Clarke set there) and the energy grows by
+    h ||m||^2."""
+    from homflow.flow._nonsmooth import _Driver, _Mode, _near
+
+    data = sphere(16, 3, seed=0)
+    model = MLP(3, (6, 6), leaky_relu(0.2), key=jax.random.PRNGKey(0), scale=1.0)
+    stop = nonsmooth_flow(model, data, loss="logistic", t1=1000.0, n_save=10, time="linear",
+                          solver=ClarkeFlow(zeno_escape=None))
+    assert not stop.success and "Zeno" in stop.reason and 100 < stop.ts[-1] < 1000
+    tr = nonsmooth_flow(model, data, loss="logistic", t1=1000.0, n_save=10, time="linear")
+    assert tr.success, tr.reason
+    assert tr.stats["zeno_escapes"] >= 1
+    assert np.all(np.diff(tr.loss) <= 1e-14 * tr.loss[0])
+    drop = tr.loss[0] - tr.loss[-1]
+    assert abs(drop - tr.extras["energy"][-1]) <= 1e-6 * drop
+    # the escape step at the stop point, against clarke_min_norm over the units near their kinks
+    obj, _ = make_problem(model, data, "logistic")
+    kp = make_kinked(obj, model)
+    theta = jnp.asarray(stop.thetas[-1])
+    z, sc = (np.asarray(a) for a in kp.preactivations(theta))
+    sol = ClarkeFlow()
+    D = _Driver(kp, sol, theta, log_time=False)
+    mode = _Mode(np.where(z > 0, 1, -1), ())
+    u = float(stop.ts[-1])
+    y = np.concatenate([np.asarray(theta), [0.0]])
+    near = _near(z, sc, D.kt)
+    assert near.size >= 2
+    y1, u1 = D.escape(y, u, mode, near, z, sc)
+    mn = clarke_min_norm(kp, theta, signs=mode.signs, kinks=near[~kp.no_input(z, sc, D.kt)[near]])
+    m = np.asarray(mn.m) * np.exp(mn.value)  # the gradient of L itself (mn.m is that of log L)
+    h = sol.zeno_escape * u
+    np.testing.assert_allclose(u1 - u, h, rtol=0, atol=4 * np.finfo(float).eps * u)
+    np.testing.assert_allclose(y1[:-1], np.asarray(theta) - h * m, rtol=0, atol=1e-14 * np.linalg.norm(theta))
+    np.testing.assert_allclose(y1[-1], h * m @ m, rtol=1e-12)
 
 
 def test_depth3_mlp_flow_keeps_the_energy_identity():
