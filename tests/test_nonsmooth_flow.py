@@ -538,6 +538,29 @@ def test_deep_sliding_slopes_make_the_mode_gradient_the_field(alpha):
     assert np.max(np.abs(s_lin - np.asarray(s)[: len(units)])) > 1e-6
 
 
+@pytest.mark.parametrize("widths,alpha", [((6, 5), 0.0), ((7, 4, 5), 0.1)])
+def test_mlp_normal_gram_is_the_gram_of_the_normals(widths, alpha):
+    """The MLP's Gram matrix of kink normals from the layer factors (sum over layers of (A_r A_r^T) * (H_r H_r^T))
+    equals N N^T of the autodiff normals, in the network itself and in a mode with arbitrary slopes, with zero rows
+    and columns at padded entries; and it is not the Gram matrix of a different set (the check can fail)."""
+    from homflow.flow._clarke import _padded
+
+    data = sphere(12, 4, seed=1)
+    model = MLP(4, widths, leaky_relu(alpha) if alpha else relu, key=jax.random.PRNGKey(3), scale=1.0)
+    obj, theta = make_problem(model, data, "logistic")
+    kp = make_kinked(obj, model)
+    rng = np.random.default_rng(0)
+    units = np.sort(rng.choice(kp.n_entries, 20, replace=False))
+    idx, valid = (jnp.asarray(a) for a in _padded(units))
+    for S in (None, jnp.asarray(rng.uniform(alpha, 1.0, kp.n_entries))):
+        Nz = np.asarray(kp.normals(theta, idx, S)) * np.asarray(valid)[:, None]
+        G = np.asarray(kp.normal_gram(theta, idx, valid, S))
+        np.testing.assert_allclose(G, Nz @ Nz.T, rtol=0, atol=1e-13 * np.abs(Nz @ Nz.T).max())
+        assert np.all(G[~np.asarray(valid)] == 0) and np.all(G[:, ~np.asarray(valid)] == 0)
+    other = np.asarray(kp.normal_gram(theta, jnp.asarray(np.roll(np.asarray(idx), 1)), valid, S))
+    assert np.abs(other - G).max() > 1e-3 * np.abs(G).max()
+
+
 def test_units_without_input_are_not_kinks():
     """A depth-3 ReLU MLP whose sample 0 has every layer-1 unit off but one, which sits on its kink: the layer-2
     pre-activations of that sample vanish identically. Their bound is the one from the layer below's bounds (not

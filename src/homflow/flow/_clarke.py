@@ -283,6 +283,46 @@ class KinkedProblem(eqx.Module):
 
         return jax.vmap(lambda i, l, Sk: jax.grad(z_one)(theta, self.X[i], l, Sk))(samples, local, parts)
 
+    def normal_gram(self, theta, idx, valid, S=None, Nz=None):
+        """The Gram matrix ``N N^T`` (K, K) of the kink normals of the units ``idx`` (zero rows and columns at invalid
+        entries), in the mode with slopes ``S`` (default: the network itself, as :meth:`normals`). ``Nz``: the
+        normals, zero rows at invalid entries, when already formed.
+
+        For MLPs it is formed from the normals' layer structure instead of the ``O(K^2 P)`` product: the normal of a
+        unit ``e`` (sample ``i``) on ``W_r`` is the outer product ``a_r(e) h_{r-1}(i)^T`` of ``a_r(e) = dz_e / dz_r``
+        (pre-activations of layer ``r``) and the layer's input, so ``N N^T = sum_r (A_r A_r^T) * (H_r H_r^T)``
+        (entrywise product): ``O(K^2 sum_r (m_r + m_{r-1}))`` with the layer widths ``m_r``, ~12 times fewer
+        operations for a (30, 30) MLP on 8 inputs, where the Gram matrix was most of a deep net's field evaluation
+        with a hundred units sliding. Other architectures: ``Nz Nz^T``."""
+        if not isinstance(self.unflatten(theta), MLP):
+            if Nz is None:
+                Nz = self.normals(theta, idx, S) * valid[:, None].astype(theta.dtype)
+            return Nz @ Nz.T
+        model_of = self.unflatten
+        samples, local, _ = self._locate(idx)
+        parts = None if S is None else jax.tree_util.tree_map(lambda a: a[samples], self._split(S))
+
+        def factors(x, l, Sk):
+            model = model_of(theta)
+            Ws = model.weights[:-1]
+
+            def z_at(eps):
+                h, zs, hs = x, [], []
+                for k, W in enumerate(Ws):
+                    hs.append(h)
+                    z = W @ h + eps[k]
+                    zs.append(z)
+                    h = model.activation(z) if Sk is None else Sk[k] * z
+                return jnp.concatenate(zs)[l], hs
+
+            A, hs = jax.grad(z_at, has_aux=True)([jnp.zeros(W.shape[0], theta.dtype) for W in Ws])
+            return A, hs
+
+        A, H = jax.vmap(factors)(self.X[samples], local, parts)
+        w = valid.astype(theta.dtype)
+        G = sum((a @ a.T) * (h @ h.T) for a, h in zip(A, H))
+        return G * w[:, None] * w[None, :]
+
     def slope_jacobian(self, theta, signs, idx, valid, s):
         """``(F, g, J)``: value, gradient and ``J = dg/ds`` (P, K) at the slopes ``s``, the column of unit ``e`` being
         ``dF/dh_e grad_theta z_e`` with the normal taken in the mode (a sample with kinked units in two layers: the
@@ -335,7 +375,7 @@ class KinkedProblem(eqx.Module):
             """Tangent part of ``g`` (taken at slopes ``s_base``) and the slopes read off its multipliers."""
             if fac is None:
                 Nz = self.normals(theta, idx, S) * valid[:, None].astype(g.dtype)
-                lam = gram_solve(Nz.T, Nz @ g, valid)
+                lam = gram_solve(Nz.T, Nz @ g, valid, G=self.normal_gram(theta, idx, valid, S, Nz))
                 corr = Nz.T @ lam
             else:  # a SlidingFactor or a block-diagonal BlockFactor (flow/_block_factor.py)
                 lam = fac.solve(fac.matvec(g))
@@ -375,10 +415,11 @@ class KinkedProblem(eqx.Module):
         return F, g, s
 
 
-def _gram_cholesky(J, valid, cond_max):
+def _gram_cholesky(J, valid, cond_max, G=None):
     """``G = J^T J`` (identity rows at invalid entries), its Cholesky factor and whether the factor is usable: finite,
-    the smallest over the largest squared diagonal above ``1 / cond_max`` (default ``cond_max = 1 / (1000 K eps)``)."""
-    G = J.T @ J
+    the smallest over the largest squared diagonal above ``1 / cond_max`` (default ``cond_max = 1 / (1000 K eps)``).
+    ``G``: ``J^T J`` when already formed (zero rows and columns at invalid entries)."""
+    G = J.T @ J if G is None else G
     K = G.shape[0]
     eps = jnp.finfo(G.dtype).eps
     cond_max = 1.0 / (1e3 * K * eps) if cond_max is None else cond_max
@@ -397,14 +438,15 @@ def _eig_pinv(G):
     return V, jnp.where(lam > cut, 1.0 / jnp.where(lam > cut, lam, 1.0), 0.0)
 
 
-def gram_solve(J, b, valid, cond_max=None):
+def gram_solve(J, b, valid, cond_max=None, G=None):
     """``lambda = (J^T J)^+ b`` (J (P, K), zero columns at invalid entries), zero at invalid entries.
 
     Cholesky of ``G = J^T J`` with one step of iterative refinement when ``G`` is well conditioned (the smallest over
     the largest squared diagonal of the factor above ``1 / cond_max``, default ``cond_max = 1 / (1000 K eps)``, and a
     finite factor); otherwise the eigendecomposition with a relative cut-off ``K eps`` (the minimal-norm solution for
-    dependent kink normals). Both with one step of iterative refinement."""
-    G, Lc, ok = _gram_cholesky(J, valid, cond_max)
+    dependent kink normals). Both with one step of iterative refinement. ``G``: ``J^T J`` when already formed
+    (:meth:`KinkedProblem.normal_gram`)."""
+    G, Lc, ok = _gram_cholesky(J, valid, cond_max, G)
 
     def chol(b):
         solve = lambda r: jax.scipy.linalg.cho_solve((Lc, True), r)  # noqa: E731

@@ -130,7 +130,7 @@ class ClarkeFlow:
     rest_test: bool = True
     project: bool = True
     zeno_escape: float | None = 1e-10
-    escape_after: int = 100
+    escape_after: int = 50
     max_escapes: int = 1000
     chatter_limit: int = 3
     crossings: bool = True

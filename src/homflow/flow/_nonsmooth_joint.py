@@ -109,6 +109,14 @@ class JointKinked(eqx.Module):
         Jw = self.wide.normals(b, jnp.clip(idx - Nn, 0, self.wide.n_entries - 1)) * (1 - in_narrow)
         return jnp.concatenate([Jn, Jw], axis=1)
 
+    def normal_gram(self, theta, idx, valid, S=None, Nz=None):
+        """``N N^T`` of the joint units: the two halves' Gram matrices (a narrow and a wide unit's normals live in
+        different blocks, so the joint one is their sum over the halves' entries). ``S`` is not supported (the joint
+        problem's normals are the networks' own), ``Nz`` ignored."""
+        a, b = self._blocks(theta)
+        (i_n, v_n), (i_w, v_w) = self._idx(idx, valid)
+        return self.narrow.normal_gram(a, i_n, v_n) + self.wide.normal_gram(b, i_w, v_w)
+
     def slope_jacobian(self, theta, signs, idx, valid, s):
         a, b = self._blocks(theta)
         Nn = self.narrow.n_entries

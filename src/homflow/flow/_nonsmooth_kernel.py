@@ -61,8 +61,8 @@ def project_sliding(problem, theta, idx, valid, iters, fac=None):
     z = before
     for _ in range(iters):
         if fac is None:
-            J = _normals(problem, theta, idx, valid).T
-            theta = theta - J @ gram_solve(J, z, valid)
+            N = _normals(problem, theta, idx, valid)
+            theta = theta - N.T @ gram_solve(N.T, z, valid, G=problem.normal_gram(theta, idx, valid, None, N))
         else:
             theta = theta - problem.sliding_correction(fac, z)
         z = zS(theta)
