@@ -73,14 +73,13 @@ class ClarkeFlow:
             events.
         project: project onto the sliding set's kink surfaces after every accepted step (exact for two-layer nets, a
             Gauss-Newton step for deeper ones).
-        zeno_escape: length of an escape step: it moves ``theta`` by at most this times ``||theta||`` (default
-            1e-10; ``None``: no escapes). After
-            ``escape_after`` consecutive events without progress in time (a point where no mode the decision builds is
-            consistent: seen where a deep net's sliding slopes, coupled through shared weights, leave ``[alpha, 1]``
-            for every sliding set that the first-order sides allow) the driver takes one explicit Euler step of the
-            inclusion itself, along the minimal-norm element of the Clarke set at that point, and decides the mode
-            again where it lands (the time-stepping scheme of differential inclusions, for one step of local error
-            ``O(h^2)``). ``stats['zeno_escapes']`` counts them; more than ``max_escapes`` in one solve is a Zeno stop.
+        zeno_escape, escape_after, max_escapes: escape steps (docs/nonsmooth.md, item 10). After ``escape_after``
+            consecutive events without progress in time (a point where no mode the decision builds is consistent:
+            seen where a deep net's sliding slopes, coupled through shared weights, leave ``[alpha, 1]`` for every
+            sliding set the first-order sides allow) the driver takes one explicit Euler step of the inclusion along
+            the minimal-norm element of the Clarke set there, moving ``theta`` by at most ``zeno_escape ||theta||``
+            (default 1e-10; ``None``: no escapes), and decides the mode again where it lands (``_Driver.escape``).
+            ``stats['zeno_escapes']`` counts them; after ``max_escapes`` in one solve a stall is a Zeno stop.
         chatter_limit: a unit flipped this many times in consecutive events without progress in time is chattering
             at its kink; when the mode decision would flip it again it slides instead (its slope from the sliding
             field, which must lie in ``[alpha, 1]``; docs/nonsmooth.md).
@@ -158,8 +157,8 @@ class ClarkeFlow:
                 raise ValueError(f"`{name}` must be None or a finite number > 0; got {v!r}.")
         if not 0 < self.factor_min < 1:
             raise ValueError(f"`factor_min` must lie in (0, 1); got {self.factor_min!r}.")
-        for name in ("n_slope_iters", "max_steps", "max_locate", "zeno_limit", "escape_after", "max_escapes", "chatter_limit",
-                     "stiff_after", "nonstiff_after", "rho_every", "implicit_max_params"):
+        for name in ("n_slope_iters", "max_steps", "max_locate", "zeno_limit", "escape_after", "max_escapes",
+                     "chatter_limit", "stiff_after", "nonstiff_after", "rho_every", "implicit_max_params"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1; got {v!r}.")
@@ -302,9 +301,9 @@ class _Driver:
         self.stats = dict(num_steps=0, num_accepted_steps=0, num_rejected_steps=0, num_locate_steps=0,
                           grad_evals=0, kink_normals=0, events=0, pattern_changes=0, sliding_entered=0,
                           sliding_left=0, max_sliding=0, max_constraint_drift=0.0, max_constraint_residual=0.0,
-                          chatter_slides=0, zeno_escapes=0, crossings_in_loop=0, step_verdicts=0, stiff_steps=0, implicit_steps=0,
-                          switches_to_stiff=0, switches_to_implicit=0, switches_to_explicit=0, spectral_radius=0.0,
-                          solver="clarke", log_time=bool(log_time))
+                          chatter_slides=0, zeno_escapes=0, crossings_in_loop=0, step_verdicts=0, stiff_steps=0,
+                          implicit_steps=0, switches_to_stiff=0, switches_to_implicit=0, switches_to_explicit=0,
+                          spectral_radius=0.0, solver="clarke", log_time=bool(log_time))
 
     def A(self, x):
         return np.asarray(x, self.dtype)
@@ -402,8 +401,9 @@ class _Driver:
         flow would stop or creep (seen: 200 events at one time; or events 5e-10 apart with a slope at its bound).
         Why the decision kept it: the target's first-order motion is below the decision's rounding threshold
         (``_tiny_dz``, a slope within ``slope_tol`` of its bound), so first order cannot tell its side, while the
-        Runge-Kutta step of the mode moved it across (second order). Take the step's verdict: a free unit crosses (its sign flips; if that mode sends it back, the chatter rule makes it
-        slide), a sliding unit whose slope left ``[alpha, 1]`` leaves the set on that bound's side.
+        Runge-Kutta step of the mode moved it across (second order). Take the step's verdict: a free unit crosses
+        (its sign flips; if that mode sends it back, the chatter rule makes it slide), a sliding unit whose slope left
+        ``[alpha, 1]`` leaves the set on that bound's side.
         ``stats['step_verdicts']`` counts them.
 
         A free target in ``chatter`` (flipped back and forth by earlier verdicts at this time: second order moves it
@@ -458,9 +458,10 @@ class _Driver:
         """One explicit Euler step of the inclusion along the minimal-norm element ``m`` of the Clarke set at ``y``
         (``ClarkeFlow.zeno_escape``): ``theta - a m`` with ``a`` the smaller of ``zeno_escape ||theta|| / ||m||`` and
         half the distance, along ``-m`` at first order, to the kink of the nearest unit outside the decision's set
-        (a step across a kink the decision did not consider would move on a gradient it did not choose). The energy
-        grows by ``int ||dtheta/dt||^2 = a ||m||^2`` in ``L``'s own scale (``m`` is that of ``log L`` for
-        classification losses: ``e^F m`` in time ``t``); the time by ``a / (1 + t)`` in log time. The length is set by
+        (a step across a kink the decision did not consider would move on a gradient it did not choose). In time
+        ``t`` the step is ``dtheta/dt = -e^F m`` for ``dt = a e^{-F}`` (``F = log L`` for classification losses, whose
+        ``m`` is that of ``log L``; ``F = 0`` else), so the energy grows by ``int ||dtheta/dt||^2 = a e^F ||m||^2``
+        and log time by ``log(1 + dt / (1 + t))``. The length is set by
         the displacement, not by time: late in a log-time flow ``1e-8`` in ``u`` is ``1e-8 (1 + t)`` in ``t`` and
         jumped across kinks (measured: ``||dtheta|| = 0.015``, the loss up by 8e-3 at t = 1.5e5). Returns ``(y, u)``
         where it lands."""
