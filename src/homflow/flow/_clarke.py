@@ -304,19 +304,20 @@ class KinkedProblem(eqx.Module):
 
         def factors(x, l, Sk):
             model = model_of(theta)
-            Ws = model.weights[:-1]
 
-            def z_at(eps):
-                h, zs, hs = x, [], []
-                for k, W in enumerate(Ws):
-                    hs.append(h)
-                    z = W @ h + eps[k]
+            def z_at(eps):  # z_e with eps_r added to layer r's pre-activations; and every layer's input
+                zs, outs = [], []
+
+                def act(k, z, sc):
+                    z = z + eps[k]
                     zs.append(z)
-                    h = model.activation(z) if Sk is None else Sk[k] * z
-                return jnp.concatenate(zs)[l], hs
+                    outs.append(model.activation(z) if Sk is None else Sk[k] * z)
+                    return outs[-1]
 
-            A, hs = jax.grad(z_at, has_aux=True)([jnp.zeros(W.shape[0], theta.dtype) for W in Ws])
-            return A, hs
+                forward(model, x, act)
+                return jnp.concatenate(zs)[l], [x] + outs[:-1]
+
+            return jax.grad(z_at, has_aux=True)([jnp.zeros(W.shape[0], theta.dtype) for W in model.weights[:-1]])
 
         A, H = jax.vmap(factors)(self.X[samples], local, parts)
         w = valid.astype(theta.dtype)

@@ -454,6 +454,14 @@ class _Driver:
         self.stats["kink_normals"] += len(C)
         return C, mn
 
+    def _dz_min_norm(self, theta, mode, C, mn):
+        """``dz/dtheta . (-m)`` of every unit along the minimal-norm element ``mn`` over the units ``C``, with its
+        slopes at ``C``."""
+        idx, valid = _padded(C)
+        s_pad = np.zeros(idx.shape[0], self.dtype)
+        s_pad[:C.size] = mn.slopes
+        return np.asarray(_dz(self.problem, self.A(theta), self.A(-np.asarray(mn.m)), mode.signs, idx, valid, s_pad))
+
     def escape(self, y, u, mode, cands, z, sc):
         """One explicit Euler step of the inclusion along the minimal-norm element ``m`` of the Clarke set at ``y``
         (``ClarkeFlow.zeno_escape``): ``theta - a m`` with ``a`` the smaller of ``zeno_escape ||theta|| / ||m||`` and
@@ -471,10 +479,7 @@ class _Driver:
         nm = float(np.linalg.norm(m))
         a = self.sol.zeno_escape * max(float(np.linalg.norm(theta)), self.atol) / max(nm, np.finfo(float).tiny)
         if nm > 0:
-            idx, valid = _padded(C)
-            s_pad = np.zeros(idx.shape[0], self.dtype)
-            s_pad[:C.size] = mn.slopes
-            dz = np.asarray(_dz(self.problem, self.A(theta), self.A(-m), mode.signs, idx, valid, s_pad))
+            dz = self._dz_min_norm(theta, mode, C, mn)
             out = np.ones(z.shape[0], bool)
             out[C] = False
             toward = out & (z * dz < 0)
@@ -508,10 +513,7 @@ class _Driver:
         bound = C[~mn.interior]
         if bound.size:
             v = -np.asarray(mn.m)
-            idx, valid = _padded(C)
-            s_pad = np.zeros(idx.shape[0], self.dtype)
-            s_pad[:C.size] = mn.slopes
-            dz = np.asarray(_dz(problem, theta, self.A(v), mode.signs, idx, valid, s_pad))[bound]
+            dz = self._dz_min_norm(theta, mode, C, mn)[bound]
             side = np.where(mn.slopes[~mn.interior] > 0.5 * (1 + self.alpha), 1, -1)
             signs[bound] = np.where(np.abs(dz) > self._tiny_dz(theta, v, sc, bound), np.sign(dz), side)
         # a candidate beyond kink_tol (within 10 kink_tol: the projection of a deep net's sliding set moves nearby
