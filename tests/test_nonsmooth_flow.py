@@ -435,7 +435,9 @@ def test_clarke_flow_rejects_bad_stiffness_options():
     for kw, word in ((dict(method="rk45"), "method"), (dict(s_max=1), "s_max"), (dict(stiff_after=0), "stiff_after"),
                      (dict(stiff_ratio=-1.0), "stiff_ratio"), (dict(zeno_progress=0.0), "zeno_progress"),
                      (dict(rest_test=1), "rest_test"), (dict(zeno_escape=-1e-8), "zeno_escape"),
-                     (dict(escape_after=0), "escape_after"), (dict(max_escapes=1.5), "max_escapes")):
+                     (dict(escape_after=0), "escape_after"), (dict(max_escapes=1.5), "max_escapes"),
+                     (dict(escape_growth=0.5), "escape_growth"), (dict(zeno_escape_max=1e-12), "zeno_escape_max"),
+                     (dict(zeno_escape_max=float("nan")), "zeno_escape_max")):
         with pytest.raises(ValueError, match=word):
             ClarkeFlow(**kw)
 
@@ -642,6 +644,13 @@ def test_escape_steps_carry_deep_flows_through_inconsistent_points():
     np.testing.assert_allclose(u1 - u, nd / ng, rtol=1e-6, atol=4 * np.finfo(float).eps * u)
     drop = float(np.exp(kp.log_loss(theta)) - np.exp(kp.log_loss(jnp.asarray(y1[:-1]))))
     np.testing.assert_allclose(drop, y1[-1], rtol=1e-3)
+    # a repeated escape (escape_growth): 100 times the relative length, along the same -m, energy and time scaled alike
+    y2, u2 = D.escape(y, u, mode, near, z, sc, 100 * sol.zeno_escape)
+    d2 = np.asarray(theta) - y2[:-1]
+    nd2 = np.linalg.norm(d2)
+    assert nd < nd2 <= 100 * sol.zeno_escape * np.linalg.norm(theta) * (1 + 1e-5)
+    assert d2 @ d >= (1 - 1e-5) * nd2 * nd
+    np.testing.assert_allclose(y2[-1] / y1[-1], nd2 / nd, rtol=1e-4)
 
 
 def test_depth3_mlp_flow_keeps_the_energy_identity():

@@ -79,6 +79,9 @@ class ClarkeFlow:
             sliding set the first-order sides allow) the driver takes one explicit Euler step of the inclusion along
             the minimal-norm element of the Clarke set there, moving ``theta`` by at most ``zeno_escape ||theta||``
             (default 1e-10; ``None``: no escapes), and decides the mode again where it lands (``_Driver.escape``).
+            escape_growth, zeno_escape_max: an escape that lands in another stall (no progress in time since the
+            previous one) is ``escape_growth`` times longer than the previous, up to ``zeno_escape_max ||theta||``
+            (defaults 10 and 1e-6); after progress the next starts at ``zeno_escape`` again.
             ``stats['zeno_escapes']`` counts them; after ``max_escapes`` in one solve a stall is a Zeno stop.
         chatter_limit: a unit flipped this many times in consecutive events without progress in time is chattering
             at its kink; when the mode decision would flip it again it slides instead (its slope from the sliding
@@ -129,6 +132,8 @@ class ClarkeFlow:
     rest_test: bool = True
     project: bool = True
     zeno_escape: float | None = 1e-10
+    escape_growth: float = 10.0
+    zeno_escape_max: float = 1e-6
     escape_after: int = 50
     max_escapes: int = 1000
     chatter_limit: int = 3
@@ -155,6 +160,14 @@ class ClarkeFlow:
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"`{name}` must be None or a finite number > 0; got {v!r}.")
+        if not (isinstance(self.escape_growth, (int, float)) and math.isfinite(self.escape_growth)
+                and self.escape_growth >= 1):
+            raise ValueError(f"`escape_growth` must be a finite number >= 1; got {self.escape_growth!r}.")
+        v = self.zeno_escape_max
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"`zeno_escape_max` must be a finite number > 0; got {v!r}.")
+        if self.zeno_escape is not None and v < self.zeno_escape:
+            raise ValueError(f"`zeno_escape_max` must be >= zeno_escape = {self.zeno_escape!r}; got {v!r}.")
         if not 0 < self.factor_min < 1:
             raise ValueError(f"`factor_min` must lie in (0, 1); got {self.factor_min!r}.")
         for name in ("n_slope_iters", "max_steps", "max_locate", "zeno_limit", "escape_after", "max_escapes",
@@ -462,7 +475,7 @@ class _Driver:
         s_pad[:C.size] = mn.slopes
         return np.asarray(_dz(self.problem, self.A(theta), self.A(-np.asarray(mn.m)), mode.signs, idx, valid, s_pad))
 
-    def escape(self, y, u, mode, cands, z, sc):
+    def escape(self, y, u, mode, cands, z, sc, scale=None):
         """One explicit Euler step of the inclusion along the minimal-norm element ``m`` of the Clarke set at ``y``
         (``ClarkeFlow.zeno_escape``): ``theta - a m`` with ``a`` the smaller of ``zeno_escape ||theta|| / ||m||`` and
         half the distance, along ``-m`` at first order, to the kink of the nearest unit outside the decision's set
@@ -477,7 +490,8 @@ class _Driver:
         C, mn = self._min_norm(theta, mode, cands, z, sc)
         m = np.asarray(mn.m)
         nm = float(np.linalg.norm(m))
-        a = self.sol.zeno_escape * max(float(np.linalg.norm(theta)), self.atol) / max(nm, np.finfo(float).tiny)
+        scale = self.sol.zeno_escape if scale is None else scale
+        a = scale * max(float(np.linalg.norm(theta)), self.atol) / max(nm, np.finfo(float).tiny)
         if nm > 0:
             dz = self._dz_min_norm(theta, mode, C, mn)
             out = np.ones(z.shape[0], bool)
@@ -615,7 +629,8 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
     saves_th, saves_E, saves_t = [np.asarray(y[:-1])], [0.0], [0.0]
     k_save = 1 if us[0] == 0.0 else 0
     err_prev = 1.0
-    no_progress = 0
+    no_progress, u_mark = 0, 0.0  # consecutive events without progress in time; u at the last event
+    esc_scale, acc_since_escape = sol.zeno_escape, True  # escape length (relative); an accepted step since the last
     recent = []  # (unit, sign) flips of the last events without progress in time: chattering units
     reason, success, failure = None, True, None
 
@@ -656,7 +671,7 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
         if status in (SAVE, BUDGET):
             y, u, h, err_prev = out["y"], float(out["u"]), float(out["h"]), float(out["err_prev"])
             if int(out["n_acc"]):
-                no_progress = 0
+                no_progress, acc_since_escape = 0, True
                 recent = []
             if status == SAVE:
                 saves_th.append(np.asarray(out["y"][:-1]))
@@ -673,21 +688,30 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
         else:  # EVENT
             stats["events"] += 1
             u0 = float(out["u"])
-            if int(out["n_acc"]):
-                no_progress = 0
-                recent = []
             hc, h_step = float(out["h_event"]), float(out["h_step"])
             y, u = out["y_event"], u0 + hc
             err_prev = float(out["err_prev"])
-            no_progress = no_progress + 1 if hc <= max(tiny_h, sol.zeno_progress) * max(abs(u), 1.0) else 0
+            # progress in time since the previous event (not accepted steps: a stall's steps are as short as its
+            # events are close)
+            if u - u_mark <= max(tiny_h, sol.zeno_progress) * max(abs(u), 1.0):
+                no_progress += 1
+            else:
+                no_progress, acc_since_escape, recent = 0, True, []
+            u_mark = u
             if (sol.zeno_escape is not None and no_progress >= sol.escape_after
                     and stats["zeno_escapes"] < sol.max_escapes):
                 # no mode the decision builds is consistent here: one Euler step of the inclusion (ClarkeFlow)
+                # an escape that lands in another stall (no progress in time since the previous one) is followed by
+                # a longer one: escape_growth times, up to zeno_escape_max ||theta||
+                esc_scale = (sol.zeno_escape if acc_since_escape
+                             else min(esc_scale * sol.escape_growth, sol.zeno_escape_max))
+                acc_since_escape = False
                 pre = D.advance(y, u, 0.0, 1.0, u, mode, 0, project_first=True)
-                y, u = D.escape(pre["y0"], u, mode, _near(pre["z0"], pre["scale0"], D.kt), pre["z0"], pre["scale0"])
+                y, u = D.escape(pre["y0"], u, mode, _near(pre["z0"], pre["scale0"], D.kt), pre["z0"], pre["scale0"],
+                                esc_scale)
                 ev = D.advance(y, u, 0.0, 1.0, u, mode, 0)
                 mode = D.resolve(y, u, mode, _near(ev["z0"], ev["scale0"], D.kt), (), z=ev["z0"], sc=ev["scale0"])
-                no_progress, recent = 0, []
+                no_progress, recent, u_mark = 0, [], u
                 pending_projection = True
                 h = max(h_step, tiny_h * max(abs(u), 1.0) * 2)
                 if progress is not None:
@@ -721,6 +745,8 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
             mode = new
             pending_projection = True  # onto the new sliding set's kink surfaces, at the start of the next call
             h = max(h_step - hc, h_step / 4) if hc < h_step else h_step
+            if no_progress:  # an event right after the previous one: the next is likely as close (a stall)
+                h = min(h, 1e3 * max(hc, tiny_h * max(abs(u), 1.0)))
             h = max(h, tiny_h * max(abs(u), 1.0) * 2)
         if progress is not None:
             progress(_t(u, log_time), stats)
