@@ -381,7 +381,8 @@ def stiff_runs():
     data = Dataset(10.0 * d0.X, d0.y)
     model = TwoLayer(3, 6, leaky_relu(0.2), key=jax.random.PRNGKey(1), scale=0.5)
     return {m: nonsmooth_flow(model, data, loss="square", t1=10.0, n_save=5, time="linear",
-                              solver=ClarkeFlow(method=m, rtol=1e-10)) for m in ("explicit", "auto", "stiff")}
+                              solver=ClarkeFlow(method=m, rtol=1e-10))
+            for m in ("explicit", "auto", "stiff", "implicit")}
 
 
 @pytest.mark.parametrize("method", ["auto", "stiff"])
@@ -404,6 +405,22 @@ def test_rkc_stretches_give_the_dopri_flow(stiff_runs, method):
     else:
         assert tr.stats["switches_to_stiff"] >= 1 and 0 < tr.stats["stiff_steps"] < tr.stats["num_accepted_steps"]
         assert tr.stats["grad_evals"] < 0.8 * ref.stats["grad_evals"]
+
+
+def test_rosenbrock_steps_give_the_dopri_flow(stiff_runs):
+    """The linearly implicit Rosenbrock pair throughout (one Jacobian per accepted step's start, reused by its
+    rejected steps and event-location trials) gives the Dormand-Prince flow of the stiff problem: the same end state
+    and losses to the tolerances' order, the energy identity, a monotone loss and exact sliding constraints."""
+    ref, tr = stiff_runs["explicit"], stiff_runs["implicit"]
+    assert ref.success and tr.success, (ref.reason, tr.reason)
+    assert tr.stats["implicit_steps"] == tr.stats["num_accepted_steps"] > 0
+    assert np.max(np.abs(tr.thetas[-1] - ref.thetas[-1])) <= 1e-6 * np.max(np.abs(ref.thetas[-1]))
+    np.testing.assert_allclose(tr.loss, ref.loss, rtol=1e-6)
+    drop = tr.loss[0] - tr.loss[-1]
+    assert abs(drop - tr.extras["energy"][-1]) <= 1e-6 * drop
+    assert np.all(np.diff(tr.loss) <= 1e-14 * tr.loss[0])
+    assert tr.stats["max_constraint_residual"] <= 1e-12
+    assert tr.stats["events"] > 0 and tr.stats["sliding_entered"] > 0
 
 
 @pytest.mark.slow

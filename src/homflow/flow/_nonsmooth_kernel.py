@@ -137,19 +137,29 @@ _ROS_D = 1.0 / (2.0 + np.sqrt(2.0))
 _ROS_E32 = 6.0 + np.sqrt(2.0)
 
 
-def _ros_step(problem, y, f0, u, h, log_time, signs, idx, valid, rtol, atol, fac=None):
+def _ros_jac(problem, y, u, log_time, signs, idx, valid, fac=None):
+    """The Rosenbrock step's ``J = df/dy`` (forward mode, one JVP per entry of ``y``) and, in log time, ``df/du``."""
+    def F(yy, uu):
+        return _aug_field(problem, yy, uu, log_time, signs, idx, valid, fac)[0]
+
+    J = jax.jacfwd(F)(y, u)
+    T = jax.jvp(lambda uu: F(y, uu), (u,), (jnp.ones_like(u),))[1] if log_time else jnp.zeros_like(y)
+    return J, T
+
+
+def _ros_step(problem, y, f0, u, h, log_time, signs, idx, valid, rtol, atol, fac=None, JT=None):
     """One step of the modified Rosenbrock pair of Shampine & Reichelt (SIAM J. Sci. Comput. 18, 1997; MATLAB's
     ``ode23s``): second order, L-stable, with a third-order error estimate, three field evaluations, one Jacobian
     ``J = df/dy`` (forward mode, one JVP per parameter) and one LU of ``W = I - h d J`` (``d = 1/(2 + sqrt 2)``) per
     step. Its step is limited by accuracy only, so a state at rest in a stiff late phase (log time multiplies the
     Hessian's spectrum by ``1 + t``) is crossed in a few steps. ``W`` maps the tangent space of a two-layer sliding
     mode (constant kink normals) to itself, so the stages keep the linear invariants as the explicit pairs do.
-    Returns what :func:`_rk_step` returns (``rho = 0``)."""
+    ``JT``: ``(J, T)`` of :func:`_ros_jac` at ``(y, u)`` when known (they do not depend on ``h``: a rejected step and
+    the trials of an event location reuse them). Returns what :func:`_rk_step` returns (``rho = 0``)."""
     def F(yy, uu):
         return _aug_field(problem, yy, uu, log_time, signs, idx, valid, fac)[0]
 
-    J = jax.jacfwd(F)(y, u)
-    T = jax.jvp(lambda uu: F(y, uu), (u,), (jnp.ones_like(u),))[1] if log_time else jnp.zeros_like(y)
+    J, T = _ros_jac(problem, y, u, log_time, signs, idx, valid, fac) if JT is None else JT
     d = _ROS_D
     W = jnp.eye(y.shape[0], dtype=y.dtype) - (h * d) * J
     lu = jax.scipy.linalg.lu_factor(W)
@@ -183,6 +193,42 @@ def _event_values(signs, in_S, valid, z, sc, s, kt, st, alpha):
     cross = jnp.where(in_S, jnp.inf, signs.astype(z.dtype) * z / (kt * jnp.maximum(sc, tiny)))
     slide = jnp.where(valid, jnp.minimum(s - alpha, 1.0 - s) / st, jnp.inf)
     return jnp.concatenate([cross, slide])
+
+
+def _hermite_guess(problem, y0, f0, y1, f1, hh, t, e0, e1, signs, kt, iters=8):
+    """Where the crossing event ``t`` (a unit outside the sliding set) happens on the cubic Hermite interpolant of the
+    step from ``(y0, f0)`` to ``(y1, f1)`` over ``[0, hh]``: the Illinois method on ``sign_t z_t / (kt scale_t)`` of
+    the interpolated ``theta``, from ``e0 > 0`` at 0 to ``e1 < 0`` at ``hh`` (one forward pass per iteration, no field
+    evaluation). The first trial of the event location (a field-evaluating step) then starts within the
+    interpolant's error of the event instead of at the secant of the two ends. NaN when ``t`` is a slope event or
+    ``e0 <= 0``."""
+    N = signs.shape[0]
+    tt = jnp.minimum(t, N - 1)
+    tiny = jnp.finfo(y0.dtype).tiny
+    th0, th1, d0, d1 = y0[:-1], y1[:-1], hh * f0[:-1], hh * f1[:-1]
+
+    def g(s):
+        s2, s3 = s * s, s * s * s
+        th = (2 * s3 - 3 * s2 + 1) * th0 + (s3 - 2 * s2 + s) * d0 + (3 * s2 - 2 * s3) * th1 + (s3 - s2) * d1
+        z, sc = problem.preactivations(th)
+        return signs[tt].astype(y0.dtype) * z[tt] / (kt * jnp.maximum(sc[tt], tiny))
+
+    def body(_, c):
+        a, ga, b, gb, side = c
+        m = jnp.clip((a * gb - b * ga) / jnp.where(gb != ga, gb - ga, 1.0), a, b)
+        m = jnp.where((m <= a) | (m >= b), 0.5 * (a + b), m)
+        gm = g(m)
+        left = gm > 0  # the root lies in [m, b]
+        # Illinois: halve the value of the end kept twice in a row
+        ga_n = jnp.where(left, gm, jnp.where(side == -1, 0.5 * ga, ga))
+        gb_n = jnp.where(left, jnp.where(side == 1, 0.5 * gb, gb), gm)
+        return (jnp.where(left, m, a), ga_n, jnp.where(left, b, m), gb_n, jnp.where(left, 1, -1))
+
+    one = jnp.ones((), y0.dtype)
+    a, ga, b, gb, _ = jax.lax.fori_loop(0, iters, body, (0 * one, e0, one, jnp.minimum(e1, -1.0), 0))
+    s = jnp.where(jnp.abs(ga) < jnp.abs(gb), a, b)
+    ok = (t < N) & (e0 > 0) & (s > 0) & (s < 1)
+    return jnp.where(ok, s * hh, jnp.nan)
 
 
 def _pick(ev_a, ev_b, hit):
@@ -304,8 +350,12 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
              capped=jnp.asarray(False),
              # locate state
              h_step=zero, ha=zero, hb=zero, ev_a=ev0, ev_b=ev0, target=i32(0), p1=jnp.zeros(2, dtype),
-             p2=jnp.zeros(2, dtype), n_it=i32(0), has_a=jnp.asarray(False),
+             p2=jnp.zeros(2, dtype), n_it=i32(0), has_a=jnp.asarray(False), h_guess=jnp.asarray(jnp.nan, dtype),
              ya=y, za=z0, sca=sc0, yc=y, zc=z0, scc=sc0, hc=zero)
+    if method == "ros2":  # the Rosenbrock Jacobian and the start (y, u, signs) it belongs to: none yet
+        n1 = y.shape[0]
+        c.update(J=jnp.zeros((n1, n1), dtype), T=jnp.zeros_like(y), Jy=jnp.full_like(y, jnp.nan), Ju=zero,
+                 Js=signs)
 
     def step_size(c):
         ha, hb, t = c["ha"], c["hb"], c["target"]
@@ -316,6 +366,8 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
         rf = jnp.where(ea - eb > 0, ha + (hb - ha) * ea / jnp.where(ea - eb > 0, ea - eb, 1.0), mid)
         rf = jnp.where((ha < rf) & (rf < hb), rf, mid)
         h_loc = jnp.where((ha < sec) & (sec < hb), sec, rf)
+        hg = c["h_guess"]  # the first trial: the event on the step's Hermite interpolant (_hermite_guess)
+        h_loc = jnp.where((c["n_it"] == 0) & (ha < hg) & (hg < hb), hg, h_loc)
         h_adv = jnp.minimum(c["h"], u_stop - c["u"])
         return jnp.where(c["locating"], h_loc, h_adv)
 
@@ -335,9 +387,17 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
                                                          c["signs"], idx, valid, ctl.rtol, ctl.atol, fac)
             c = dict(c, n_ev=c["n_ev"] + ns, s_last=ns)
         elif method == "ros2":
+            # the Jacobian of the step's start, kept while the start is (rejected steps, event-location trials)
+            same = jnp.all(c["Jy"] == c["y"]) & (c["Ju"] == c["u"]) & jnp.all(c["Js"] == c["signs"])
+
+            def fresh(c):
+                J, T = _ros_jac(problem, c["y"], c["u"], log_time, c["signs"], idx, valid, fac)
+                return dict(c, J=J, T=T, Jy=c["y"], Ju=c["u"], Js=c["signs"], n_ev=c["n_ev"] + y.shape[0])
+
+            c = jax.lax.cond(same, lambda c: c, fresh, c)
             y1, f1, errn, z1, sc1, s1, rho1 = _ros_step(problem, c["y"], c["f0"], c["u"], hh, log_time, c["signs"],
-                                                        idx, valid, ctl.rtol, ctl.atol, fac)
-            c = dict(c, n_ev=c["n_ev"] + 3 + y.shape[0])  # three fields and a Jacobian (one JVP per column)
+                                                        idx, valid, ctl.rtol, ctl.atol, fac, JT=(c["J"], c["T"]))
+            c = dict(c, n_ev=c["n_ev"] + 3)  # three fields (and a Jacobian, one JVP per column, when fresh)
         else:
             y1, f1, errn, z1, sc1, s1, rho1 = _rk_step(problem, c["y"], c["f0"], c["u"], hh, log_time, c["signs"],
                                                        idx, valid, ctl.rtol, ctl.atol, fac)
@@ -404,7 +464,11 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
         # event: start locating in [0, hh]
         t0 = _pick(c["ev0"], ev1, hit1)
         ev_t0 = jnp.maximum(c["ev0"][t0], 0.0)
+        h_guess = jax.lax.cond(ok & any_hit, lambda: _hermite_guess(problem, c["y"], c["f0"], y1, f1, hh, t0,
+                                                                      c["ev0"][t0], ev1[t0], c["signs"], ctl.kt),
+                               lambda: jnp.asarray(jnp.nan, dtype))
         loc = dict(locating=jnp.asarray(True), h_step=hh, ha=zero, hb=hh, ev_a=c["ev0"], ev_b=ev1, target=t0,
+                   h_guess=h_guess,
                    p1=jnp.stack([zero, ev_t0]), p2=jnp.stack([hh, ev1[t0]]), n_it=i32(0), has_a=jnp.asarray(False),
                    yc=y1, zc=z1, scc=sc1, hc=hh)
         # accepted
