@@ -630,7 +630,8 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
     k_save = 1 if us[0] == 0.0 else 0
     err_prev = 1.0
     no_progress, u_mark = 0, 0.0  # consecutive events without progress in time; u at the last event
-    esc_scale, acc_since_escape = sol.zeno_escape, True  # escape length (relative); an accepted step since the last
+    # the next escape's relative length; whether the flow made progress in time since the last escape
+    esc_scale, progressed = sol.zeno_escape, True
     recent = []  # (unit, sign) flips of the last events without progress in time: chattering units
     reason, success, failure = None, True, None
 
@@ -671,7 +672,7 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
         if status in (SAVE, BUDGET):
             y, u, h, err_prev = out["y"], float(out["u"]), float(out["h"]), float(out["err_prev"])
             if int(out["n_acc"]):
-                no_progress, acc_since_escape = 0, True
+                no_progress, progressed = 0, True
                 recent = []
             if status == SAVE:
                 saves_th.append(np.asarray(out["y"][:-1]))
@@ -696,16 +697,16 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
             if u - u_mark <= max(tiny_h, sol.zeno_progress) * max(abs(u), 1.0):
                 no_progress += 1
             else:
-                no_progress, acc_since_escape, recent = 0, True, []
+                no_progress, progressed, recent = 0, True, []
             u_mark = u
             if (sol.zeno_escape is not None and no_progress >= sol.escape_after
                     and stats["zeno_escapes"] < sol.max_escapes):
                 # no mode the decision builds is consistent here: one Euler step of the inclusion (ClarkeFlow)
                 # an escape that lands in another stall (no progress in time since the previous one) is followed by
                 # a longer one: escape_growth times, up to zeno_escape_max ||theta||
-                esc_scale = (sol.zeno_escape if acc_since_escape
+                esc_scale = (sol.zeno_escape if progressed
                              else min(esc_scale * sol.escape_growth, sol.zeno_escape_max))
-                acc_since_escape = False
+                progressed = False
                 pre = D.advance(y, u, 0.0, 1.0, u, mode, 0, project_first=True)
                 y, u = D.escape(pre["y0"], u, mode, _near(pre["z0"], pre["scale0"], D.kt), pre["z0"], pre["scale0"],
                                 esc_scale)
