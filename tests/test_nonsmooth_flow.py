@@ -145,6 +145,43 @@ def test_unit_at_kink_with_outward_push_crosses_at_once():
     assert np.all(tr.thetas[1:, 1] > 0)
 
 
+def test_event_right_after_a_start_inside_the_band_is_found_in_a_trial_or_two():
+    """A unit that starts at its kink (``z = 0``: inside the band ``|ev| <= 1`` that counts as located) in the mode
+    where it is off, while the field moves it up: the location aims inside the band (``_aim``), not at the kink it
+    starts on, so the event is where the unit is across its kink by a fraction of the band, ``kink_tol scale / (dz/dt)``
+    into the step as the linear motion predicts, found in a trial or two (before: the secant through the start's
+    clipped value 0 aimed at the start itself; on this linear motion it hit it to rounding, ``h = 7e-18``, and where
+    the motion is quadratic at the start, a unit freed at its slope bound in a deep net, it crept to it in ~10
+    trials)."""
+    from homflow.flow._nonsmooth import _Driver, _Mode
+    from homflow.flow._nonsmooth_kernel import EVENT
+    from homflow.flow._ode import _setup
+
+    model, data = _planted(0.0, xc=(2.0, 0.2), w2=0.1)  # x_C pulls w1 = z_B up; in the mode with B off, nothing else
+    objective, theta = _setup(model, data, "logistic", None)
+    problem = make_kinked(objective, model)
+    D = _Driver(problem, ClarkeFlow(crossings=False), jnp.asarray(theta), False)  # the event comes back to the host
+    z, sc = (np.asarray(a) for a in problem.preactivations(jnp.asarray(theta)))
+    assert z[1] == 0.0
+    signs = np.where(z > 0, 1, -1)
+    signs[1] = -1  # B on its kink, in the mode where it is off: z_B moves up, out of the band at once
+    mode = _Mode(signs, (), D.layout)
+    y = np.concatenate([np.asarray(theta), [0.0]])
+    h = 0.05
+    out = D.advance(y, 0.0, h, 1.0, 1.0, mode, 200)
+    assert int(out["status"]) == EVENT and int(out["target"]) == 1  # the unit B
+    assert int(out["n_loc"]) <= 3, int(out["n_loc"])
+    zc = float(np.asarray(out["z_event"])[1])
+    band = D.kt * float(np.asarray(out["scale_event"])[1])
+    assert 0 < zc <= band  # located: across the kink, within the band
+    dz = float(np.asarray(jax.jvp(lambda th: problem.preactivations(th)[0], (jnp.asarray(theta),),
+                                  (jnp.asarray(out["f0"][:-1]),))[1])[1])
+    assert dz > 0
+    hc = float(out["h_event"])
+    assert 0.25 * band / dz <= hc <= 1.01 * band / dz  # where z_B = ev * band with ev in [-1, -1/4] on the line
+    assert hc < 1e-9 * h
+
+
 def test_energy_identity_and_monotone_loss_random_relu():
     data = sphere(20, 3, seed=1)
     model = TwoLayer(3, 6, relu, key=jax.random.PRNGKey(4), scale=0.5)

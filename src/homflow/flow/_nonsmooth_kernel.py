@@ -195,13 +195,13 @@ def _event_values(signs, in_S, valid, z, sc, s, kt, st, alpha):
     return jnp.concatenate([cross, slide])
 
 
-def _hermite_guess(problem, y0, f0, y1, f1, hh, t, e0, e1, signs, kt, iters=8):
+def _hermite_guess(problem, y0, f0, y1, f1, hh, t, e0, e1, signs, kt, tau, iters=8):
     """Where the crossing event ``t`` (a unit outside the sliding set) happens on the cubic Hermite interpolant of the
-    step from ``(y0, f0)`` to ``(y1, f1)`` over ``[0, hh]``: the Illinois method on ``sign_t z_t / (kt scale_t)`` of
-    the interpolated ``theta``, from ``e0 > 0`` at 0 to ``e1 < 0`` at ``hh`` (one forward pass per iteration, no field
-    evaluation). The first trial of the event location (a field-evaluating step) then starts within the
-    interpolant's error of the event instead of at the secant of the two ends. NaN when ``t`` is a slope event or
-    ``e0 <= 0``."""
+    step from ``(y0, f0)`` to ``(y1, f1)`` over ``[0, hh]``: the Illinois method on ``sign_t z_t / (kt scale_t) - tau``
+    of the interpolated ``theta`` (``tau``: the aim, :func:`_aim`), from ``e0 - tau > 0`` at 0 to ``e1 - tau < 0`` at
+    ``hh`` (one forward pass per iteration, no field evaluation). The first trial of the event location (a
+    field-evaluating step) then starts within the interpolant's error of the event instead of at the secant of the two
+    ends. NaN when ``t`` is a slope event or ``e0 <= tau``."""
     N = signs.shape[0]
     tt = jnp.minimum(t, N - 1)
     tiny = jnp.finfo(y0.dtype).tiny
@@ -211,7 +211,7 @@ def _hermite_guess(problem, y0, f0, y1, f1, hh, t, e0, e1, signs, kt, iters=8):
         s2, s3 = s * s, s * s * s
         th = (2 * s3 - 3 * s2 + 1) * th0 + (s3 - 2 * s2 + s) * d0 + (3 * s2 - 2 * s3) * th1 + (s3 - s2) * d1
         z, sc = problem.preactivations(th)
-        return signs[tt].astype(y0.dtype) * z[tt] / (kt * jnp.maximum(sc[tt], tiny))
+        return signs[tt].astype(y0.dtype) * z[tt] / (kt * jnp.maximum(sc[tt], tiny)) - tau
 
     def body(_, c):
         a, ga, b, gb, side = c
@@ -225,10 +225,20 @@ def _hermite_guess(problem, y0, f0, y1, f1, hh, t, e0, e1, signs, kt, iters=8):
         return (jnp.where(left, m, a), ga_n, jnp.where(left, b, m), gb_n, jnp.where(left, 1, -1))
 
     one = jnp.ones((), y0.dtype)
-    a, ga, b, gb, _ = jax.lax.fori_loop(0, iters, body, (0 * one, e0, one, jnp.minimum(e1, -1.0), 0))
+    a, ga, b, gb, _ = jax.lax.fori_loop(0, iters, body, (0 * one, e0 - tau, one, jnp.minimum(e1 - tau, -1.0), 0))
     s = jnp.where(jnp.abs(ga) < jnp.abs(gb), a, b)
-    ok = (t < N) & (e0 > 0) & (s > 0) & (s < 1)
+    ok = (t < N) & (e0 > tau) & (s > 0) & (s < 1)
     return jnp.where(ok, s * hh, jnp.nan)
+
+
+def _aim(e_start):
+    """The event value the location aims at, given the target's value ``e_start`` at the start of the bracket: 0
+    (the kink, or the slope bound) when the start is before the band ``|ev| <= 1`` that counts as located, else
+    halfway between the start and the band's far edge -1. A step that starts inside the band (a unit freed at its
+    kink, ``z = 0``; a sliding slope a rounding inside its bound) and crosses the edge soon after used to bisect from
+    the whole step down to the event (~20 trials of a 1e-3 step for an event 1e-9 in): the secant to the aim finds it
+    in one or two."""
+    return jnp.where(e_start > 0, 0.0, 0.5 * (jnp.maximum(e_start, -1.0) - 1.0))
 
 
 def _pick(ev_a, ev_b, hit):
@@ -359,10 +369,12 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
 
     def step_size(c):
         ha, hb, t = c["ha"], c["hb"], c["target"]
+        tau = _aim(c["ev_a"][t])
         (h1, e1), (h2, e2) = c["p1"], c["p2"]
+        e1, e2 = e1 - tau, e2 - tau
         mid = 0.5 * (ha + hb)
         sec = jnp.where(e2 != e1, h2 - e2 * (h2 - h1) / jnp.where(e2 != e1, e2 - e1, 1.0), mid)
-        ea, eb = jnp.maximum(c["ev_a"][t], 0.0), c["ev_b"][t]
+        ea, eb = jnp.maximum(c["ev_a"][t] - tau, 0.0), c["ev_b"][t] - tau
         rf = jnp.where(ea - eb > 0, ha + (hb - ha) * ea / jnp.where(ea - eb > 0, ea - eb, 1.0), mid)
         rf = jnp.where((ha < rf) & (rf < hb), rf, mid)
         h_loc = jnp.where((ha < sec) & (sec < hb), sec, rf)
@@ -463,9 +475,10 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
         underflow = ~ok & (h_rej <= tiny_h * jnp.maximum(jnp.abs(u), 1.0))
         # event: start locating in [0, hh]
         t0 = _pick(c["ev0"], ev1, hit1)
-        ev_t0 = jnp.maximum(c["ev0"][t0], 0.0)
+        ev_t0 = jnp.maximum(c["ev0"][t0], -1.0)
         h_guess = jax.lax.cond(ok & any_hit, lambda: _hermite_guess(problem, c["y"], c["f0"], y1, f1, hh, t0,
-                                                                      c["ev0"][t0], ev1[t0], c["signs"], ctl.kt),
+                                                                      c["ev0"][t0], ev1[t0], c["signs"], ctl.kt,
+                                                                      _aim(c["ev0"][t0])),
                                lambda: jnp.asarray(jnp.nan, dtype))
         loc = dict(locating=jnp.asarray(True), h_step=hh, ha=zero, hb=hh, ev_a=c["ev0"], ev_b=ev1, target=t0,
                    h_guess=h_guess,
@@ -522,7 +535,7 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
         hb = jnp.where(go_b, hc, c["hb"])
         ev_a = jnp.where(go_a, ev_c, c["ev_a"])
         ev_b = jnp.where(go_b, ev_c, c["ev_b"])
-        p1 = jnp.where(retarget, jnp.stack([ha, jnp.maximum(ev_a[new_t], 0.0)]), c["p2"])
+        p1 = jnp.where(retarget, jnp.stack([ha, jnp.maximum(ev_a[new_t], -1.0)]), c["p2"])
         p2 = jnp.where(retarget, jnp.stack([hb, ev_b[new_t]]), jnp.stack([hc, ec]))
         n_it = c["n_it"] + 1
         collapsed = ~located & ~retarget & (hb - ha <= 4 * eps * jnp.maximum(jnp.abs(c["u"]) + hb, 1.0))
