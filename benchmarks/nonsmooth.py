@@ -8,6 +8,7 @@ extrapolation; the split identity ``eta(t) = T theta(t)`` of 2505.12419 through 
 
     .venv/bin/python benchmarks/nonsmooth.py            # everything (long on a loaded CPU)
     .venv/bin/python benchmarks/nonsmooth.py --only issue,gd,split --quick
+    .venv/bin/python benchmarks/nonsmooth.py --only mlp --problems 0,1,2,3,4,5,6,7,8,9 --modes linear --budget 300
 """
 
 from __future__ import annotations
@@ -113,12 +114,14 @@ def run_flow(p, t1, time_mode, depth=2, rtol=1e-8, budget_s=None):
     return tr, time.perf_counter() - t0, time.process_time() - c0, t1
 
 
-def bench_random(k, depth=2, budget_s=None, only=None):
+def bench_random(k, depth=2, budget_s=None, only=None, modes=("linear", "log")):
     rows = []
     for i, p in enumerate(random_problems(k)):
         if only is not None and i not in only:
             continue
         for t1, tm in ((1e3, "linear"), (1e6, "log")):
+            if tm not in modes:
+                continue
             tr, wall, cpu, reached = run_flow(p, t1, tm, depth=depth, budget_s=budget_s)
             head = dict(index=i, problem={**p, "act": p["act"].name}, depth=depth, t1=t1, time=tm)
             if tr is None:
@@ -201,7 +204,10 @@ def main():
     ap.add_argument("--k", type=int, default=10, help="number of random two-layer problems")
     ap.add_argument("--quick", action="store_true", help="3 random problems, 1 MLP")
     ap.add_argument("--budget", type=float, default=None, help="abandon a flow after this many wall seconds")
-    ap.add_argument("--problems", default=None, help="comma-separated indices of the random problems to run")
+    ap.add_argument("--problems", default=None,
+                    help="comma-separated indices of the random problems to run (--only random, mlp; mlp's default: 0,1)")
+    ap.add_argument("--modes", default="linear,log", help="time modes of the random problems: linear (to t1 = 1000), "
+                    "log (to t1 = 1e6), or both")
     ap.add_argument("--split-rtol", type=float, default=1e-8, help="rtol of the split flows (--only split)")
     ap.add_argument("--no-crossings", action="store_true",
                     help="every event to the host (ClarkeFlow(crossings=False)), for comparison")
@@ -212,14 +218,19 @@ def main():
     k = 3 if args.quick else args.k
     print(json.dumps(dict(device=str(jax.devices()[0]), dtype=str(jnp.result_type(float)), cpus=os.cpu_count(),
                           load=round(_load(), 1))), flush=True)
+    modes = tuple(args.modes.split(","))
+    bad = set(modes) - {"linear", "log"}
+    if bad:
+        raise SystemExit(f"--modes must name 'linear' and/or 'log'; got {args.modes!r}")
+    only = None if args.problems is None else {int(i) for i in args.problems.split(",")}
     for part in parts:
         if part == "issue":
             bench_issue()
         elif part == "random":
-            only = None if args.problems is None else {int(i) for i in args.problems.split(",")}
-            bench_random(k, budget_s=args.budget, only=only)
-        elif part == "mlp":
-            bench_random(1 if args.quick else 2, depth=3, budget_s=args.budget)
+            bench_random(k, budget_s=args.budget, only=only, modes=modes)
+        elif part == "mlp":  # the same problems with two hidden layers of the problem's width (depth 3)
+            deep = ({0} if args.quick else {0, 1}) if only is None else only
+            bench_random(max(k, max(deep) + 1), depth=3, budget_s=args.budget, only=deep, modes=modes)
         elif part == "gd":
             bench_gd()
         elif part == "split":
