@@ -692,6 +692,12 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
             hc, h_step = float(out["h_event"]), float(out["h_step"])
             y, u = out["y_event"], u0 + hc
             err_prev = float(out["err_prev"])
+            if not np.all(np.isfinite(y)):  # the compiled loop returns a finite located state; a guard, not a path
+                success, failure = False, "underflow"
+                y, u = out["y"], u0
+                reason = (f"the state at an event near t = {_t(u0, log_time):.6g} is not finite (the mode's field "
+                          "failed there)")
+                break
             # progress in time since the previous event (not accepted steps: a stall's steps are as short as its
             # events are close)
             if u - u_mark <= max(tiny_h, sol.zeno_progress) * max(abs(u), 1.0):

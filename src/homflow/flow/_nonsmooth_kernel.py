@@ -524,27 +524,35 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
 
     def locate_update(c, hc, y1, f1, errn, z1, sc1, s1, ev_c, hit_c, rho1):
         t = c["target"]
+        # a trial whose state or event values are not finite (seen: a field evaluation of a deep net's sliding mode at
+        # one trial of a step whose ends were finite) is no bracket end and no located state: the bracket's right end
+        # moves to it (something happens before it), its value is kept
+        finite = jnp.isfinite(errn) & jnp.all(jnp.isfinite(y1)) & ~jnp.any(jnp.isnan(ev_c))
+        ev_c = jnp.where(finite, ev_c, c["ev_b"])
+        hit_c = hit_c & finite
         ec = ev_c[t]
         others = jnp.any(hit_c & (jnp.arange(ev_c.shape[0]) != t))
-        located = (jnp.abs(ec) <= 1.0) & ~others
-        go_b = ~located & ((ec < -1.0) | others)
+        located = (jnp.abs(ec) <= 1.0) & ~others & finite
+        go_b = ~located & ((ec < -1.0) | others | ~finite)
         go_a = ~located & ~go_b
         new_t = jnp.where(others, _pick(c["ev_a"], ev_c, hit_c), t)
-        retarget = go_b & (new_t != t)
+        retarget = go_b & (new_t != t) & finite
         ha = jnp.where(go_a, hc, c["ha"])
         hb = jnp.where(go_b, hc, c["hb"])
         ev_a = jnp.where(go_a, ev_c, c["ev_a"])
         ev_b = jnp.where(go_b, ev_c, c["ev_b"])
         p1 = jnp.where(retarget, jnp.stack([ha, jnp.maximum(ev_a[new_t], -1.0)]), c["p2"])
         p2 = jnp.where(retarget, jnp.stack([hb, ev_b[new_t]]), jnp.stack([hc, ec]))
+        p1, p2 = jnp.where(finite, p1, c["p1"]), jnp.where(finite, p2, c["p2"])
         n_it = c["n_it"] + 1
         collapsed = ~located & ~retarget & (hb - ha <= 4 * eps * jnp.maximum(jnp.abs(c["u"]) + hb, 1.0))
         done = located | collapsed | (n_it >= ctl.max_locate)
         has_a = c["has_a"] | go_a
         sel_a = lambda new, old: jnp.where(go_a, new, old)  # noqa: E731
         ya, za, sca = sel_a(y1, c["ya"]), sel_a(z1, c["za"]), sel_a(sc1, c["sca"])
-        # at the end: the located trial, else the last trial before the event (best_a), else the last trial
-        use_a = done & ~located & has_a
+        # at the end: the located trial, else the last trial before the event (best_a), else the last trial; a last
+        # trial that is not finite gives the last one before the event, or the step's start (ya starts there, ha = 0)
+        use_a = done & ~located & (has_a | ~finite)
         yc = jnp.where(use_a, ya, y1)
         zc = jnp.where(use_a, za, z1)
         scc = jnp.where(use_a, sca, sc1)
