@@ -530,6 +530,11 @@ def test_bvls_by_components_is_one_bvls(seed):
     x = rng.uniform(0.3, 0.7, J.shape[1])
     s = bvls(J, -J @ x, 0.0, 1.0)
     assert np.linalg.norm(J @ (s - x)) <= 1e-13 * np.linalg.norm(J @ x)
+    # a non-finite system (a NaN state reaching the mode decision) is named, not an "SVD did not converge"
+    r = -J @ x
+    r[3] = np.nan
+    with pytest.raises(FloatingPointError, match="must be finite"):
+        bvls(J, r, 0.0, 1.0)
     np.testing.assert_allclose(s, x, rtol=1e3 * np.linalg.cond(J) * np.finfo(float).eps)
 
 

@@ -651,6 +651,10 @@ def bvls(J, r, lo, hi, groups=None):
     K = J.shape[1]
     if K == 0:
         return np.zeros(0)
+    if not (np.all(np.isfinite(J)) and np.all(np.isfinite(r))):
+        raise FloatingPointError(f"bvls: `J` ({J.shape}) and `r` ({r.shape}) must be finite; got "
+                                 f"{int(np.sum(~np.isfinite(J)))} and {int(np.sum(~np.isfinite(r)))} non-finite "
+                                 "entries (a non-finite state or gradient)")
     if groups is None:
         cols, rows = _column_groups(J != 0)
     else:
