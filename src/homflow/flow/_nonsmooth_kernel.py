@@ -458,7 +458,7 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
         saved = u_stop - u_e <= tiny_h * jnp.maximum(jnp.abs(u_e), 1.0)
         new = dict(c, y=y_e, f0=f_new, ev0=ev_new, u=u_e, h=h_new, locating=jnp.asarray(False), signs=sg_new,
                    n_cross=c["n_cross"] + 1, n_acc=c["n_acc"] + 1, last_h=c["hc"],
-                   status=jnp.where(saved, SAVE, RUN).astype(jnp.int32))
+                   status=jnp.where(saved, SAVE, RUN).astype(jnp.int32), ya=y_e, za=z_e, sca=sc_e)
         return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, c)
 
     def advance_update(c, hh, y1, f1, errn, z1, sc1, s1, ev1, hit1, rho1):
@@ -503,9 +503,10 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
             counters = dict(n_easy=c["n_easy"] + hot)
         else:
             counters = dict(n_stiff=c["n_stiff"] + (hh * rho1 > ctl.stiff_ratio))
+        # ya (za, sca): the state before an event when no trial is, i.e. the start of the step that sees it
         acc = dict(y=y_acc, f0=f1, ev0=ev1, u=u_acc, h=h_acc, err_prev=errn, n_acc=c["n_acc"] + 1, **counters,
                    drift=jnp.maximum(c["drift"], dr), resid=jnp.maximum(c["resid"], rs), last_h=hh,
-                   status=jnp.where(saved, SAVE, RUN).astype(jnp.int32))
+                   status=jnp.where(saved, SAVE, RUN).astype(jnp.int32), ya=y_acc, za=z1, sca=sc1)
         rej = dict(h=h_rej, n_rej=c["n_rej"] + 1, status=jnp.where(underflow, UNDERFLOW, RUN).astype(jnp.int32))
 
         def sel(key):
