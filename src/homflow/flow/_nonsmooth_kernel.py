@@ -235,9 +235,9 @@ def _aim(e_start):
     """The event value the location aims at, given the target's value ``e_start`` at the start of the bracket: 0
     (the kink, or the slope bound) when the start is before the band ``|ev| <= 1`` that counts as located, else
     halfway between the start and the band's far edge -1. A step that starts inside the band (a unit freed at its
-    kink, ``z = 0``; a sliding slope a rounding inside its bound) and crosses the edge soon after used to bisect from
-    the whole step down to the event (~20 trials of a 1e-3 step for an event 1e-9 in): the secant to the aim finds it
-    in one or two."""
+    kink, ``z = 0``; a sliding slope a rounding inside its bound) and crosses the edge soon after: the secant through
+    the start's value clipped at 0 aimed at the start itself and crept to it (measured on a deep net's unit freed at
+    its slope bound, a quadratic start: ~10 trials for an event 2e-10 into a 7e-4 step; 3-4 with the aim)."""
     return jnp.where(e_start > 0, 0.0, 0.5 * (jnp.maximum(e_start, -1.0) - 1.0))
 
 
@@ -537,7 +537,7 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
         go_b = ~located & ((ec < -1.0) | others | ~finite)
         go_a = ~located & ~go_b
         new_t = jnp.where(others, _pick(c["ev_a"], ev_c, hit_c), t)
-        retarget = go_b & (new_t != t) & finite
+        retarget = go_b & (new_t != t)  # never on a non-finite trial: its hits are masked, so new_t == t
         ha = jnp.where(go_a, hc, c["ha"])
         hb = jnp.where(go_b, hc, c["hb"])
         ev_a = jnp.where(go_a, ev_c, c["ev_a"])
