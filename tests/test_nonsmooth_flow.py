@@ -601,9 +601,11 @@ def test_deep_sliding_slopes_make_the_mode_gradient_the_field(alpha):
 
 @pytest.mark.parametrize("widths,alpha", [((6, 5), 0.0), ((7, 4, 5), 0.1)])
 def test_mlp_normal_gram_is_the_gram_of_the_normals(widths, alpha):
-    """The MLP's Gram matrix of kink normals from the layer factors (sum over layers of (A_r A_r^T) * (H_r H_r^T))
-    equals N N^T of the autodiff normals, in the network itself and in a mode with arbitrary slopes, with zero rows
-    and columns at padded entries; and it is not the Gram matrix of a different set (the check can fail)."""
+    """The MLP's kink normals from the layer factors (outer products A_r(e) H_r(e)^T in theta's layout) equal the
+    single-sample autodiff normals, so do their products with vectors formed from the factors without the normals
+    (normal_ops), and their Gram matrix (sum over layers of (A_r A_r^T) * (H_r H_r^T)) equals
+    N N^T of the autodiff normals, in the network itself and in a mode with arbitrary slopes, with zero rows and
+    columns at padded entries; and it is not the Gram matrix of a different set (the check can fail)."""
     from homflow.flow._clarke import _padded
 
     data = sphere(12, 4, seed=1)
@@ -614,7 +616,15 @@ def test_mlp_normal_gram_is_the_gram_of_the_normals(widths, alpha):
     units = np.sort(rng.choice(kp.n_entries, 20, replace=False))
     idx, valid = (jnp.asarray(a) for a in _padded(units))
     for S in (None, jnp.asarray(rng.uniform(alpha, 1.0, kp.n_entries))):
-        Nz = np.asarray(kp.normals(theta, idx, S)) * np.asarray(valid)[:, None]
+        Nz = np.asarray(kp._normals_autodiff(theta, idx, S)) * np.asarray(valid)[:, None]
+        scale = np.abs(Nz).max()
+        np.testing.assert_allclose(np.asarray(kp.normals(theta, idx, S)) * np.asarray(valid)[:, None], Nz, rtol=0,
+                                   atol=1e-14 * scale)
+        mv, rmv, _ = kp.normal_ops(theta, idx, valid, S)
+        g, lam = rng.standard_normal(Nz.shape[1]), rng.standard_normal(Nz.shape[0])
+        np.testing.assert_allclose(np.asarray(mv(jnp.asarray(g))), Nz @ g, rtol=0, atol=1e-13 * np.abs(Nz @ g).max())
+        np.testing.assert_allclose(np.asarray(rmv(jnp.asarray(lam))), Nz.T @ lam, rtol=0,
+                                   atol=1e-13 * np.abs(Nz.T @ lam).max())
         G = np.asarray(kp.normal_gram(theta, idx, valid, S))
         np.testing.assert_allclose(G, Nz @ Nz.T, rtol=0, atol=1e-13 * np.abs(Nz @ Nz.T).max())
         assert np.all(G[~np.asarray(valid)] == 0) and np.all(G[:, ~np.asarray(valid)] == 0)

@@ -214,11 +214,12 @@ class KinkedProblem(eqx.Module):
         out = jax.vmap(self.unflatten(theta))(self.X)
         return self.loss.log_value(out, self.y)
 
-    def velocity(self, theta, log_scale, signs, idx, valid, fac=None):
+    def velocity(self, theta, log_scale, signs, idx, valid, fac=None, slopes=True):
         """``(dtheta/du, dE/du, s)`` of the mode, with ``du = dt / exp(log_scale)`` (``log_scale = u`` in log time,
         where ``dtheta/du = (1 + t) dtheta/dt``) and ``E = int ||dtheta/dt||^2 dt``; computed from ``grad log L`` for
-        classification losses, so that nothing underflows late in a flow. ``fac``: see :meth:`sliding_grad`."""
-        F, g, s = self.sliding_grad(theta, signs, idx, valid, fac)
+        classification losses, so that nothing underflows late in a flow. ``fac``, ``slopes``: see
+        :meth:`sliding_grad`."""
+        F, g, s = self.sliding_grad(theta, signs, idx, valid, fac, slopes)
         gg = jnp.sum(g * g)
         if self.classification:
             return -jnp.exp(log_scale + F) * g, jnp.exp(log_scale + 2.0 * F) * gg, s
@@ -263,9 +264,16 @@ class KinkedProblem(eqx.Module):
         return out
 
     def normals(self, theta, idx, S=None):
-        """``grad_theta z_e`` (K, P) for the units ``idx``: one single-sample backward pass each. ``S`` (N,): the
-        normals of the mode whose units act as ``S_e z_e`` (a kinked unit of an earlier layer then has its mode's
-        slope, not autodiff's ``sigma'(0)``); default: the network itself."""
+        """``grad_theta z_e`` (K, P) for the units ``idx``. ``S`` (N,): the normals of the mode whose units act as
+        ``S_e z_e`` (a kinked unit of an earlier layer then has its mode's slope, not autodiff's ``sigma'(0)``);
+        default: the network itself. MLPs: from the layer factors (:meth:`_mlp_factors`); other architectures: one
+        single-sample backward pass each (:meth:`_normals_autodiff`)."""
+        if not isinstance(self.unflatten(theta), MLP):
+            return self._normals_autodiff(theta, idx, S)
+        return self._mlp_normals(theta, *self._mlp_factors(theta, idx, S))
+
+    def _normals_autodiff(self, theta, idx, S=None):
+        """:meth:`normals` by one single-sample backward pass per unit (any architecture)."""
         model_of = self.unflatten
         samples, local, _ = self._locate(idx)
         parts = None if S is None else jax.tree_util.tree_map(lambda a: a[samples], self._split(S))
@@ -283,21 +291,11 @@ class KinkedProblem(eqx.Module):
 
         return jax.vmap(lambda i, l, Sk: jax.grad(z_one)(theta, self.X[i], l, Sk))(samples, local, parts)
 
-    def normal_gram(self, theta, idx, valid, S=None, Nz=None):
-        """The Gram matrix ``N N^T`` (K, K) of the kink normals of the units ``idx`` (zero rows and columns at invalid
-        entries), in the mode with slopes ``S`` (default: the network itself, as :meth:`normals`). ``Nz``: the
-        normals, zero rows at invalid entries, when already formed.
-
-        For MLPs it is formed from the normals' layer structure instead of the ``O(K^2 P)`` product: the normal of a
-        unit ``e`` (sample ``i``) on ``W_r`` is the outer product ``a_r(e) h_{r-1}(i)^T`` of ``a_r(e) = dz_e / dz_r``
-        (pre-activations of layer ``r``) and the layer's input, so ``N N^T = sum_r (A_r A_r^T) * (H_r H_r^T)``
-        (entrywise product): ``O(K^2 sum_r (m_r + m_{r-1}))`` with the layer widths ``m_r``, ~12 times fewer
-        operations for a (30, 30) MLP on 8 inputs, where the Gram matrix was most of a deep net's field evaluation
-        with a hundred units sliding. Other architectures: ``Nz Nz^T``."""
-        if not isinstance(self.unflatten(theta), MLP):
-            if Nz is None:
-                Nz = self.normals(theta, idx, S) * valid[:, None].astype(theta.dtype)
-            return Nz @ Nz.T
+    def _mlp_factors(self, theta, idx, S=None):
+        """The layer factors of an MLP's kink normals: ``A_r`` (K, m_r), ``dz_e / dz_r`` with ``z_r`` the
+        pre-activations of hidden layer ``r``, and ``H_r`` (K, m_{r-1}), that layer's input for the unit's sample; the
+        normal of ``e`` on ``W_r`` is the outer product ``A_r(e) H_r(e)^T`` (zero for layers above ``e``'s and for the
+        output layer)."""
         model_of = self.unflatten
         samples, local, _ = self._locate(idx)
         parts = None if S is None else jax.tree_util.tree_map(lambda a: a[samples], self._split(S))
@@ -319,10 +317,53 @@ class KinkedProblem(eqx.Module):
 
             return jax.grad(z_at, has_aux=True)([jnp.zeros(W.shape[0], theta.dtype) for W in model.weights[:-1]])
 
-        A, H = jax.vmap(factors)(self.X[samples], local, parts)
+        return jax.vmap(factors)(self.X[samples], local, parts)
+
+    def _mlp_normals(self, theta, A, H):
+        """The normals (K, P) from the layer factors of :meth:`_mlp_factors`, in ``theta``'s layout."""
+        K = A[0].shape[0]
+        model = self.unflatten(theta)
+        blocks = [(a[:, :, None] * h[:, None, :]).reshape(K, -1) for a, h in zip(A, H)]
+        blocks.append(jnp.zeros((K, model.weights[-1].size), theta.dtype))
+        return jnp.concatenate(blocks, axis=1)
+
+    def normal_ops(self, theta, idx, valid, S=None):
+        """``(matvec, rmatvec, G)``: ``g -> Nz g`` (K,), ``lam -> Nz^T lam`` (P,) and ``G = Nz Nz^T`` for the normals
+        ``Nz`` of :meth:`normals` with zero rows at invalid entries. MLPs: from the layer factors without
+        forming ``Nz`` (``Nz g = sum_r rowsum((A_r G_r) * H_r)`` with ``G_r`` the block of ``g`` on ``W_r``, and
+        ``Nz^T lam`` on ``W_r`` is ``(lam A_r)^T H_r``): the (K, P) normals were a third of a deep sliding field's
+        evaluation with a few hundred units sliding, in memory traffic rather than operations."""
         w = valid.astype(theta.dtype)
-        G = sum((a @ a.T) * (h @ h.T) for a, h in zip(A, H))
-        return G * w[:, None] * w[None, :]
+        model = self.unflatten(theta)
+        if not isinstance(model, MLP):
+            Nz = self._normals_autodiff(theta, idx, S) * w[:, None]
+            return (lambda g: Nz @ g), (lambda lam: Nz.T @ lam), Nz @ Nz.T
+        A, H = self._mlp_factors(theta, idx, S)
+        A = [a * w[:, None] for a in A]
+        shapes = [W.shape for W in model.weights]
+        offs = np.cumsum([0] + [math.prod(shp) for shp in shapes])
+
+        def matvec(g):
+            return sum(jnp.sum((a @ g[offs[r]:offs[r + 1]].reshape(shapes[r])) * h, axis=1)
+                       for r, (a, h) in enumerate(zip(A, H)))
+
+        def rmatvec(lam):
+            blocks = [((a * lam[:, None]).T @ h).reshape(-1) for a, h in zip(A, H)]
+            return jnp.concatenate(blocks + [jnp.zeros(offs[-1] - offs[len(A)], theta.dtype)])
+
+        return matvec, rmatvec, sum((a @ a.T) * (h @ h.T) for a, h in zip(A, H))
+
+    def normal_gram(self, theta, idx, valid, S=None):
+        """The Gram matrix ``N N^T`` (K, K) of the kink normals of the units ``idx`` (zero rows and columns at invalid
+        entries), in the mode with slopes ``S`` (default: the network itself, as :meth:`normals`).
+
+        For MLPs it is formed from the normals' layer structure instead of the ``O(K^2 P)`` product: the normal of a
+        unit ``e`` (sample ``i``) on ``W_r`` is the outer product ``a_r(e) h_{r-1}(i)^T`` of ``a_r(e) = dz_e / dz_r``
+        (pre-activations of layer ``r``) and the layer's input, so ``N N^T = sum_r (A_r A_r^T) * (H_r H_r^T)``
+        (entrywise product): ``O(K^2 sum_r (m_r + m_{r-1}))`` with the layer widths ``m_r``, ~12 times fewer
+        operations for a (30, 30) MLP on 8 inputs, where the Gram matrix was most of a deep net's field evaluation
+        with a hundred units sliding. Other architectures: ``Nz Nz^T``."""
+        return self.normal_ops(theta, idx, valid, S)[2]
 
     def slope_jacobian(self, theta, signs, idx, valid, s):
         """``(F, g, J)``: value, gradient and ``J = dg/ds`` (P, K) at the slopes ``s``, the column of unit ``e`` being
@@ -355,13 +396,16 @@ class KinkedProblem(eqx.Module):
         a :class:`SlidingFactor` (``zS``: the set's pre-activations, zero at invalid entries)."""
         return fac.rmatvec(fac.solve(zS))
 
-    def sliding_grad(self, theta, signs, idx, valid, fac=None):
+    def sliding_grad(self, theta, signs, idx, valid, fac=None, slopes=True):
         """Gradient of the smooth piece ``signs`` with the slopes of the sliding set chosen so that the velocity is
         tangent to every kink surface ``z_e = 0`` of the set: ``g`` minus its projection on the normals
         ``grad_theta z_e``; the slopes ``s_e = s_base - lambda_e / (dF/dh_e)`` are read off the multipliers (a slope
         leaving ``[alpha, 1]`` ends the sliding mode). Skips the normals (a ``lax.cond``) when no entry of ``valid`` is
         set. ``fac``: the mode's :class:`SlidingFactor` (:meth:`sliding_factor`) when the normals do not depend on
-        ``theta``; else they are computed here. Returns ``(F, g, s)``."""
+        ``theta``; else they are computed here. ``slopes=False`` (a static flag): the velocity only, for the inner
+        stages of a Runge-Kutta step, which need no slopes; a deep net then skips the Newton iteration on the slopes of
+        samples kinked in two layers (the velocity does not depend on those slopes, below), and the returned ``s`` is
+        its first step. Returns ``(F, g, s)``."""
         K = idx.shape[0]
         max_newton = 8  # Newton steps on the slopes of samples kinked in two layers (below)
         s0 = jnp.full((K,), 0.5 * (1.0 + self.alpha), self.X.dtype)
@@ -375,9 +419,9 @@ class KinkedProblem(eqx.Module):
         def read_off(g, c, s_base, S):
             """Tangent part of ``g`` (taken at slopes ``s_base``) and the slopes read off its multipliers."""
             if fac is None:
-                Nz = self.normals(theta, idx, S) * valid[:, None].astype(g.dtype)
-                lam = gram_solve(Nz.T, Nz @ g, valid, G=self.normal_gram(theta, idx, valid, S, Nz))
-                corr = Nz.T @ lam
+                mv, rmv, G = self.normal_ops(theta, idx, valid, S)
+                lam = gram_solve(None, mv(g), valid, G=G)
+                corr = rmv(lam)
             else:  # a SlidingFactor or a block-diagonal BlockFactor (flow/_block_factor.py)
                 lam = fac.solve(fac.matvec(g))
                 corr = fac.rmatvec(lam)
@@ -407,10 +451,14 @@ class KinkedProblem(eqx.Module):
             # exact (measured: 0.02 off after the first step, 1e-15 after the second). The velocity is the same
             # throughout (the span of the normals does not depend on the slopes); only the slopes, hence slope
             # events, change.
+            # The velocity returned is the first read-off's whatever the iteration does, so that every stage of a
+            # step evaluates the same formula (a Runge-Kutta step's inner stages skip the iteration: slopes=False).
+            if not slopes:
+                return v, s1
             start = (v, s1, jnp.asarray(jnp.inf, g.dtype), jnp.asarray(0, jnp.int32))
             out = jax.lax.cond(self._two_layer_samples(idx, valid),
                                lambda c: jax.lax.while_loop(more, newton, c), lambda c: c, start)
-            return out[0], out[1]
+            return v, out[1]
 
         g, s = jax.lax.cond(jnp.any(valid), sliding, lambda g: (g, s0), g)
         return F, g, s

@@ -90,13 +90,13 @@ class JointKinked(eqx.Module):
         return jnp.concatenate([self.narrow.sliding_correction(fn, jnp.where(fn.valid, zS, 0.0)),
                                 self.wide.sliding_correction(fw, jnp.where(fw.valid, zS, 0.0))])
 
-    def velocity(self, theta, log_scale, signs, idx, valid, fac=None):
+    def velocity(self, theta, log_scale, signs, idx, valid, fac=None, slopes=True):
         a, b = self._blocks(theta)
         Nn = self.narrow.n_entries
         (i_n, v_n), (i_w, v_w) = self._idx(idx, valid)
         fn, fw = (None, None) if fac is None else fac
-        vn, rn, sn = self.narrow.velocity(a, log_scale, signs[:Nn], i_n, v_n, fn)
-        vw, rw, sw = self.wide.velocity(b, log_scale, signs[Nn:], i_w, v_w, fw)
+        vn, rn, sn = self.narrow.velocity(a, log_scale, signs[:Nn], i_n, v_n, fn, slopes)
+        vw, rw, sw = self.wide.velocity(b, log_scale, signs[Nn:], i_w, v_w, fw, slopes)
         return jnp.concatenate([vn, vw]), rn + rw, jnp.where(v_n, sn, sw)
 
     def normals(self, theta, idx):
@@ -109,13 +109,19 @@ class JointKinked(eqx.Module):
         Jw = self.wide.normals(b, jnp.clip(idx - Nn, 0, self.wide.n_entries - 1)) * (1 - in_narrow)
         return jnp.concatenate([Jn, Jw], axis=1)
 
-    def normal_gram(self, theta, idx, valid, S=None, Nz=None):
+    def normal_gram(self, theta, idx, valid, S=None):
         """``N N^T`` of the joint units: the two halves' Gram matrices (a narrow and a wide unit's normals live in
         different blocks, so the joint one is their sum over the halves' entries). ``S`` is not supported (the joint
-        problem's normals are the networks' own), ``Nz`` ignored."""
+        problem's normals are the networks' own)."""
         a, b = self._blocks(theta)
         (i_n, v_n), (i_w, v_w) = self._idx(idx, valid)
         return self.narrow.normal_gram(a, i_n, v_n) + self.wide.normal_gram(b, i_w, v_w)
+
+    def normal_ops(self, theta, idx, valid, S=None):
+        """``(matvec, rmatvec, G)`` as :meth:`KinkedProblem.normal_ops <homflow.flow._clarke.KinkedProblem.normal_ops>`
+        (``S`` not supported, as in :meth:`normal_gram`)."""
+        Nz = self.normals(theta, idx) * valid[:, None].astype(theta.dtype)
+        return (lambda g: Nz @ g), (lambda lam: Nz.T @ lam), self.normal_gram(theta, idx, valid)
 
     def slope_jacobian(self, theta, signs, idx, valid, s):
         a, b = self._blocks(theta)

@@ -45,32 +45,39 @@ _C = np.array([0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0])
 _E = np.array([71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40])
 
 
-def _normals(problem, theta, idx, valid):
-    return problem.normals(theta, idx) * valid[:, None].astype(theta.dtype)
-
-
 def project_sliding(problem, theta, idx, valid, iters, fac=None):
     """Gauss-Newton projection onto ``{z_e(theta) = 0, e in S}`` with the minimal-norm correction
     ``-N^T (N N^T)^+ z_S`` (``N`` the kink normals): exact in one step for two-layer nets, whose constraints are linear
-    (``fac``: their :class:`~homflow.flow._clarke.SlidingFactor`, formed once per mode). Returns
-    ``(theta, z_S before, z_S after)``."""
+    (``fac``: their :class:`~homflow.flow._clarke.SlidingFactor`, formed once per mode). Deeper nets: up to ``iters``
+    steps; a step after the first only while some ``|z_e|`` is above rounding (``64 eps`` of its bound), which one step
+    from a state a step's local error off the set almost always reaches (the residual is quadratic in the offset).
+    Returns ``(theta, z_S before, z_S after)``."""
     def zS(th):
-        return jnp.where(valid, problem.preactivations(th)[0][idx], 0.0)
+        z, sc = problem.preactivations(th)
+        return jnp.where(valid, z[idx], 0.0), jnp.where(valid, sc[idx], 0.0)
 
-    before = zS(theta)
+    def step(theta, z):
+        if fac is not None:
+            return theta - problem.sliding_correction(fac, z)
+        _, rmv, G = problem.normal_ops(theta, idx, valid)
+        return theta - rmv(gram_solve(None, z, valid, G=G))
+
+    before, sc = zS(theta)
     z = before
-    for _ in range(iters):
-        if fac is None:
-            N = _normals(problem, theta, idx, valid)
-            theta = theta - N.T @ gram_solve(N.T, z, valid, G=problem.normal_gram(theta, idx, valid, None, N))
+    for k in range(iters):
+        if k == 0:
+            theta = step(theta, z)
         else:
-            theta = theta - problem.sliding_correction(fac, z)
-        z = zS(theta)
+            theta = jax.lax.cond(jnp.any(jnp.abs(z) > 64 * jnp.finfo(z.dtype).eps * sc), step,
+                                 lambda th, _: th, theta, z)
+        z, sc = zS(theta)
     return theta, before, z
 
 
-def _aug_field(problem, y, u, log_time, signs, idx, valid, fac=None):
-    v, rate, s = problem.velocity(y[:-1], u if log_time else jnp.zeros_like(u), signs, idx, valid, fac)
+def _aug_field(problem, y, u, log_time, signs, idx, valid, fac=None, slopes=True):
+    """``(dy/du, s)``: the velocity with the energy's rate appended, and the sliding slopes (``slopes=False``: a
+    stage that needs none, see :meth:`~homflow.flow._clarke.KinkedProblem.sliding_grad`)."""
+    v, rate, s = problem.velocity(y[:-1], u if log_time else jnp.zeros_like(u), signs, idx, valid, fac, slopes)
     return jnp.concatenate([v, rate[None]]), s
 
 
@@ -93,14 +100,14 @@ def _rk_step(problem, y, f0, u, h, log_time, signs, idx, valid, rtol, atol, fac=
     A, C, E = jnp.asarray(_A, dtype), jnp.asarray(_C, dtype), jnp.asarray(_E, dtype)
     ks = jnp.zeros((7,) + y.shape, dtype).at[0].set(f0)
 
-    def body(carry, i):
-        ks, _ = carry
+    def body(ks, i):  # the inner stages need no slopes
         yi = y + h * (A[i] @ ks)
-        fi, si = _aug_field(problem, yi, u + C[i] * h, log_time, signs, idx, valid, fac)
-        return (ks.at[i].set(fi), si), None
+        return ks.at[i].set(_aug_field(problem, yi, u + C[i] * h, log_time, signs, idx, valid, fac, False)[0]), None
 
-    (ks, s1), _ = jax.lax.scan(body, (ks, jnp.zeros(idx.shape, dtype)), jnp.arange(1, 7))
+    ks, _ = jax.lax.scan(body, ks, jnp.arange(1, 6))
     y1 = y + h * (A[6] @ ks)
+    f1, s1 = _aug_field(problem, y1, u + h, log_time, signs, idx, valid, fac)  # FSAL: the next step's first stage
+    ks = ks.at[6].set(f1)
     err = h * (E @ ks)
     errn, z1, sc1 = _err_norm_and_preacts(problem, y, y1, err, rtol, atol)
     ne = getattr(problem, "n_error", y.shape[0] - 1)
@@ -122,7 +129,7 @@ def _rkc_step(problem, y, f0, u, h, s, log_time, signs, idx, valid, rtol, atol, 
     def body(j, c):
         (yjm1, yjm2), coef = c
         mu, nu, mus, ajm1, new = rkc_recurrence(w0, w1, coef)
-        fj, _ = _aug_field(problem, yjm1, u + h * coef[0], log_time, signs, idx, valid, fac)
+        fj, _ = _aug_field(problem, yjm1, u + h * coef[0], log_time, signs, idx, valid, fac, False)
         yj = mu * yjm1 + nu * yjm2 + (1.0 - mu - nu) * y + (h * mus) * (fj - ajm1 * f0)
         return (yj, yjm1), new
 
@@ -140,7 +147,7 @@ _ROS_E32 = 6.0 + np.sqrt(2.0)
 def _ros_jac(problem, y, u, log_time, signs, idx, valid, fac=None):
     """The Rosenbrock step's ``J = df/dy`` (forward mode, one JVP per entry of ``y``) and, in log time, ``df/du``."""
     def F(yy, uu):
-        return _aug_field(problem, yy, uu, log_time, signs, idx, valid, fac)[0]
+        return _aug_field(problem, yy, uu, log_time, signs, idx, valid, fac, False)[0]
 
     J = jax.jacfwd(F)(y, u)
     T = jax.jvp(lambda uu: F(y, uu), (u,), (jnp.ones_like(u),))[1] if log_time else jnp.zeros_like(y)
@@ -157,7 +164,7 @@ def _ros_step(problem, y, f0, u, h, log_time, signs, idx, valid, rtol, atol, fac
     ``JT``: ``(J, T)`` of :func:`_ros_jac` at ``(y, u)`` when known (they do not depend on ``h``: a rejected step and
     the trials of an event location reuse them). Returns what :func:`_rk_step` returns (``rho = 0``)."""
     def F(yy, uu):
-        return _aug_field(problem, yy, uu, log_time, signs, idx, valid, fac)[0]
+        return _aug_field(problem, yy, uu, log_time, signs, idx, valid, fac, False)[0]
 
     J, T = _ros_jac(problem, y, u, log_time, signs, idx, valid, fac) if JT is None else JT
     d = _ROS_D
@@ -182,7 +189,8 @@ def _power(problem, y, f0, u, v, iters, log_time, signs, idx, valid, fac=None):
     rkc.f's ``rkcrho``, a batch of one), warm-started from ``v``; ``theta`` only (the energy is not fed back).
     Returns ``(rho, v)``."""
     def f(_, th):
-        return _aug_field(problem, jnp.concatenate([th[0], y[-1:]]), u, log_time, signs, idx, valid, fac)[0][None, :-1]
+        return _aug_field(problem, jnp.concatenate([th[0], y[-1:]]), u, log_time, signs, idx, valid, fac,
+                          False)[0][None, :-1]
 
     rho, v = spectral_radius(f, u, y[None, :-1], f0[None, :-1], v[None], iters)
     return rho[0], v[0]
