@@ -793,3 +793,17 @@ def test_split_flow_stays_on_T_theta_and_a_perturbed_one_does_not():
         assert a.stats["events"] > 0
     assert devs[0.0] <= 1e-10
     assert devs[1e-7] >= 1e-9
+
+
+def test_capacity_ladders():
+    """Padded capacities: the smallest rung of the ladder that holds k units (4-fold by default; doubling with the
+    halfway rungs from 128 on for deep nets), so a padded set is never smaller than the set."""
+    from homflow.flow._clarke import _padded, capacity
+
+    plain = [16 * 4 ** j for j in range(6)]
+    fine = sorted({16 * 2 ** j for j in range(8)} | {192 * 2 ** j for j in range(4)})
+    for k in range(0, 1500, 7):
+        assert capacity(k) == min(c for c in plain if c >= k)
+        assert capacity(k, growth=2, halves_from=128) == min(c for c in fine if c >= k)
+        idx, valid = _padded(np.arange(k), growth=2, halves_from=128)
+        assert idx.shape[0] >= k and valid.sum() == k and np.all(idx[:k] == np.arange(k))

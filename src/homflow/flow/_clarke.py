@@ -597,20 +597,23 @@ MIN_CAPACITY = 16  # smallest padded size of a set of kinked units (compiled pro
 CAPACITY_GROWTH = 4  # the next capacity when a set outgrows one: one compilation per capacity, so few of them
 
 
-def capacity(k: int, minimum: int = MIN_CAPACITY, growth: int = CAPACITY_GROWTH) -> int:
+def capacity(k: int, minimum: int = MIN_CAPACITY, growth: int = CAPACITY_GROWTH, halves_from: int | None = None) -> int:
     """Padded size for ``k`` units: ``minimum`` (:data:`MIN_CAPACITY`) times a power of ``growth``
-    (:data:`CAPACITY_GROWTH`)."""
+    (:data:`CAPACITY_GROWTH`); with ``halves_from``, capacities from that one on also take the step halfway in ratio
+    (``growth = 2``: ``128, 192, 256, 384, 512, ...``)."""
     cap = minimum
     while cap < k:
+        if halves_from is not None and cap >= halves_from and cap * 3 // 2 >= k:
+            return cap * 3 // 2
         cap *= growth
     return cap
 
 
-def _padded(kinks, growth: int = CAPACITY_GROWTH):
-    """Indices padded to :func:`capacity` (one compilation per capacity; ``growth`` between capacities) and their
-    validity mask."""
+def _padded(kinks, growth: int = CAPACITY_GROWTH, halves_from: int | None = None):
+    """Indices padded to :func:`capacity` (one compilation per capacity; ``growth`` between capacities,
+    ``halves_from`` as there) and their validity mask."""
     k = len(kinks)
-    cap = capacity(k, growth=growth)
+    cap = capacity(k, growth=growth, halves_from=halves_from)
     idx = np.zeros(cap, np.int32)
     idx[:k] = kinks
     valid = np.zeros(cap, bool)

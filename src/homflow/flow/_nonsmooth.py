@@ -288,8 +288,10 @@ class _Driver:
         if problem.n_hidden > 1:
             # normals and their Gram matrix are formed at every evaluation, at the padded capacity: capacities that
             # double (16, 32, 64, ...) instead of growing 4-fold cost a compilation more per doubling but halve the
-            # padding (the Gram matrix of 97 units at capacity 256 was ~10 ms of an evaluation, at 128 ~4 times less)
-            self.layout = lambda sliding: (*_padded(sliding, growth=2), np.arange(len(sliding)))
+            # padding (the Gram matrix of 97 units at capacity 256 was ~10 ms of an evaluation, at 128 ~4 times
+            # less); from 128 on also the capacities halfway (192, 384, ...): a wide net's set of 260 units at 384
+            # instead of 512 (the Gram matrix and its factor grow with the square and the cube of the capacity)
+            self.layout = lambda sliding: (*_padded(sliding, growth=2, halves_from=128), np.arange(len(sliding)))
         if self._blocks is not None:
             group, m = np.asarray(self._blocks.group), self._blocks.n_groups
             slots = {}  # sliding set -> its slots: the mode decision lays out the same few sets again and again
