@@ -550,8 +550,9 @@ def test_deep_sliding_slopes_make_the_mode_gradient_the_field(alpha):
     """Depth-3 MLP with one sample kinked in both hidden layers (two units of layer 1, one of layer 2 whose input
     carries the layer-1 slopes) and another sample kinked in layer 1: the sliding field's slopes are the exact
     selection, i.e. the gradient of the mode with those slopes (an own forward and jax.grad, slopes per sample and
-    unit) is the field, tangent to every kink surface. The gradient is bilinear in the slopes of the coupled sample;
-    a read-off linearised at the midpoint slopes alone is off by ~1e-2 there."""
+    unit) is the field, tangent to every kink surface, and so is the field without the slopes' iteration (what the
+    inner stages of a step evaluate). The gradient is bilinear in the slopes of the coupled sample; a read-off
+    linearised at the midpoint slopes alone is off by ~1e-2 there."""
     rng = np.random.default_rng(5)
     n, d, m1, m2 = 9, 4, 5, 4
     X = rng.standard_normal((n, d))
@@ -590,6 +591,10 @@ def test_deep_sliding_slopes_make_the_mode_gradient_the_field(alpha):
     np.testing.assert_allclose(np.asarray(v), np.asarray(v_own), rtol=0, atol=1e-12 * float(jnp.linalg.norm(v_own)))
     N = np.asarray(kp.normals(theta, jnp.asarray(units)))
     assert np.max(np.abs(N @ np.asarray(v))) <= 1e-12 * float(jnp.linalg.norm(v)) * np.linalg.norm(N)
+    # the inner stages' evaluation (no Newton iteration on the slopes) gives the same field
+    v_inner = kp.velocity(theta, 0.0, signs, jnp.asarray(idx), jnp.asarray(valid), slopes=False)[0]
+    np.testing.assert_allclose(np.asarray(v_inner), np.asarray(v_own), rtol=0,
+                               atol=1e-12 * float(jnp.linalg.norm(v_own)))
     # the linearisation at the midpoint slopes alone (the previous read-off) is visibly off: the check can fail
     S0 = np.asarray(kp.slopes(signs, jnp.asarray(idx), jnp.asarray(valid), jnp.full(idx.shape, 0.5 * (1 + alpha))))
     _, g0, c0 = kp.grad_and_adjoint(theta, jnp.asarray(S0))
