@@ -812,3 +812,34 @@ def test_capacity_ladders():
         assert capacity(k, growth=2, halves_from=128) == min(c for c in fine if c >= k)
         idx, valid = _padded(np.arange(k), growth=2, halves_from=128)
         assert idx.shape[0] >= k and valid.sum() == k and np.all(idx[:k] == np.arange(k))
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_joint_normal_ops_are_the_products_of_the_joint_normals(deep):
+    """The joint narrow+wide problem's normal products, assembled from the two networks' own (a unit's normal lives
+    in its network's block), equal those of the formed joint normals, with padded entries, for a two-layer net and a
+    depth-3 MLP split at a neuron."""
+    from homflow.embedding import split
+    from homflow.flow._clarke import _padded
+    from homflow.flow._nonsmooth_joint import JointKinked
+
+    data = sphere(10, 3, seed=2)
+    key = jax.random.PRNGKey(1)
+    narrow = (MLP(3, (4, 3), leaky_relu(0.1), key=key, scale=1.0) if deep
+              else TwoLayer(3, 4, leaky_relu(0.1), key=key, scale=1.0))
+    sp = split(narrow, neuron=1, coeffs=(0.6, 0.8))
+    pn, th = make_problem(narrow, data, "logistic")
+    pw, _ = make_problem(sp.wide, data, "logistic")
+    joint = JointKinked(make_kinked(pn, narrow), make_kinked(pw, sp.wide), int(th.size))
+    theta = jnp.concatenate([th, sp.apply_flat(th)])
+    rng = np.random.default_rng(0)
+    units = np.sort(rng.choice(joint.narrow.n_entries + joint.wide.n_entries, 12, replace=False))
+    assert np.any(units < joint.narrow.n_entries) and np.any(units >= joint.narrow.n_entries)
+    idx, valid = (jnp.asarray(a) for a in _padded(units))
+    Nz = np.asarray(joint.normals(theta, idx)) * np.asarray(valid)[:, None]
+    mv, rmv, G = joint.normal_ops(theta, idx, valid)
+    g, lam = rng.standard_normal(theta.size), rng.standard_normal(idx.size)
+    np.testing.assert_allclose(np.asarray(mv(jnp.asarray(g))), Nz @ g, rtol=0, atol=1e-13 * np.abs(Nz @ g).max())
+    np.testing.assert_allclose(np.asarray(rmv(jnp.asarray(lam))), Nz.T @ lam, rtol=0,
+                               atol=1e-13 * np.abs(Nz.T @ lam).max())
+    np.testing.assert_allclose(np.asarray(G), Nz @ Nz.T, rtol=0, atol=1e-13 * np.abs(Nz @ Nz.T).max())

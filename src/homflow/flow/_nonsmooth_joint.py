@@ -118,10 +118,14 @@ class JointKinked(eqx.Module):
         return self.narrow.normal_gram(a, i_n, v_n) + self.wide.normal_gram(b, i_w, v_w)
 
     def normal_ops(self, theta, idx, valid, S=None):
-        """``(matvec, rmatvec, G)`` as :meth:`KinkedProblem.normal_ops <homflow.flow._clarke.KinkedProblem.normal_ops>`
-        (``S`` not supported, as in :meth:`normal_gram`)."""
-        Nz = self.normals(theta, idx) * valid[:, None].astype(theta.dtype)
-        return (lambda g: Nz @ g), (lambda lam: Nz.T @ lam), self.normal_gram(theta, idx, valid)
+        """``(matvec, rmatvec, G)`` as :meth:`KinkedProblem.normal_ops <homflow.flow._clarke.KinkedProblem.normal_ops>`,
+        from the two halves' own (each unit's normal lives in its network's block; ``S`` not supported, as in
+        :meth:`normal_gram`)."""
+        a, b = self._blocks(theta)
+        (i_n, v_n), (i_w, v_w) = self._idx(idx, valid)
+        mn, rn, Gn = self.narrow.normal_ops(a, i_n, v_n)
+        mw, rw, Gw = self.wide.normal_ops(b, i_w, v_w)
+        return (lambda g: mn(g[:self.P]) + mw(g[self.P:])), (lambda lam: jnp.concatenate([rn(lam), rw(lam)])), Gn + Gw
 
     def slope_jacobian(self, theta, signs, idx, valid, s):
         a, b = self._blocks(theta)
