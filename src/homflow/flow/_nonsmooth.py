@@ -86,6 +86,10 @@ class ClarkeFlow:
         chatter_limit: a unit flipped this many times in consecutive events without progress in time is chattering
             at its kink; when the mode decision would flip it again it slides instead (its slope from the sliding
             field, which must lie in ``[alpha, 1]``; docs/nonsmooth.md).
+        cycle_limit: a stall (events without progress in time) in which the decision returns to one mode this many
+            times is a cycle of modes that no further decision leaves (seen: a wide depth-3 net's unit entering and
+            leaving a sliding set of 113 at one time, ~0.6 s per event): the escape step is taken at once instead of
+            after ``escape_after`` events (default 6: after the chatter rule has had its ``chatter_limit`` flips).
         method: ``'auto'`` (default: Dormand-Prince 5(4), switching to Runge-Kutta-Chebyshev while the step is limited by
             stability rather than accuracy, on to the linearly implicit Rosenbrock pair of ode23s while RKC's steps
             are limited by its stage budget or cost more stages than a Rosenbrock step, and back down),
@@ -146,6 +150,7 @@ class ClarkeFlow:
     escape_after: int = 50
     max_escapes: int = 1000
     chatter_limit: int = 3
+    cycle_limit: int = 6
     crossings: bool = True
     method: str = "auto"
     stiff_ratio: float = 2.5
@@ -183,7 +188,7 @@ class ClarkeFlow:
             raise ValueError(f"`factor_min` must lie in (0, 1); got {self.factor_min!r}.")
         for name in ("n_slope_iters", "max_steps", "max_locate", "zeno_limit", "escape_after", "max_escapes",
                      "chatter_limit", "stiff_after", "nonstiff_after", "rho_every", "implicit_max_params",
-                     "guess_evals"):
+                     "guess_evals", "cycle_limit"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1; got {v!r}.")
@@ -550,7 +555,7 @@ class _Driver:
             signs[e] = 1 if float(s0[k]) > 0.5 * (1.0 + self.alpha) else -1
         return mode.like(signs, slide)
 
-    def resolve(self, y, u, mode, cands, chatter=(), z=None, sc=None, guess=None):
+    def resolve(self, y, u, mode, cands, chatter=(), z=None, sc=None, guess=None, v_ref=None):
         """The mode after an event at ``y``: from the minimal-norm element (interior slope: slides; bound: crosses to
         the side its velocity points to), then made consistent: a sliding slope of the new mode outside ``[alpha, 1]``
         leaves on that bound's side; a unit at its kink whose new field points into the other side is flipped, and if
@@ -558,15 +563,19 @@ class _Driver:
         without progress in time) slide when the new mode would flip them again and their slope is admissible.
         ``z``, ``sc``: the pre-activations at ``y`` and their bounds when known.
 
-        ``guess``: a mode to try first (:meth:`guess`, the event's own change). When the consistency checks above
-        accept it, or a mode they reach from it within ``ClarkeFlow.guess_evals`` field evaluations, that mode is
-        the decision and the minimal-norm element is not formed: a consistent mode is a first-order (KKT) point of
-        the box-constrained least-squares problem over the slopes that defines the minimal-norm element (a sliding
-        unit's slope interior and its ``z_e`` held; a unit at its kink outside the set at the bound whose one-sided
-        field moves it to its own side, the sign of that slope's multiplier), which for nets with one hidden layer
-        (``g`` affine in the slopes, a convex problem) is the minimal-norm element itself and for deeper nets a
-        stationary point of the same problem, as the re-linearised BVLS's answer is. ``stats['decisions_guessed']``
-        counts them."""
+        ``guess``: a mode to try first (:meth:`guess`, the event's own change), with ``v_ref`` the velocity of the
+        mode the flow arrived in, at ``y`` (one element of the Clarke set there: at the event its slopes are in
+        ``[alpha, 1]``). When the consistency checks above accept the guess, or a mode they reach from it within
+        ``ClarkeFlow.guess_evals`` field evaluations, and its velocity is no longer than ``v_ref`` (to ``1e-8``
+        relative), that mode is the decision and the minimal-norm element is not formed. A consistent mode is a
+        first-order (KKT) point of the box-constrained least-squares problem over the slopes that defines the
+        minimal-norm element (a sliding unit's slope interior and its ``z_e`` held; a unit at its kink outside the
+        set at the bound whose one-sided field moves it to its own side, the sign of that slope's multiplier). For
+        nets with one hidden layer (``g`` affine in the slopes, a convex problem) that is the minimal-norm element
+        itself; for deeper nets the problem is not convex and has other stationary points (seen: a guess consistent
+        at once with a velocity 3.5 times that of the minimal-norm element, whose units of other samples slide
+        instead), which the norm test against the arrival velocity turns away to the full decision.
+        ``stats['decisions_guessed']`` counts the decisions taken from the guess."""
         theta = y[:-1]
         if z is None or sc is None:
             _, _, z, sc = self.evaluate(y, u, mode)
@@ -578,8 +587,10 @@ class _Driver:
             signs = guess.signs.copy()
             slide = set(guess.sliding) & set(C.tolist())
             away = self._away(C, z, sc, slide, signs)
-            new, ok = self._settle(y, u, mode, C, signs, slide, away, chatter, z, sc, self.sol.guess_evals)
-            if ok and new.key() != mode.key():
+            new, ok, f = self._settle(y, u, mode, C, signs, slide, away, chatter, z, sc, self.sol.guess_evals)
+            short = ok and (v_ref is None or np.linalg.norm(np.asarray(f[:-1]))
+                            <= (1 + 1e-8) * np.linalg.norm(np.asarray(v_ref)) + np.finfo(float).tiny)
+            if short and new.key() != mode.key():
                 self.stats["decisions_guessed"] += 1
                 return self._finish(mode, new, C, z, sc)
         C, mn = self._min_norm(theta, mode, cands, z, sc)
@@ -593,7 +604,7 @@ class _Driver:
             side = np.where(mn.slopes[~mn.interior] > 0.5 * (1 + self.alpha), 1, -1)
             signs[bound] = np.where(np.abs(dz) > self._tiny_dz(theta, v, sc, bound), np.sign(dz), side)
         away = self._away(C, z, sc, slide, signs)
-        new, _ = self._settle(y, u, mode, C, signs, slide, away, chatter, z, sc, 2 * len(C) + 2)
+        new, _, _ = self._settle(y, u, mode, C, signs, slide, away, chatter, z, sc, 2 * len(C) + 2)
         return self._finish(mode, new, C, z, sc)
 
     def _away(self, C, z, sc, slide, signs):
@@ -610,7 +621,7 @@ class _Driver:
 
     def _settle(self, y, u, mode, C, signs, slide, away, chatter, z, sc, max_evals):
         """The consistency loop of :meth:`resolve` from the mode ``(signs, slide)``, at most ``max_evals`` field
-        evaluations: ``(mode, consistent)``."""
+        evaluations: ``(mode, consistent, its field at y)``."""
         theta = y[:-1]
         flipped = set()
         new = mode.like(signs, slide)
@@ -630,12 +641,12 @@ class _Driver:
                 continue
             rest = C[~np.isin(C, list(slide | away))]
             if rest.size == 0:
-                return new, True
+                return new, True, f
             v = np.asarray(f[:-1])
             dz = dz_all[rest]
             wrong = rest[signs[rest] * dz < -self._tiny_dz(theta, v, sc, rest)]
             if wrong.size == 0:
-                return new, True
+                return new, True, f
             e = int(wrong[0])
             if e in flipped or e in chatter:
                 slide.add(e)
@@ -645,7 +656,7 @@ class _Driver:
                 signs[e] = -signs[e]
                 flipped.add(e)
             new = mode.like(signs, slide)
-        return new, False
+        return new, False, None
 
     def _finish(self, mode, new, C, z, sc):
         """A unit that is not sliding must start on its side of the kink: one beyond kink_tol on the other side (the
@@ -709,6 +720,7 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
     # the next escape's relative length; whether the flow made progress in time since the last escape
     esc_scale, progressed = sol.zeno_escape, True
     recent = []  # (unit, sign) flips of the last events without progress in time: chattering units
+    seen = {}  # modes decided in the current run of events without progress in time, and how often
     reason, success, failure = None, True, None
 
     # the rest test (every save and every 50 events): one flow problem (a joint flow has two losses), L >= 0
@@ -780,8 +792,12 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
                 no_progress += 1
             else:
                 no_progress, progressed, recent = 0, True, []
+                seen.clear()
             u_mark = u
-            if (sol.zeno_escape is not None and no_progress >= sol.escape_after
+            # a stall that revisits a mode (a cycle of decisions, each mode leading to the next event at once) is
+            # one no further decision will leave: escape now rather than after escape_after events
+            cycling = no_progress > 0 and max(seen.values(), default=0) >= sol.cycle_limit
+            if (sol.zeno_escape is not None and (no_progress >= sol.escape_after or cycling)
                     and stats["zeno_escapes"] < sol.max_escapes):
                 # no mode the decision builds is consistent here: one Euler step of the inclusion (ClarkeFlow)
                 # an escape that lands in another stall (no progress in time since the previous one) is followed by
@@ -795,6 +811,7 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
                 ev = D.advance(y, u, 0.0, 1.0, u, mode, 0)
                 mode = D.resolve(y, u, mode, _near(ev["z0"], ev["scale0"], D.kt), (), z=ev["z0"], sc=ev["scale0"])
                 no_progress, recent, u_mark = 0, [], u
+                seen.clear()
                 pending_projection = True
                 h = max(h_step, tiny_h * max(abs(u), 1.0) * 2)
                 if progress is not None:
@@ -818,7 +835,8 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
             pre = D.advance(y, u, 0.0, 1.0, u, mode, 0, project_first=True)
             y = pre["y0"]
             guess = D.guess(mode, target, pre["s0"]) if D.event_guess else None
-            new = D.resolve(y, u, mode, cands, chatter, z=pre["z0"], sc=pre["scale0"], guess=guess)
+            new = D.resolve(y, u, mode, cands, chatter, z=pre["z0"], sc=pre["scale0"], guess=guess,
+                            v_ref=pre["f0"][:-1])
             if new.key() == mode.key():  # kept: the same event would be found again at once (docstring)
                 new = D.step_verdict(y, u, mode, target, chatter)
             if no_progress:
@@ -827,6 +845,8 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
             else:
                 recent = [int(e) for e in np.flatnonzero(new.signs != mode.signs)]
             mode = new
+            if no_progress:
+                seen[mode.key()] = seen.get(mode.key(), 0) + 1
             pending_projection = True  # onto the new sliding set's kink surfaces, at the start of the next call
             h = max(h_step - hc, h_step / 4) if hc < h_step else h_step
             if no_progress:  # an event right after the previous one: the next is likely as close (a stall)
