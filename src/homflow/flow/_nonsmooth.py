@@ -120,7 +120,8 @@ class ClarkeFlow:
         event_guess, guess_evals: at an event, first try the mode of the event's own change (the unit that reached
             its kink slides; the sliding unit whose slope reached a bound leaves on that side) and accept it, or a
             mode the consistency checks reach from it within ``guess_evals`` field evaluations, when it is
-            consistent: a first-order point of the minimal-norm problem (``_Driver.resolve``), so the
+            consistent (a first-order point of the minimal-norm problem) and its velocity no longer than the one the
+            flow arrived with (which the minimal-norm element's cannot exceed; ``_Driver.resolve``), so the
             minimal-norm element (a BVLS over the candidates' slopes, re-linearised for deep nets, on a dense
             ``P x K`` Jacobian) is formed only where the guess fails. ``None`` (default): on for nets with several
             hidden layers, where that BVLS was ~30 ms of a ~60 ms decision (a (30, 30) MLP with 130 units sliding);
@@ -587,12 +588,14 @@ class _Driver:
             signs = guess.signs.copy()
             slide = set(guess.sliding) & set(C.tolist())
             away = self._away(C, z, sc, slide, signs)
+            slides_before = self.stats["chatter_slides"]
             new, ok, f = self._settle(y, u, mode, C, signs, slide, away, chatter, z, sc, self.sol.guess_evals)
             short = ok and (v_ref is None or np.linalg.norm(np.asarray(f[:-1]))
                             <= (1 + 1e-8) * np.linalg.norm(np.asarray(v_ref)) + np.finfo(float).tiny)
             if short and new.key() != mode.key():
                 self.stats["decisions_guessed"] += 1
                 return self._finish(mode, new, C, z, sc)
+            self.stats["chatter_slides"] = slides_before  # counted by the decision below
         C, mn = self._min_norm(theta, mode, cands, z, sc)
         slide = set(C[mn.interior].tolist())
         chatter = set(int(e) for e in chatter_all) & set(C.tolist())
