@@ -474,16 +474,14 @@ class _Driver:
     def _tiny_dz(self, theta, v, sc, ids):
         return self.kt * sc[ids] * (np.linalg.norm(v) / max(float(np.linalg.norm(theta)), np.finfo(float).tiny))
 
-    def _min_norm(self, theta, mode, cands, z, sc):
-        """The units the mode decision considers (the sliding set and ``cands``) and the minimal-norm element of the
-        Clarke set over them (:func:`clarke_min_norm`)."""
-        problem = self.problem
-        C = self._candidates(mode, cands, z, sc)
-        mn = clarke_min_norm(problem, theta, signs=mode.signs, kinks=C, kink_tol=self.kt, slope_tol=self.st,
+    def _min_norm(self, theta, mode, C):
+        """The minimal-norm element of the Clarke set over the units ``C`` (:meth:`_candidates`; the others keep
+        ``mode``'s signs), :func:`clarke_min_norm`."""
+        mn = clarke_min_norm(self.problem, theta, signs=mode.signs, kinks=C, kink_tol=self.kt, slope_tol=self.st,
                              n_slope_iters=self.sol.n_slope_iters, groups=self._groups)
         self.stats["grad_evals"] += 1
         self.stats["kink_normals"] += len(C)
-        return C, mn
+        return mn
 
     def _dz_min_norm(self, theta, mode, C, mn):
         """``dz/dtheta . (-m)`` of every unit along the minimal-norm element ``mn`` over the units ``C``, with its
@@ -505,7 +503,8 @@ class _Driver:
         jumped across kinks (measured: ``||dtheta|| = 0.015``, the loss up by 8e-3 at t = 1.5e5). Returns ``(y, u)``
         where it lands."""
         theta = np.asarray(y[:-1])
-        C, mn = self._min_norm(theta, mode, cands, z, sc)
+        C = self._candidates(mode, cands, z, sc)
+        mn = self._min_norm(theta, mode, C)
         m = np.asarray(mn.m)
         nm = float(np.linalg.norm(m))
         scale = self.sol.zeno_escape if scale is None else scale
@@ -581,10 +580,9 @@ class _Driver:
         if z is None or sc is None:
             _, _, z, sc = self.evaluate(y, u, mode)
         z, sc = np.asarray(z), np.asarray(sc)
-        chatter_all = chatter
+        C = self._candidates(mode, cands, z, sc)
+        chatter = set(int(e) for e in chatter) & set(C.tolist())
         if guess is not None:
-            C = self._candidates(mode, cands, z, sc)
-            chatter = set(int(e) for e in chatter_all) & set(C.tolist())
             signs = guess.signs.copy()
             slide = set(guess.sliding) & set(C.tolist())
             away = self._away(C, z, sc, slide, signs)
@@ -596,9 +594,8 @@ class _Driver:
                 self.stats["decisions_guessed"] += 1
                 return self._finish(mode, new, C, z, sc)
             self.stats["chatter_slides"] = slides_before  # counted by the decision below
-        C, mn = self._min_norm(theta, mode, cands, z, sc)
+        mn = self._min_norm(theta, mode, C)
         slide = set(C[mn.interior].tolist())
-        chatter = set(int(e) for e in chatter_all) & set(C.tolist())
         signs = mode.signs.copy()
         bound = C[~mn.interior]
         if bound.size:
