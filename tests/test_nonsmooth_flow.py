@@ -816,10 +816,12 @@ def test_capacity_ladders():
 
 
 @pytest.mark.parametrize("deep", [False, True])
-def test_joint_normal_ops_are_the_products_of_the_joint_normals(deep):
+@pytest.mark.parametrize("with_S", [False, True])
+def test_joint_normal_ops_are_the_products_of_the_joint_normals(deep, with_S):
     """The joint narrow+wide problem's normal products, assembled from the two networks' own (a unit's normal lives
     in its network's block), equal those of the formed joint normals, with padded entries, for a two-layer net and a
-    depth-3 MLP split at a neuron."""
+    depth-3 MLP split at a neuron; in the network itself and in a mode with given slopes ``S`` (split between the
+    halves; a deep half's normals then carry them, checked against autodiff of that network)."""
     from homflow.embedding import split
     from homflow.flow._clarke import _padded
     from homflow.flow._nonsmooth_joint import JointKinked
@@ -837,13 +839,30 @@ def test_joint_normal_ops_are_the_products_of_the_joint_normals(deep):
     units = np.sort(rng.choice(joint.narrow.n_entries + joint.wide.n_entries, 12, replace=False))
     assert np.any(units < joint.narrow.n_entries) and np.any(units >= joint.narrow.n_entries)
     idx, valid = (jnp.asarray(a) for a in _padded(units))
-    Nz = np.asarray(joint.normals(theta, idx)) * np.asarray(valid)[:, None]
-    mv, rmv, G = joint.normal_ops(theta, idx, valid)
+    N_all = joint.narrow.n_entries + joint.wide.n_entries
+    # the mode's slopes S (every unit acting as S_e z_e, S_e in [alpha, 1]) change a deep net's normals
+    S = jnp.asarray(rng.uniform(0.1, 1.0, N_all)) if with_S else None
+    Nz = np.asarray(joint.normals(theta, idx, S)) * np.asarray(valid)[:, None]
+    if with_S:  # each half's rows are that network's own normals in its block, computed by autodiff
+        Nn = joint.narrow.n_entries
+        P = th.size
+        for k, (e, v) in enumerate(zip(np.asarray(idx), np.asarray(valid))):
+            if not v:
+                continue
+            half, blk, loc, Sh = ((joint.narrow, slice(0, P), e, S[:Nn]) if e < Nn
+                                  else (joint.wide, slice(P, None), e - Nn, S[Nn:]))
+            ref = np.asarray(half._normals_autodiff(theta[blk], jnp.asarray([loc]), Sh))[0]
+            np.testing.assert_allclose(Nz[k, blk], ref, rtol=0, atol=1e-13 * np.abs(ref).max())
+            assert not np.any(np.delete(Nz[k], np.arange(theta.size)[blk]))
+        own = np.asarray(joint.normals(theta, idx)) * np.asarray(valid)[:, None]
+        assert (np.abs(own - Nz).max() > 1e-3 * np.abs(Nz).max()) == deep  # only a deep net's normals carry slopes
+    mv, rmv, G = joint.normal_ops(theta, idx, valid, S)
     g, lam = rng.standard_normal(theta.size), rng.standard_normal(idx.size)
     np.testing.assert_allclose(np.asarray(mv(jnp.asarray(g))), Nz @ g, rtol=0, atol=1e-13 * np.abs(Nz @ g).max())
     np.testing.assert_allclose(np.asarray(rmv(jnp.asarray(lam))), Nz.T @ lam, rtol=0,
                                atol=1e-13 * np.abs(Nz.T @ lam).max())
     np.testing.assert_allclose(np.asarray(G), Nz @ Nz.T, rtol=0, atol=1e-13 * np.abs(Nz @ Nz.T).max())
+    np.testing.assert_allclose(np.asarray(joint.normal_gram(theta, idx, valid, S)), np.asarray(G), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.2])

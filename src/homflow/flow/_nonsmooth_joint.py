@@ -99,32 +99,38 @@ class JointKinked(eqx.Module):
         vw, rw, sw = self.wide.velocity(b, log_scale, signs[Nn:], i_w, v_w, fw, slopes)
         return jnp.concatenate([vn, vw]), rn + rw, jnp.where(v_n, sn, sw)
 
-    def normals(self, theta, idx):
-        """``grad z_e`` (K, P_narrow + P_wide) of the joint system's units ``idx`` (narrow units first): each unit's
-        normal lives in its own network's block, zero in the other."""
+    def _halves_S(self, S):
+        """The narrow and wide parts of a joint slope vector ``S`` (N,) (``None``: the networks' own)."""
+        if S is None:
+            return None, None
+        Nn = self.narrow.n_entries
+        return S[:Nn], S[Nn:]
+
+    def normals(self, theta, idx, S=None):
+        """``grad z_e`` (K, P_narrow + P_wide) of the joint system's units ``idx`` (narrow units first), with the units
+        acting as ``S_e z_e`` when ``S`` is given: each unit's normal lives in its own network's block, zero in the
+        other."""
         a, b = self._blocks(theta)
         Nn = self.narrow.n_entries
+        Sn, Sw = self._halves_S(S)
         in_narrow = (idx < Nn)[:, None].astype(theta.dtype)
-        Jn = self.narrow.normals(a, jnp.clip(idx, 0, Nn - 1)) * in_narrow
-        Jw = self.wide.normals(b, jnp.clip(idx - Nn, 0, self.wide.n_entries - 1)) * (1 - in_narrow)
+        Jn = self.narrow.normals(a, jnp.clip(idx, 0, Nn - 1), Sn) * in_narrow
+        Jw = self.wide.normals(b, jnp.clip(idx - Nn, 0, self.wide.n_entries - 1), Sw) * (1 - in_narrow)
         return jnp.concatenate([Jn, Jw], axis=1)
 
     def normal_gram(self, theta, idx, valid, S=None):
         """``N N^T`` of the joint units: the two halves' Gram matrices (a narrow and a wide unit's normals live in
-        different blocks, so the joint one is their sum over the halves' entries). ``S`` is not supported (the joint
-        problem's normals are the networks' own)."""
-        a, b = self._blocks(theta)
-        (i_n, v_n), (i_w, v_w) = self._idx(idx, valid)
-        return self.narrow.normal_gram(a, i_n, v_n) + self.wide.normal_gram(b, i_w, v_w)
+        different blocks, so the joint one is their sum over the halves' entries)."""
+        return self.normal_ops(theta, idx, valid, S)[2]
 
     def normal_ops(self, theta, idx, valid, S=None):
         """``(matvec, rmatvec, G)`` as :meth:`KinkedProblem.normal_ops <homflow.flow._clarke.KinkedProblem.normal_ops>`,
-        from the two halves' own (each unit's normal lives in its network's block; ``S`` not supported, as in
-        :meth:`normal_gram`)."""
+        from the two halves' own (each unit's normal lives in its network's block)."""
         a, b = self._blocks(theta)
         (i_n, v_n), (i_w, v_w) = self._idx(idx, valid)
-        mn, rn, Gn = self.narrow.normal_ops(a, i_n, v_n)
-        mw, rw, Gw = self.wide.normal_ops(b, i_w, v_w)
+        Sn, Sw = self._halves_S(S)
+        mn, rn, Gn = self.narrow.normal_ops(a, i_n, v_n, Sn)
+        mw, rw, Gw = self.wide.normal_ops(b, i_w, v_w, Sw)
         return (lambda g: mn(g[:self.P]) + mw(g[self.P:])), (lambda lam: jnp.concatenate([rn(lam), rw(lam)])), Gn + Gw
 
     def slope_jacobian(self, theta, signs, idx, valid, s):
