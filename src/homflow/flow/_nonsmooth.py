@@ -586,14 +586,13 @@ class _Driver:
             signs = guess.signs.copy()
             slide = set(guess.sliding) & set(C.tolist())
             away = self._away(C, z, sc, slide, signs)
-            slides_before = self.stats["chatter_slides"]
-            new, ok, f = self._settle(y, u, mode, C, signs, slide, away, chatter, z, sc, self.sol.guess_evals)
+            new, ok, f, slid = self._settle(y, u, mode, C, signs, slide, away, chatter, z, sc, self.sol.guess_evals)
             short = ok and (v_ref is None or np.linalg.norm(np.asarray(f[:-1]))
                             <= (1 + 1e-8) * np.linalg.norm(np.asarray(v_ref)) + np.finfo(float).tiny)
             if short and new.key() != mode.key():
                 self.stats["decisions_guessed"] += 1
+                self.stats["chatter_slides"] += slid
                 return self._finish(mode, new, C, z, sc)
-            self.stats["chatter_slides"] = slides_before  # counted by the decision below
         mn = self._min_norm(theta, mode, C)
         slide = set(C[mn.interior].tolist())
         signs = mode.signs.copy()
@@ -604,7 +603,8 @@ class _Driver:
             side = np.where(mn.slopes[~mn.interior] > 0.5 * (1 + self.alpha), 1, -1)
             signs[bound] = np.where(np.abs(dz) > self._tiny_dz(theta, v, sc, bound), np.sign(dz), side)
         away = self._away(C, z, sc, slide, signs)
-        new, _, _ = self._settle(y, u, mode, C, signs, slide, away, chatter, z, sc, 2 * len(C) + 2)
+        new, _, _, slid = self._settle(y, u, mode, C, signs, slide, away, chatter, z, sc, 2 * len(C) + 2)
+        self.stats["chatter_slides"] += slid
         return self._finish(mode, new, C, z, sc)
 
     def _away(self, C, z, sc, slide, signs):
@@ -621,9 +621,9 @@ class _Driver:
 
     def _settle(self, y, u, mode, C, signs, slide, away, chatter, z, sc, max_evals):
         """The consistency loop of :meth:`resolve` from the mode ``(signs, slide)``, at most ``max_evals`` field
-        evaluations: ``(mode, consistent, its field at y)``."""
+        evaluations: ``(mode, consistent, its field at y, chattering units it made slide)``."""
         theta = y[:-1]
-        flipped = set()
+        flipped, slid = set(), 0
         new = mode.like(signs, slide)
         for _ in range(max_evals):
             signs_n, idx_n, valid_n = new.arrays()
@@ -641,22 +641,21 @@ class _Driver:
                 continue
             rest = C[~np.isin(C, list(slide | away))]
             if rest.size == 0:
-                return new, True, f
+                return new, True, f, slid
             v = np.asarray(f[:-1])
             dz = dz_all[rest]
             wrong = rest[signs[rest] * dz < -self._tiny_dz(theta, v, sc, rest)]
             if wrong.size == 0:
-                return new, True, f
+                return new, True, f, slid
             e = int(wrong[0])
             if e in flipped or e in chatter:
                 slide.add(e)
-                if e in chatter and e not in flipped:
-                    self.stats["chatter_slides"] += 1
+                slid += int(e in chatter and e not in flipped)
             else:
                 signs[e] = -signs[e]
                 flipped.add(e)
             new = mode.like(signs, slide)
-        return new, False, None
+        return new, False, None, slid
 
     def _finish(self, mode, new, C, z, sc):
         """A unit that is not sliding must start on its side of the kink: one beyond kink_tol on the other side (the
@@ -716,11 +715,9 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
     saves_th, saves_E, saves_t = [np.asarray(y[:-1])], [0.0], [0.0]
     k_save = 1 if us[0] == 0.0 else 0
     err_prev = 1.0
-    no_progress, u_mark = 0, 0.0  # consecutive events without progress in time; u at the last event
+    stall = _Stall(sol, tiny_h)  # the current run of events without progress in time
     # the next escape's relative length; whether the flow made progress in time since the last escape
     esc_scale, progressed = sol.zeno_escape, True
-    recent = []  # (unit, sign) flips of the last events without progress in time: chattering units
-    seen = {}  # modes decided in the current run of events without progress in time, and how often
     reason, success, failure = None, True, None
 
     # the rest test (every save and every 50 events): one flow problem (a joint flow has two losses), L >= 0
@@ -760,8 +757,8 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
         if status in (SAVE, BUDGET):
             y, u, h, err_prev = out["y"], float(out["u"]), float(out["h"]), float(out["err_prev"])
             if int(out["n_acc"]):
-                no_progress, progressed = 0, True
-                recent = []
+                stall.reset()
+                progressed = True
             if status == SAVE:
                 saves_th.append(np.asarray(out["y"][:-1]))
                 saves_E.append(float(out["y"][-1]))
@@ -786,18 +783,9 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
                 reason = (f"the state at an event near t = {_t(u0, log_time):.6g} is not finite (the mode's field "
                           "failed there)")
                 break
-            # progress in time since the previous event (not accepted steps: a stall's steps are as short as its
-            # events are close)
-            if u - u_mark <= max(tiny_h, sol.zeno_progress) * max(abs(u), 1.0):
-                no_progress += 1
-            else:
-                no_progress, progressed, recent = 0, True, []
-                seen.clear()
-            u_mark = u
-            # a stall that revisits a mode (a cycle of decisions, each mode leading to the next event at once) is
-            # one no further decision will leave: escape now rather than after escape_after events
-            cycling = no_progress > 0 and max(seen.values(), default=0) >= sol.cycle_limit
-            if (sol.zeno_escape is not None and (no_progress >= sol.escape_after or cycling)
+            if stall.event(u):
+                progressed = True
+            if (sol.zeno_escape is not None and (stall.count >= sol.escape_after or stall.cycling())
                     and stats["zeno_escapes"] < sol.max_escapes):
                 # no mode the decision builds is consistent here: one Euler step of the inclusion (ClarkeFlow)
                 # an escape that lands in another stall (no progress in time since the previous one) is followed by
@@ -810,16 +798,15 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
                                 esc_scale)
                 ev = D.advance(y, u, 0.0, 1.0, u, mode, 0)
                 mode = D.resolve(y, u, mode, _near(ev["z0"], ev["scale0"], D.kt), (), z=ev["z0"], sc=ev["scale0"])
-                no_progress, recent, u_mark = 0, [], u
-                seen.clear()
+                stall.reset(u)
                 pending_projection = True
                 h = max(h_step, tiny_h * max(abs(u), 1.0) * 2)
                 if progress is not None:
                     progress(_t(u, log_time), stats)
                 continue
-            if no_progress > sol.zeno_limit:
+            if stall.count > sol.zeno_limit:
                 success, failure = False, "zeno"
-                reason = (f"{no_progress} events without progress in time at t = {_t(u, log_time):.6g}: a Zeno point "
+                reason = (f"{stall.count} events without progress in time at t = {_t(u, log_time):.6g}: a Zeno point "
                           "or a kink where no mode is consistent (try a larger kink_tol)")
                 break
             zc, scc = np.asarray(out["z_event"]), np.asarray(out["scale_event"])
@@ -828,7 +815,7 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
             N = mode.signs.shape[0]
             if target < N:
                 cands = np.union1d(cands, [target])
-            chatter = _chattering(recent, sol.chatter_limit) if no_progress else set()
+            chatter = stall.chattering()
             # the located state is a Runge-Kutta trial of the mode: onto its sliding set's kink surfaces first (for
             # deep nets a step moves z_e of a sliding unit by its local error, ~rtol, not ~kink_tol: a unit leaving
             # the set would start on the wrong side of its kink by that much and stop the flow at once)
@@ -839,17 +826,11 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
                             v_ref=pre["f0"][:-1])
             if new.key() == mode.key():  # kept: the same event would be found again at once (docstring)
                 new = D.step_verdict(y, u, mode, target, chatter)
-            if no_progress:
-                flips = np.flatnonzero(new.signs != mode.signs)
-                recent = (recent + [int(e) for e in flips])[-64 * max(sol.chatter_limit, 1):]
-            else:
-                recent = [int(e) for e in np.flatnonzero(new.signs != mode.signs)]
+            stall.decided(mode, new)
             mode = new
-            if no_progress:
-                seen[mode.key()] = seen.get(mode.key(), 0) + 1
             pending_projection = True  # onto the new sliding set's kink surfaces, at the start of the next call
             h = max(h_step - hc, h_step / 4) if hc < h_step else h_step
-            if no_progress:  # an event right after the previous one: the next is likely as close (a stall)
+            if stall.count:  # an event right after the previous one: the next is likely as close (a stall)
                 h = min(h, 1e3 * max(hc, tiny_h * max(abs(u), 1.0)))
             h = max(h, tiny_h * max(abs(u), 1.0) * 2)
         if progress is not None:
@@ -885,12 +866,51 @@ def _near(z, sc, kt):
     return np.flatnonzero(np.abs(z) <= 10 * kt * sc)
 
 
-def _chattering(recent, limit):
-    """Units flipped at least ``limit`` times in the recent events without progress in time."""
-    if not recent:
-        return set()
-    vals, counts = np.unique(np.asarray(recent), return_counts=True)
-    return set(int(v) for v in vals[counts >= limit])
+class _Stall:
+    """The current run of events without progress in time (a stall, ended by progress in time, accepted steps or an
+    escape): how many events, the units flipped in it (a unit flipped ``chatter_limit`` times chatters) and the modes
+    decided in it with how often each (a mode decided ``cycle_limit`` times is a cycle of decisions: each mode leads to
+    the next event at once, and no further decision leaves it)."""
+
+    def __init__(self, sol, tiny_h):
+        self.sol, self.tiny_h = sol, tiny_h
+        self.u_mark = 0.0  # u at the last event
+        self.reset()
+
+    def reset(self, u=None):
+        self.count, self.flips, self.modes = 0, [], {}
+        if u is not None:
+            self.u_mark = u
+
+    def event(self, u):
+        """An event at ``u``: whether the flow progressed in time since the previous one (not accepted steps: a
+        stall's steps are as short as its events are close), which ends the stall; else the stall goes on."""
+        progressed = u - self.u_mark > max(self.tiny_h, self.sol.zeno_progress) * max(abs(u), 1.0)
+        if progressed:
+            self.reset()
+        else:
+            self.count += 1
+        self.u_mark = u
+        return progressed
+
+    def cycling(self):
+        return self.count > 0 and max(self.modes.values(), default=0) >= self.sol.cycle_limit
+
+    def chattering(self):
+        """Units flipped at least ``chatter_limit`` times in the stall."""
+        if not self.count or not self.flips:
+            return set()
+        vals, counts = np.unique(np.asarray(self.flips), return_counts=True)
+        return set(int(v) for v in vals[counts >= self.sol.chatter_limit])
+
+    def decided(self, old, new):
+        """Record a mode decision ``old -> new`` (the first event of a possible stall keeps its flips only)."""
+        flips = [int(e) for e in np.flatnonzero(new.signs != old.signs)]
+        if not self.count:
+            self.flips = flips
+            return
+        self.flips = (self.flips + flips)[-64 * max(self.sol.chatter_limit, 1):]
+        self.modes[new.key()] = self.modes.get(new.key(), 0) + 1
 
 
 # Failures of the non-smooth solve as RESULTS items: the step budget; a step size underflow (non-finite state); a Zeno
