@@ -36,10 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._block_factor import BlockNormals, block_normals, block_slots
+from ._block_factor import block_normals, block_slots
 from ._factor_cache import FactorCache
 from ._clarke import KinkedProblem, _padded, clarke_min_norm, jit, mode_slopes, default_kink_tol, default_slope_tol, is_kinked, make_kinked
-from ._nonsmooth_kernel import BUDGET, SAVE, UNDERFLOW, Controls, _aug_field, advance, unpack
+from ._nonsmooth_kernel import BUDGET, SAVE, UNDERFLOW, Controls, _aug_field, advance, as_factor, unpack
 from ._ode import _setup
 from ._results import RESULTS
 from ._solution import Trajectory
@@ -225,9 +225,7 @@ _dz = jit(_dz_of)
 def _field_dz(problem, y, u, signs, idx, valid, fac, log_time):
     """The augmented field of the mode ``(signs, idx, valid)`` at ``y``, its sliding slopes and ``dz/du`` of every
     pre-activation along it (:func:`_dz`): one compiled call per candidate mode of a mode decision."""
-    if isinstance(fac, BlockNormals):
-        fac = fac.factor(idx, valid)
-    f, s = _aug_field(problem, y, u, log_time, signs, idx, valid, fac)
+    f, s = _aug_field(problem, y, u, log_time, signs, idx, valid, as_factor(fac, idx, valid))
     return f, s, _dz_of(problem, y[:-1], f[:-1], signs, idx, valid, s)
 
 

@@ -62,14 +62,13 @@ def project_sliding(problem, theta, idx, valid, iters, fac=None):
         _, rmv, G = problem.normal_ops(theta, idx, valid)
         return theta - rmv(gram_solve(None, z, valid, G=G))
 
-    before, sc = zS(theta)
-    z = before
-    for k in range(iters):
-        if k == 0:
-            theta = step(theta, z)
-        else:
-            theta = jax.lax.cond(jnp.any(jnp.abs(z) > 64 * jnp.finfo(z.dtype).eps * sc), step,
-                                 lambda th, _: th, theta, z)
+    before, _ = zS(theta)
+    if iters < 1:
+        return theta, before, before
+    theta = step(theta, before)
+    z, sc = zS(theta)
+    for _ in range(iters - 1):  # further steps only while a residual is above rounding
+        theta = jax.lax.cond(jnp.any(jnp.abs(z) > 64 * jnp.finfo(z.dtype).eps * sc), step, lambda th, _: th, theta, z)
         z, sc = zS(theta)
     return theta, before, z
 
@@ -79,6 +78,18 @@ def _aug_field(problem, y, u, log_time, signs, idx, valid, fac=None, slopes=True
     stage that needs none, see :meth:`~homflow.flow._clarke.KinkedProblem.sliding_grad`)."""
     v, rate, s = problem.velocity(y[:-1], u if log_time else jnp.zeros_like(u), signs, idx, valid, fac, slopes)
     return jnp.concatenate([v, rate[None]]), s
+
+
+def _stage_field(problem, log_time, signs, idx, valid, fac=None):
+    """The mode's augmented field ``F(y, u)`` as an inner stage evaluates it (no slopes): what every stage of the
+    Runge-Kutta, Chebyshev and Rosenbrock steps, the Rosenbrock Jacobian and the power iteration evaluate."""
+    return lambda yy, uu: _aug_field(problem, yy, uu, log_time, signs, idx, valid, fac, False)[0]
+
+
+def as_factor(fac, idx, valid):
+    """A mode's factor as the field takes it: a one-hidden-layer net's :class:`BlockNormals` formed into its
+    block-diagonal factor for the set ``(idx, valid)``; anything else as it is."""
+    return fac.factor(idx, valid) if isinstance(fac, BlockNormals) else fac
 
 
 def _err_norm_and_preacts(problem, y, y1, err, rtol, atol):
@@ -99,10 +110,10 @@ def _rk_step(problem, y, f0, u, h, log_time, signs, idx, valid, rtol, atol, fac=
     dtype = y.dtype
     A, C, E = jnp.asarray(_A, dtype), jnp.asarray(_C, dtype), jnp.asarray(_E, dtype)
     ks = jnp.zeros((7,) + y.shape, dtype).at[0].set(f0)
+    F = _stage_field(problem, log_time, signs, idx, valid, fac)
 
     def body(ks, i):  # the inner stages need no slopes
-        yi = y + h * (A[i] @ ks)
-        return ks.at[i].set(_aug_field(problem, yi, u + C[i] * h, log_time, signs, idx, valid, fac, False)[0]), None
+        return ks.at[i].set(F(y + h * (A[i] @ ks), u + C[i] * h)), None
 
     ks, _ = jax.lax.scan(body, ks, jnp.arange(1, 6))
     y1 = y + h * (A[6] @ ks)
@@ -125,11 +136,12 @@ def _rkc_step(problem, y, f0, u, h, s, log_time, signs, idx, valid, rtol, atol, 
     with the error estimate ``0.8 (y - y1) + 0.4 h (f0 + f1)`` of rkc.f and ``rho = 0``."""
     w0, w1, coef = rkc_start(s, y.dtype)
     yjm1 = y + (h * coef[0]) * f0
+    F = _stage_field(problem, log_time, signs, idx, valid, fac)
 
     def body(j, c):
         (yjm1, yjm2), coef = c
         mu, nu, mus, ajm1, new = rkc_recurrence(w0, w1, coef)
-        fj, _ = _aug_field(problem, yjm1, u + h * coef[0], log_time, signs, idx, valid, fac, False)
+        fj = F(yjm1, u + h * coef[0])
         yj = mu * yjm1 + nu * yjm2 + (1.0 - mu - nu) * y + (h * mus) * (fj - ajm1 * f0)
         return (yj, yjm1), new
 
@@ -146,9 +158,7 @@ _ROS_E32 = 6.0 + np.sqrt(2.0)
 
 def _ros_jac(problem, y, u, log_time, signs, idx, valid, fac=None):
     """The Rosenbrock step's ``J = df/dy`` (forward mode, one JVP per entry of ``y``) and, in log time, ``df/du``."""
-    def F(yy, uu):
-        return _aug_field(problem, yy, uu, log_time, signs, idx, valid, fac, False)[0]
-
+    F = _stage_field(problem, log_time, signs, idx, valid, fac)
     J = jax.jacfwd(F)(y, u)
     T = jax.jvp(lambda uu: F(y, uu), (u,), (jnp.ones_like(u),))[1] if log_time else jnp.zeros_like(y)
     return J, T
@@ -163,9 +173,7 @@ def _ros_step(problem, y, f0, u, h, log_time, signs, idx, valid, rtol, atol, fac
     mode (constant kink normals) to itself, so the stages keep the linear invariants as the explicit pairs do.
     ``JT``: ``(J, T)`` of :func:`_ros_jac` at ``(y, u)`` when known (they do not depend on ``h``: a rejected step and
     the trials of an event location reuse them). Returns what :func:`_rk_step` returns (``rho = 0``)."""
-    def F(yy, uu):
-        return _aug_field(problem, yy, uu, log_time, signs, idx, valid, fac, False)[0]
-
+    F = _stage_field(problem, log_time, signs, idx, valid, fac)
     J, T = _ros_jac(problem, y, u, log_time, signs, idx, valid, fac) if JT is None else JT
     d = _ROS_D
     W = jnp.eye(y.shape[0], dtype=y.dtype) - (h * d) * J
@@ -188,9 +196,10 @@ def _power(problem, y, f0, u, v, iters, log_time, signs, idx, valid, fac=None):
     """``iters`` steps of the nonlinear power method on the mode's field (:func:`homflow.flow._stiff.spectral_radius`,
     rkc.f's ``rkcrho``, a batch of one), warm-started from ``v``; ``theta`` only (the energy is not fed back).
     Returns ``(rho, v)``."""
+    F = _stage_field(problem, log_time, signs, idx, valid, fac)
+
     def f(_, th):
-        return _aug_field(problem, jnp.concatenate([th[0], y[-1:]]), u, log_time, signs, idx, valid, fac,
-                          False)[0][None, :-1]
+        return F(jnp.concatenate([th[0], y[-1:]]), u)[None, :-1]
 
     rho, v = spectral_radius(f, u, y[None, :-1], f0[None, :-1], v[None], iters)
     return rho[0], v[0]
@@ -318,8 +327,7 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
     Returns a dict of the state (``y``, ``u``, ``h``, ``err_prev``), the event (``h_event`` from the returned ``u``,
     ``h_step``: the step that saw it, ``target``, ``y_event``, ``z_event``, ``scale_event``), the start values
     (``y0`` after the projection, ``f0``, ``s0``, ``z0``, ``scale0``) and counters."""
-    if isinstance(fac, BlockNormals):  # a one-hidden-layer net's block-diagonal factor, formed here per call
-        fac = fac.factor(idx, valid)
+    fac = as_factor(fac, idx, valid)  # a one-hidden-layer net's block-diagonal factor is formed here per call
     dtype = y.dtype
     N = signs.shape[0]
     in_S = jnp.zeros(N, bool).at[idx].max(valid)
