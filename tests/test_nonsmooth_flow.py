@@ -904,3 +904,39 @@ def test_event_guess_decisions_are_the_minimal_norm_decisions(monkeypatch, alpha
         assert tr.stats[key_] == off.stats[key_], key_
     ref = np.linalg.norm(off.thetas, axis=1)
     assert np.max(np.linalg.norm(tr.thetas - off.thetas, axis=1) / ref) <= 1e-10
+
+
+def test_a_stall_counts_events_without_progress_and_finds_chattering_units_and_cycles():
+    """The driver's stall rule (``_Stall``): an event less than ``zeno_progress`` (relative) after the previous one
+    continues the stall, progress in time ends it; a unit flipped ``chatter_limit`` times in the stall chatters; a mode
+    decided ``cycle_limit`` times in it is a cycle; an escape or accepted steps reset it."""
+    from homflow.flow._nonsmooth import _Mode, _Stall
+
+    sol = ClarkeFlow(chatter_limit=3, cycle_limit=4, zeno_progress=1e-10)
+    st = _Stall(sol, 16 * np.finfo(float).eps)
+    a = _Mode(np.array([1, -1, 1, -1]), ())
+    b = a.like(np.array([-1, -1, 1, -1]), ())  # unit 0 flipped
+    c = a.like(np.array([-1, -1, 1, -1]), (1,))  # unit 1 slides
+    assert st.event(1.0)  # progress since u = 0
+    st.decided(a, b)  # the first event of a possible stall keeps its flips only
+    assert st.count == 0 and st.chattering() == set() and not st.cycling()
+    u = 1.0
+    for k in range(1, 4):  # b -> a -> b ... at one time: unit 0 flips back and forth
+        u += 1e-12
+        assert not st.event(u) and st.count == k
+        old, new = (b, a) if k % 2 else (a, b)
+        st.decided(old, new)
+    assert st.chattering() == {0}  # flipped 4 times (once before the stall, 3 in it)
+    assert not st.cycling()  # a and b decided twice and once in the stall
+    for _ in range(5):
+        u += 1e-12
+        st.event(u)
+        st.decided(b, c)  # the same decision again and again
+    assert st.cycling() and st.count == 8
+    assert st.event(u + 1e-6) and st.count == 0 and not st.cycling() and st.chattering() == set()  # progress
+    st.event(u + 1e-6 + 1e-13)
+    st.decided(a, b)
+    assert st.count == 1
+    st.reset(5.0)  # an escape landing at u = 5
+    assert st.count == 0 and st.modes == {} and st.flips == [] and st.u_mark == 5.0
+    assert not st.event(5.0 + 1e-12) and st.event(5.0 + 1e-3)
