@@ -199,6 +199,7 @@ def bench_split(t1=1e6, rtol=1e-8):
 
 
 def main():
+    global CROSSINGS, MAX_STEPS
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="issue,random,mlp,gd,split")
     ap.add_argument("--k", type=int, default=10, help="number of random two-layer problems")
@@ -209,11 +210,15 @@ def main():
     ap.add_argument("--modes", default="linear,log", help="time modes of the random problems: linear (to t1 = 1000), "
                     "log (to t1 = 1e6), or both")
     ap.add_argument("--split-rtol", type=float, default=1e-8, help="rtol of the split flows (--only split)")
+    ap.add_argument("--max-steps", type=int, default=MAX_STEPS,
+                    help=f"attempted steps per flow before it counts as not reaching t1 (default {MAX_STEPS:,})")
     ap.add_argument("--no-crossings", action="store_true",
                     help="every event to the host (ClarkeFlow(crossings=False)), for comparison")
     args = ap.parse_args()
-    global CROSSINGS
     CROSSINGS = not args.no_crossings
+    if args.max_steps < 1:
+        raise SystemExit(f"--max-steps must be an integer >= 1; got {args.max_steps}")
+    MAX_STEPS = args.max_steps
     parts = args.only.split(",")
     k = 3 if args.quick else args.k
     print(json.dumps(dict(device=str(jax.devices()[0]), dtype=str(jnp.result_type(float)), cpus=os.cpu_count(),
