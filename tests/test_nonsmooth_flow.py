@@ -880,7 +880,7 @@ def test_event_guess_decisions_are_the_minimal_norm_decisions(monkeypatch, alpha
     data = Dataset(X, np.sign(rng.standard_normal(24)))
     model = MLP(4, (6, 6), leaky_relu(alpha) if alpha else relu, key=jax.random.PRNGKey(5), scale=0.7)
     orig = ns._Driver.resolve
-    compared = []
+    compared, ties = [], []
 
     def both_ways(self, y, u, mode, cands, chatter=(), z=None, sc=None, guess=None, v_ref=None):
         new = orig(self, y, u, mode, cands, chatter, z, sc, guess, v_ref)
@@ -889,7 +889,13 @@ def test_event_guess_decisions_are_the_minimal_norm_decisions(monkeypatch, alpha
             direct = orig(self, y, u, mode, cands, chatter, z, sc, None)
             self.stats.clear()
             self.stats.update(saved)  # in place: the solve holds this dict
-            compared.append(direct.key() == new.key())
+            same = direct.key() == new.key()
+            if not same:  # another mode with the same motion (a unit whose side does not move the flow) is a tie
+                f_new, f_dir = (np.asarray(ns._field_dz(self.problem, y, self.A(u), *m.arrays(), self.factor(m),
+                                                        self.log_time)[0][:-1]) for m in (new, direct))
+                ties.append(float(np.linalg.norm(f_new - f_dir) / np.linalg.norm(f_dir)))
+                same = ties[-1] <= 1e-8
+            compared.append(same)
         return new
 
     monkeypatch.setattr(ns._Driver, "resolve", both_ways)
@@ -899,7 +905,8 @@ def test_event_guess_decisions_are_the_minimal_norm_decisions(monkeypatch, alpha
                          solver=ClarkeFlow(event_guess=False))
     assert tr.success and off.success, (tr.reason, off.reason)
     assert tr.stats["decisions_guessed"] >= 20 and off.stats["decisions_guessed"] == 0
-    assert len(compared) >= 20 and all(compared), (sum(compared), len(compared))
+    assert len(compared) >= 20 and all(compared), (sum(compared), len(compared), ties)
+    assert len(ties) <= 0.01 * len(compared), ties
     for key_ in ("events", "pattern_changes", "sliding_entered"):
         assert tr.stats[key_] == off.stats[key_], key_
     ref = np.linalg.norm(off.thetas, axis=1)
