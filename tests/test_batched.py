@@ -141,3 +141,23 @@ def test_bad_arguments_are_named():
         gradient_flow_batch(model, data, np.ones((2, 16)), method="batched", t1=1.0, solver="rk45")
     with pytest.raises(ValueError, match="`method`"):
         gradient_flow_batch(model, data, np.ones((2, 16)), method="pmap", t1=1.0)
+
+
+@pytest.mark.parametrize("method", ["batched", "map"])
+def test_a_batch_of_relu_flows_takes_the_nonsmooth_solver_and_each_member_is_its_single_flow(method):
+    """The one selection rule holds for batches: ReLU members get the non-smooth solver (the smooth engine stalls at
+    a sliding mode: 1,000,000 steps to t = 1.1 on this problem), run member by member, each equal to its own
+    ``gradient_flow``; the loss of each never increases."""
+    from homflow.activations import relu
+    from homflow.data import sphere
+
+    model = TwoLayer(5, 10, relu, key=jax.random.PRNGKey(0), scale=0.5)
+    data = sphere(30, 5, seed=9)
+    thetas0 = 0.3 * np.random.default_rng(0).standard_normal((3, flatten(model)[0].size))
+    batch = gradient_flow_batch(model, data, thetas0, method=method, loss="logistic", t1=20.0, n_save=8)
+    assert len(batch) == 3
+    for b, tr in enumerate(batch):
+        assert tr.success and tr.stats["solver"] == "clarke" and tr.stats["events"] > 0, tr.reason
+        one = gradient_flow(model, data, loss="logistic", t1=20.0, n_save=8, theta0=thetas0[b])
+        np.testing.assert_array_equal(tr.thetas, one.thetas)
+        assert np.all(np.diff(tr.loss) <= 1e-14 * tr.loss[0])

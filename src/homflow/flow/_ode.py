@@ -117,14 +117,16 @@ def gradient_flow(
 
 
 def gradient_flow_batch(model: AbstractHomogeneousModel, data, thetas0, *, method: str = "batched", loss="square",
-                        solver="auto", rtol: float | None = None, atol: float | None = None, **kwargs):
+                        solver=None, rtol: float | None = None, atol: float | None = None, **kwargs):
     """Gradient flows from many initial vectors ``thetas0`` (B, P) of ``model``'s architecture in one call.
 
     ``method='batched'`` (default) hands the whole batch to the solver: homflow's engine (:class:`Auto`, :class:`RKC`,
     :class:`DOPRI5`) integrates all members in one compiled lock-step loop, each with its own step size, error control
-    and stiffness switch, one batched gradient per stage; a :class:`Diffrax` solver runs member by member
-    (``Diffrax(batch='vmap')`` vectorises). ``method='map'`` runs one compiled single flow per member. Keyword arguments
-    are those of :func:`gradient_flow`; the default ``atol`` is per member. Returns a list of :class:`Trajectory`.
+    and stiffness switch, one batched gradient per stage; a :class:`Diffrax` solver and the non-smooth solver
+    :class:`Clarke` run member by member (``Diffrax(batch='vmap')`` vectorises). ``method='map'`` runs one compiled
+    single flow per member. ``solver``: as :func:`gradient_flow` (default ``None``: :func:`select_solver`, the one
+    rule, so a ReLU-type network gets :class:`Clarke`). Keyword arguments are those of :func:`gradient_flow`; the
+    default ``atol`` is per member. Returns a list of :class:`Trajectory`.
     """
     thetas0 = np.asarray(thetas0)
     problem, theta = make_problem(model, data, loss)
@@ -135,7 +137,7 @@ def gradient_flow_batch(model: AbstractHomogeneousModel, data, thetas0, *, metho
         raise ValueError(f"`method` must be 'map' or 'batched'; got {method!r}.")
     if not np.all(np.isfinite(thetas0)):
         raise ValueError("`thetas0` holds NaN or inf.")
-    solver = as_solver(solver, rtol=rtol, atol=atol)
+    solver = select_solver(problem, thetas0, solver, events=kwargs.get("events"), rtol=rtol, atol=atol)
     if method == "map":
         return [integrate(problem, solver, th, **kwargs) for th in thetas0]
     return integrate(problem, solver, thetas0, **kwargs)
