@@ -82,3 +82,23 @@ def test_paper_pages_state_claim_command_and_figure():
         commands = re.findall(r"^homflow (?:reproduce|demo)\b.*$", text, re.M)
         if "no `homflow reproduce` built-in" not in text:  # a paper without a built-in says so
             assert commands and images, page.name
+
+
+def test_the_documented_clarkeflow_signature_is_the_dataclass():
+    """docs/nonsmooth.md lists every ``ClarkeFlow`` option with its default: the same names, in order, as the
+    dataclass's fields, and the same defaults (``None (1000 eps)``-style notes after a default are allowed)."""
+    import dataclasses
+
+    from homflow.flow import ClarkeFlow
+
+    text = (DOCS / "nonsmooth.md").read_text()
+    m = re.search(r"\* `ClarkeFlow\((.*?)\)`:", text, re.S)
+    assert m, "no ClarkeFlow signature in docs/nonsmooth.md"
+    documented = []
+    for item in re.split(r",\s*", " ".join(m.group(1).split())):
+        name, default = item.split("=", 1)
+        documented.append((name.strip(), default.split(" (")[0].strip()))
+    fields = [(f.name, f.default) for f in dataclasses.fields(ClarkeFlow)]
+    assert [n for n, _ in documented] == [n for n, _ in fields]
+    for (name, doc), (_, default) in zip(documented, fields):
+        assert eval(doc) == default, (name, doc, default)
