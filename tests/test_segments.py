@@ -19,7 +19,7 @@ import pytest
 from homflow.activations import leaky_relu, relu
 from homflow.data import sphere
 from homflow.experiments import Context, segmented_flow
-from homflow.flow import Clarke, LossBelow, make_problem, nonsmooth_flow, select_solver
+from homflow.flow import Clarke, LossBelow, gradient_flow, make_problem, nonsmooth_flow, select_solver
 from homflow.models import TwoLayer
 
 
@@ -45,6 +45,9 @@ def test_default_is_the_rule_of_gradient_flow():
     assert select_solver(problem, theta).name == "clarke"
     assert select_solver(problem, theta, events=[LossBelow(1e-3)]).name == "auto"  # Clarke has no events yet
     assert select_solver(problem, theta, "tsit5").name == "tsit5"  # a name forces its solver
+    assert select_solver(problem, theta, "clarke", rtol=1e-9).rtol == 1e-9  # the non-smooth solver has a name too
+    with pytest.raises(ValueError, match="not supported by the non-smooth solver"):  # and says what it cannot do
+        gradient_flow(model, data, loss="exponential", t1=1.0, solver="clarke", events=[LossBelow(1e-3)])
     smooth, sdata = _net(act="relu_power")
     assert select_solver(*make_problem(smooth, sdata, "exponential")).name == "auto"
 

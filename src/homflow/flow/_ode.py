@@ -89,8 +89,9 @@ def gradient_flow(
         loss: ``'square'``, ``'logistic'``, ``'exponential'`` or a :class:`homflow.losses.Loss` (summed over samples).
         t1: final time.
         solver: a solver object (:class:`Auto`, :class:`RKC`, :class:`DOPRI5`, :class:`Diffrax`, ...), a name of
-            :data:`SOLVERS` (``'auto'``: DOPRI5 switching to RKC2 when the flow turns stiff; ``'rkc'``;
-            ``'tsit5'``, ``'dopri5'``, ``'dopri8'``, ``'bosh3'``, ``'kvaerno5'``, ``'kvaerno3'``), or a diffrax solver.
+            :data:`SOLVERS` (``'auto'``: DOPRI5 switching to RKC2 when the flow turns stiff; ``'clarke'``: the
+            non-smooth solver; ``'rkc'``; ``'tsit5'``, ``'dopri5'``, ``'dopri8'``, ``'bosh3'``, ``'kvaerno5'``,
+            ``'kvaerno3'``), or a diffrax solver.
             ``stats['grad_evals']`` counts gradient evaluations. Default ``None``: the non-smooth solver
             :class:`Clarke` (docs/nonsmooth.md) for ReLU / leaky-ReLU networks without ``events``, else ``'auto'``
             (:func:`select_solver`, the one rule).

@@ -303,8 +303,15 @@ def _kvaerno(cls):
     return lambda rtol, atol: Diffrax(cls(root_finder=optx.Chord(rtol=1e-10, atol=1e-12)), rtol=rtol, atol=atol)
 
 
+def _clarke(rtol, atol):
+    from ._nonsmooth import Clarke  # the non-smooth solver builds on this module
+
+    return Clarke(rtol=rtol, atol=atol)
+
+
 SOLVERS = {
     "auto": lambda rtol, atol: Auto(rtol=rtol, atol=atol),
+    "clarke": _clarke,
     "rkc": lambda rtol, atol: RKC(rtol=rtol, atol=atol),
     "stiff": lambda rtol, atol: RKC(rtol=rtol, atol=atol),
     "dopri5-engine": lambda rtol, atol: DOPRI5(rtol=rtol, atol=atol),
@@ -316,8 +323,9 @@ SOLVERS = {
     "kvaerno3": _kvaerno(diffrax.Kvaerno3),
 }
 """Names a config or a keyword may use for a solver, each with the object it builds from ``(rtol, atol)``: ``'auto'``
-(:class:`Auto`, the default), ``'rkc'`` / ``'stiff'`` (:class:`RKC`), ``'dopri5-engine'`` (:class:`DOPRI5`), and the
-diffrax solvers ``'tsit5'``, ``'dopri5'``, ``'dopri8'``, ``'bosh3'``, ``'kvaerno5'``, ``'kvaerno3'``
+(:class:`Auto`, the default for smooth networks), ``'clarke'`` (:class:`homflow.flow.Clarke`, the non-smooth solver,
+the default for ReLU-type networks), ``'rkc'`` / ``'stiff'`` (:class:`RKC`), ``'dopri5-engine'`` (:class:`DOPRI5`),
+and the diffrax solvers ``'tsit5'``, ``'dopri5'``, ``'dopri8'``, ``'bosh3'``, ``'kvaerno5'``, ``'kvaerno3'``
 (:class:`Diffrax`)."""
 
 
