@@ -176,6 +176,12 @@ def test_bad_options_are_named():
     data, model = _small()
     with pytest.raises(ValueError, match="directions"):
         census(model, data, CensusOptions(), directions=np.ones((2, 3)))
+    from homflow.activations import leaky_relu, relu
+    from homflow.models import TwoLayer
+
+    for act in (relu, leaky_relu(0.1)):  # a kinked net's flow is an inclusion: refused, not ground through
+        with pytest.raises(ValueError, match="kinked degree-1 activation"):
+            census(TwoLayer(data.X.shape[1], 4, act, key=jax.random.PRNGKey(0)), data, CensusOptions(n_directions=2))
 
 
 def _diag_ncf_escape(u0, v0, level, c):

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..flow import make_objective
+from ..flow._clarke import is_kinked
 from ..kkt import make_ncf
 from ..models import AbstractHomogeneousModel
 from ..phases import segment_plateaus
@@ -186,8 +187,17 @@ def census(model: AbstractHomogeneousModel, data, options: CensusOptions = Censu
         A :class:`Census`.
 
     Raises:
-        ValueError: bad options, directions of the wrong shape or zero, data that do not fit the model.
+        ValueError: bad options, directions of the wrong shape or zero, data that do not fit the model, or a kinked
+            degree-1 network (ReLU, leaky ReLU): the census's batched engine and its NCF analysis need a locally
+            Lipschitz gradient (2403.08121), which such a network lacks (its flow is a differential inclusion).
     """
+    if is_kinked(model):
+        raise ValueError(
+            f"`model` has the kinked degree-1 activation {getattr(model.activation, 'name', model.activation)}: a census "
+            "needs a locally Lipschitz gradient (an activation of degree p >= 2, e.g. relu_power(2); 2403.08121), since "
+            "the flow of a ReLU-type network is a differential inclusion that the batched engine does not integrate "
+            "(it grinds through the kinks: 48 million gradient evaluations for 4 members of a width-5 net). Integrate "
+            "such flows one by one with homflow.flow.gradient_flow (the non-smooth solver).")
     objective, theta = make_objective(model, data, loss)
     ncf, _ = make_ncf(model, data, loss)
     P = int(theta.size)
