@@ -196,8 +196,8 @@ def census(model: AbstractHomogeneousModel, data, options: CensusOptions = Censu
             f"`model` has the kinked degree-1 activation {getattr(model.activation, 'name', model.activation)}: a census "
             "needs a locally Lipschitz gradient (an activation of degree p >= 2, e.g. relu_power(2); 2403.08121), since "
             "the flow of a ReLU-type network is a differential inclusion that the batched engine does not integrate "
-            "(it grinds through the kinks: 48 million gradient evaluations for 4 members of a width-5 net). Integrate "
-            "such flows one by one with homflow.flow.gradient_flow (the non-smooth solver).")
+            "(docs/census.md). Integrate such flows one by one with homflow.flow.gradient_flow (the non-smooth "
+            "solver).")
     objective, theta = make_objective(model, data, loss)
     ncf, _ = make_ncf(model, data, loss)
     P = int(theta.size)
