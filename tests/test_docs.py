@@ -87,6 +87,7 @@ def test_paper_pages_state_claim_command_and_figure():
 def test_the_documented_clarkeflow_signature_is_the_dataclass():
     """docs/nonsmooth.md lists every ``ClarkeFlow`` option with its default: the same names, in order, as the
     dataclass's fields, and the same defaults (``None (1000 eps)``-style notes after a default are allowed)."""
+    import ast
     import dataclasses
 
     from homflow.flow import ClarkeFlow
@@ -101,4 +102,4 @@ def test_the_documented_clarkeflow_signature_is_the_dataclass():
     fields = [(f.name, f.default) for f in dataclasses.fields(ClarkeFlow)]
     assert [n for n, _ in documented] == [n for n, _ in fields]
     for (name, doc), (_, default) in zip(documented, fields):
-        assert eval(doc) == default, (name, doc, default)
+        assert ast.literal_eval(doc) == default, (name, doc, default)

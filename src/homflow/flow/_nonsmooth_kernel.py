@@ -48,9 +48,10 @@ _E = np.array([71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 52
 def project_sliding(problem, theta, idx, valid, iters, fac=None):
     """Gauss-Newton projection onto ``{z_e(theta) = 0, e in S}`` with the minimal-norm correction
     ``-N^T (N N^T)^+ z_S`` (``N`` the kink normals): exact in one step for two-layer nets, whose constraints are linear
-    (``fac``: their :class:`~homflow.flow._clarke.SlidingFactor`, formed once per mode). Deeper nets: up to ``iters``
-    steps; a step after the first only while some ``|z_e|`` is above rounding (``64 eps`` of its bound), which one step
-    from a state a step's local error off the set almost always reaches (the residual is quadratic in the offset).
+    (``fac``: their :class:`~homflow.flow._clarke.SlidingFactor`, formed once per mode). Deeper nets: up to
+    ``iters >= 1`` steps; a step after the first only while some ``|z_e|`` is above rounding (``64 eps`` of its bound),
+    which one step from a state a step's local error off the set almost always reaches (the residual is quadratic in
+    the offset).
     Returns ``(theta, z_S before, z_S after)``."""
     def zS(th):
         z, sc = problem.preactivations(th)
@@ -63,8 +64,6 @@ def project_sliding(problem, theta, idx, valid, iters, fac=None):
         return theta - rmv(gram_solve(None, z, valid, G=G))
 
     before, _ = zS(theta)
-    if iters < 1:
-        return theta, before, before
     theta = step(theta, before)
     z, sc = zS(theta)
     for _ in range(iters - 1):  # further steps only while a residual is above rounding
