@@ -126,6 +126,7 @@ _paths = st.sampled_from(["loss", "seed", "analyses", "checks", "data", "data.ki
 @given(st.lists(st.tuples(_paths, _value), min_size=1, max_size=3))
 @example([("model.widths", [float("inf")])])  # once an OverflowError in the memory estimate, before validation
 @example([("data.n", float("nan")), ("flow.segments", float("-inf"))])
+@example([("init", {"\n": None})])  # once a message over two lines: a key holding a newline, shown escaped now
 def test_random_malformed_configs_only_raise_config_error(mutations):
     d = dict(GOOD)
     for path, value in mutations:

@@ -72,7 +72,8 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, message: str):
         self.key = key
-        super().__init__(f"config key `{key}`: {message}" if key else message)
+        shown = key if key.isprintable() else repr(key)[1:-1]  # a key with a newline or tab stays on one line
+        super().__init__(f"config key `{shown}`: {message}" if key else message)
 
 
 def _did_you_mean(word: str, options) -> str:
