@@ -9,6 +9,13 @@ extrapolation; the split identity ``eta(t) = T theta(t)`` of 2505.12419 through 
     .venv/bin/python benchmarks/nonsmooth.py            # everything (long on a loaded CPU)
     .venv/bin/python benchmarks/nonsmooth.py --only issue,gd,split --quick
     .venv/bin/python benchmarks/nonsmooth.py --only mlp --problems 0,1,2,3,4,5,6,7,8,9 --modes linear --budget 300
+
+Several flows on one machine: one process per core, single-threaded (docs/performance.md, "Several flows at once on a
+CPU"; one flow gains ~5% from a second core, two unpinned ones slow each other 4-5x), e.g. the depth-3 flows of
+docs/nonsmooth.md's late-night table:
+
+    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" taskset -c 0 \\
+        .venv/bin/python benchmarks/nonsmooth.py --only mlp --problems 3 --modes linear --max-steps 100000000 &
 """
 
 from __future__ import annotations
