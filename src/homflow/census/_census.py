@@ -192,12 +192,12 @@ def census(model: AbstractHomogeneousModel, data, options: CensusOptions = Censu
             Lipschitz gradient (2403.08121), which such a network lacks (its flow is a differential inclusion).
     """
     if is_kinked(model):
+        act = getattr(model.activation, "name", model.activation)
         raise ValueError(
-            f"`model` has the kinked degree-1 activation {getattr(model.activation, 'name', model.activation)}: a census "
-            "needs a locally Lipschitz gradient (an activation of degree p >= 2, e.g. relu_power(2); 2403.08121), since "
-            "the flow of a ReLU-type network is a differential inclusion that the batched engine does not integrate "
-            "(docs/census.md). Integrate such flows one by one with homflow.flow.gradient_flow (the non-smooth "
-            "solver).")
+            f"`model` has the kinked degree-1 activation {act}: a census needs a locally Lipschitz gradient (an "
+            "activation of degree p >= 2, e.g. relu_power(2); 2403.08121), since the flow of a ReLU-type network is a "
+            "differential inclusion that the batched engine does not integrate (docs/census.md). Integrate such flows "
+            "one by one with homflow.flow.gradient_flow (the non-smooth solver).")
     objective, theta = make_objective(model, data, loss)
     ncf, _ = make_ncf(model, data, loss)
     P = int(theta.size)
