@@ -205,3 +205,24 @@ def test_examples_load():
             assert load_sweep(f).configs, f
         else:
             assert load_config(f).experiment, f
+
+
+@pytest.mark.parametrize("activation,p,degree,alpha", [
+    ("relu", None, 1, 0.0), ("leaky_relu", None, 1, 0.01), ("relu_power", None, 2, 0.0),
+    ("leaky_relu_power", None, 2, 0.01), ("relu", 3, 3, 0.0), ("leaky_relu", 1, 1, 0.01)])
+def test_the_activation_named_is_the_activation_built(activation, p, degree, alpha):
+    """`activation = "relu"` without `p` is ReLU (degree 1, the non-smooth flow's), not ReLU^2; a given `p` wins."""
+    from homflow.experiments.flow import build_model
+    from homflow.flow._clarke import is_kinked
+
+    model_cfg = {"kind": "mlp", "depth": 3, "width": 4, "activation": activation}
+    if p is not None:
+        model_cfg["p"] = p
+    cfg = parse_config({**GOOD, "model": model_cfg})
+    model = build_model(FlowExperimentConfig.from_dict(dict(cfg.params)).model, 3, scale=1.0, seed=0)
+    assert model.activation.degree == degree and float(model.activation.alpha) == alpha
+    assert model.degree == degree ** 2 + degree + 1  # three weight layers
+    assert is_kinked(model) == (degree == 1)  # the flow then takes the non-smooth solver
+    assert _err(set_dotted(GOOD, "model.p", -1))[0].key == "model.p"
+    e, msg = _err(set_dotted(GOOD, "model.alpha", 1.5))
+    assert e.key == "model.alpha" and "[0, 1)" in msg and "1.5" in msg

@@ -134,3 +134,63 @@ def test_release_compiled_programs_frees_memory_maps():
     assert after < before, (before, after)
     with pytest.raises(ValueError, match="fraction"):
         release_compiled_programs(fraction=0.0)
+
+
+def test_cpu_plan_splits_the_cpus_into_disjoint_sets():
+    from homflow.shards import cpu_plan
+
+    assert cpu_plan(2, [0, 1]) == [(0,), (1,)]
+    assert cpu_plan(3, range(8)) == [(0, 1, 2), (3, 4, 5), (6, 7)]
+    assert cpu_plan(2, [5, 3, 9, 7]) == [(3, 5), (7, 9)]  # sorted, contiguous halves
+    assert cpu_plan(3, [0, 1]) == [(0,), (1,), (0,)]  # more workers than CPUs: one each, in turn
+    assert cpu_plan(1, range(4)) is None and cpu_plan(4, [2]) is None  # nothing to share
+    for w in range(2, 9):  # every CPU used, none twice while there are enough
+        plan = cpu_plan(w, range(7))
+        flat = [c for p in plan for c in p]
+        assert len(plan) == w and set(flat) == set(range(7))
+        assert len(flat) == (7 if w <= 7 else w)
+
+
+def where_am_i(x):
+    """The CPUs the calling thread may run on, this process's XLA flags and pid, after a JAX computation."""
+    import jax.numpy as jnp
+
+    time.sleep(0.2)
+    return float(jnp.sum(jnp.arange(x + 1.0))), sorted(os.sched_getaffinity(0)), os.environ.get("XLA_FLAGS", ""), \
+        os.getpid()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="pinning needs Linux and two CPUs")
+@pytest.mark.parametrize("pin,env", [(True, None), (False, None), (None, "off"), (None, None)])
+def test_pool_processes_compute_on_cpus_of_their_own(pin, env, monkeypatch):
+    """workers = 2, pinned: the driver's shards on the first half of the CPUs, the spawned worker's on the second
+    with XLA's intra-op threads off when it has one CPU; the driver's CPUs are restored afterwards. Not pinned: every
+    process on every CPU, XLA's flags as given."""
+    from homflow.shards import ONE_CPU_XLA_FLAGS, cpu_plan
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv("HOMFLOW_PIN_WORKERS", raising=False)
+    if env is not None:
+        monkeypatch.setenv("HOMFLOW_PIN_WORKERS", env)
+    mine = sorted(os.sched_getaffinity(0))
+    got = {}
+    run_shards(where_am_i, {i: i for i in range(8)}, on_result=got.__setitem__, on_failure=print, workers=2, pin=pin)
+    assert {k: v[0] for k, v in got.items()} == {i: i * (i + 1) / 2 for i in range(8)}
+    assert sorted(os.sched_getaffinity(0)) == mine  # the driver's main thread as before
+    by_pid = {v[3]: (v[1], v[2]) for v in got.values()}
+    assert os.getpid() in by_pid and len(by_pid) == 2  # the driver and one worker both computed
+    worker = next(p for p in by_pid if p != os.getpid())
+    if pin or (pin is None and env is None):  # the default is on
+        plan = cpu_plan(2, mine)
+        assert by_pid[os.getpid()][0] == list(plan[0])
+        assert by_pid[worker][0] == list(plan[1])
+        assert (ONE_CPU_XLA_FLAGS in by_pid[worker][1]) == (len(plan[1]) == 1)
+    else:
+        assert by_pid[os.getpid()][0] == mine and by_pid[worker][0] == mine
+        assert by_pid[worker][1] == ""
+
+
+def test_pin_must_be_a_bool():
+    with pytest.raises(ValueError, match="`pin` must be True, False or None .* got 'yes'"):
+        run_shards(abs, {0: 1}, on_result=print, on_failure=print, pin="yes")

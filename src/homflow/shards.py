@@ -10,7 +10,8 @@ Backends:
 * ``'local'`` with ``workers = 1``: in the driver's process.
 * ``'local'`` with ``workers > 1``: the driver itself (a thread, already warm) and ``workers - 1`` long-lived spawned
   processes (JAX does not survive ``fork``), one shard at a time each. A worker watches its parent and exits when the
-  parent dies, so killing the driver stops its workers.
+  parent dies, so killing the driver stops its workers. Each process computes on CPUs of its own (``pin``,
+  :func:`cpu_plan`): JAX processes sharing every core slow each other down several times over.
 * ``'ray'``: Ray tasks with declared resources (``num_cpus``, ``num_gpus``), ``max_retries`` for a task whose worker
   died, at most ``workers`` shards in flight; ``ray.init(address=...)`` gives up with a clear message after
   ``connect_timeout_s`` when no cluster answers.
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 __all__ = ["ShardError", "run_shards", "enable_compilation_cache", "compilation_cache_dir", "worker_setup",
-           "release_compiled_programs"]
+           "release_compiled_programs", "cpu_plan", "ONE_CPU_XLA_FLAGS"]
 
 # a shard whose worker died is run again at most this many times (a deterministic crash must not loop forever)
 DEFAULT_MAX_RETRIES = 2
@@ -37,6 +38,9 @@ DEFAULT_MAX_RETRIES = 2
 DEFAULT_CONNECT_TIMEOUT_S = 30.0
 # how often a pool worker checks that its parent is alive
 PARENT_POLL_S = 0.5
+# XLA's CPU flags for a process with one CPU of its own: no intra-op thread pool (a pool of threads on one core only
+# hands work around; docs/performance.md, "Several flows at once on a CPU")
+ONE_CPU_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
 class ShardError(RuntimeError):
@@ -140,12 +144,78 @@ def worker_setup(cache_dir: str | None, parent_pid: int | None = None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# CPUs of the pool's processes
+def cpu_plan(workers: int, cpus=None) -> list[tuple[int, ...]] | None:
+    """The CPUs each of ``workers`` processes of a local pool computes on: ``cpus`` (default: the CPUs this process
+    may run on, ``os.sched_getaffinity``) split into ``workers`` disjoint, contiguous sets as equal as they come, or,
+    with more workers than CPUs, one CPU each in turn. ``None`` (no pinning) for one worker, one CPU, or a platform
+    that cannot pin (``os.sched_setaffinity`` is Linux's).
+
+    Why: XLA's CPU backend gives every process a pool of intra-op threads as large as the machine. Two JAX processes
+    computing side by side on all cores slowed each other down 4-5 times (two non-smooth flows on 2 cores), while
+    each pinned to its own core, single-threaded, ran at its speed alone (docs/performance.md)."""
+    if cpus is None:
+        if not hasattr(os, "sched_getaffinity"):
+            return None
+        cpus = os.sched_getaffinity(0)
+    cpus = sorted(int(c) for c in cpus)
+    if workers < 2 or len(cpus) < 2:
+        return None
+    if workers >= len(cpus):
+        return [(cpus[i % len(cpus)],) for i in range(workers)]
+    q, r = divmod(len(cpus), workers)
+    plan, i = [], 0
+    for w in range(workers):
+        k = q + (w < r)
+        plan.append(tuple(cpus[i:i + k]))
+        i += k
+    return plan
+
+
+def _threads() -> list[int]:
+    """The thread ids of this process (Linux ``/proc``)."""
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]
+
+
+def _pin_threads(cpus) -> dict[int, set[int]]:
+    """Every thread of this process onto ``cpus``; returns each thread's CPUs before (for :func:`_unpin_threads`).
+    Threads started later inherit the CPUs of the thread that starts them."""
+    before = {}
+    for tid in _threads():
+        try:
+            before[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, cpus)
+        except OSError:  # a thread that ended meanwhile
+            before.pop(tid, None)
+    return before
+
+
+def _unpin_threads(before: dict[int, set[int]]) -> None:
+    for tid, cpus in before.items():
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except OSError:
+            pass
+    try:  # threads started while pinned (XLA's, on first use) get the main thread's CPUs back
+        main = before.get(threading.main_thread().native_id) or next(iter(before.values()), None)
+        if main:
+            for tid in _threads():
+                if tid not in before:
+                    os.sched_setaffinity(tid, main)
+    except (OSError, StopIteration):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 def run_shards(fn: Callable[[Any], Any], payloads: Mapping[Any, Any], *, on_result: Callable[[Any, Any], None],
                on_failure: Callable[[Any, str], None], backend: str = "local", workers: int = 1,
                max_retries: int = DEFAULT_MAX_RETRIES, address: str | None = None, num_cpus: float = 1.0,
                num_gpus: float = 0.0, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
                cache_dir: str | None = None, progress: Callable[[float, str], None] | None = None,
-               inline: bool = True) -> None:
+               inline: bool = True, pin: bool | None = None) -> None:
     """Run ``fn(payload)`` for every ``payloads[key]`` and hand each value to ``on_result(key, value)`` in the
     driver as it arrives; a shard that raised, or whose worker died more than ``max_retries`` times, goes to
     ``on_failure(key, reason)``.
@@ -157,6 +227,11 @@ def run_shards(fn: Callable[[Any], Any], payloads: Mapping[Any, Any], *, on_resu
         address: Ray cluster address (``None``: start a local Ray with ``workers`` CPUs).
         inline: with the local backend and ``workers > 1``, the driver computes shards too (in a thread, while it
             waits), beside ``workers - 1`` spawned processes; ``False``: ``workers`` processes, the driver only waits.
+        pin: with the local backend and ``workers > 1``, each process computes on CPUs of its own
+            (:func:`cpu_plan`; the driver's threads for the pool's duration, restored after), and a spawned worker
+            with a single CPU runs XLA without intra-op threads (:data:`ONE_CPU_XLA_FLAGS`, unless ``XLA_FLAGS``
+            already sets ``xla_cpu_multi_thread_eigen``). ``False``: every process on every CPU, XLA's defaults.
+            ``None`` (default): on, unless ``$HOMFLOW_PIN_WORKERS`` is ``off`` (or ``0``, ``false``, ``no``).
         cache_dir: the compilation cache shared by the workers (default :func:`compilation_cache_dir`;
             ``$HOMFLOW_JAX_CACHE=off`` disables it; see :func:`enable_compilation_cache`).
 
@@ -170,6 +245,10 @@ def run_shards(fn: Callable[[Any], Any], payloads: Mapping[Any, Any], *, on_resu
         raise ValueError(f"`workers` must be an integer >= 1; got {workers!r}.")
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
         raise ValueError(f"`max_retries` must be an integer >= 0; got {max_retries!r}.")
+    if pin is None:
+        pin = os.environ.get("HOMFLOW_PIN_WORKERS", "on").strip().lower() not in ("off", "0", "false", "no")
+    if not isinstance(pin, bool):
+        raise ValueError(f"`pin` must be True, False or None ($HOMFLOW_PIN_WORKERS); got {pin!r}.")
     if not num_cpus > 0 or not num_gpus >= 0:
         raise ValueError(f"`num_cpus` must be > 0 and `num_gpus` >= 0; got {num_cpus!r}, {num_gpus!r}.")
     progress = progress or (lambda f, m: None)
@@ -195,15 +274,20 @@ def run_shards(fn: Callable[[Any], Any], payloads: Mapping[Any, Any], *, on_resu
             on_result(k, v)
         progress(1.0, "done")
     else:
-        _run_pool(fn, todo, on_result, on_failure, workers, max_retries, cache_dir, progress, inline)
+        _run_pool(fn, todo, on_result, on_failure, workers, max_retries, cache_dir, progress, inline, pin)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the local pool
-def _pool_main(conn, cache_dir: str | None, parent_pid: int) -> None:  # pragma: no cover - runs in a child
+def _pool_main(conn, cache_dir: str | None, parent_pid: int, cpus=None) -> None:  # pragma: no cover - a child
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    if cpus:  # before JAX starts its CPU backend (at the first computation), so its threads inherit both
+        os.sched_setaffinity(0, cpus)
+        flags = os.environ.get("XLA_FLAGS", "")
+        if len(cpus) == 1 and "xla_cpu_multi_thread_eigen" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} {ONE_CPU_XLA_FLAGS}".strip()
     worker_setup(cache_dir, parent_pid)
     while True:
         try:
@@ -221,9 +305,11 @@ def _pool_main(conn, cache_dir: str | None, parent_pid: int) -> None:  # pragma:
         release_compiled_programs()
 
 
-def _run_pool(fn, todo, on_result, on_failure, workers, max_retries, cache_dir, progress, inline=True) -> None:
+def _run_pool(fn, todo, on_result, on_failure, workers, max_retries, cache_dir, progress, inline=True,
+              pin=True) -> None:
     """``workers - 1`` spawned processes plus the driver itself (``inline``: a thread of the driver computes shards
     while the processes start; it has imported and compiled already, so two workers beat one even for short sweeps).
+    ``pin``: the processes on CPUs of their own (:func:`cpu_plan`; the driver's slot is the first).
     """
     import multiprocessing as mp
     import queue as _queue
@@ -245,9 +331,14 @@ def _run_pool(fn, todo, on_result, on_failure, workers, max_retries, cache_dir, 
             attempts[k] += 1
             return k
 
+    n_procs = min(workers - 1 if inline else workers, n)
+    plan = cpu_plan(n_procs + int(inline)) if pin else None
+    pinned = None  # the driver's threads' CPUs before the pool, while they are pinned
+
     def start(slot: int) -> None:
         a, b = ctx.Pipe()
-        p = ctx.Process(target=_pool_main, args=(b, cache_dir, os.getpid()), daemon=True,
+        cpus = None if plan is None else plan[slot + int(inline)]
+        p = ctx.Process(target=_pool_main, args=(b, cache_dir, os.getpid(), cpus), daemon=True,
                         name=f"homflow-worker-{slot}")
         p.start()
         b.close()
@@ -275,9 +366,10 @@ def _run_pool(fn, todo, on_result, on_failure, workers, max_retries, cache_dir, 
         (on_result if kind == "ok" else on_failure)(key, value)
         progress(done / n, f"{done}/{n} done")
 
-    n_procs = min(workers - 1 if inline else workers, n)
     thread = None
     try:
+        if plan is not None and inline:
+            pinned = _pin_threads(plan[0])
         for slot in range(n_procs):
             start(slot)
             feed(slot)
@@ -330,6 +422,8 @@ def _run_pool(fn, todo, on_result, on_failure, workers, max_retries, cache_dir, 
                 start(0)
                 feed(0)
     finally:
+        if pinned is not None:
+            _unpin_threads(pinned)
         for p, conn, _ in procs.values():
             try:
                 conn.send(None)

@@ -77,15 +77,17 @@ class DataSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """The network: ``kind`` one of ``MODEL_KINDS``; ``d_in = 0`` means "the data's dimension"."""
+    """The network: ``kind`` one of ``MODEL_KINDS``; ``d_in = 0`` means "the data's dimension", ``p = 0`` "the
+    activation's own degree" (``activation = "relu"`` is ReLU, ``"relu_power"`` ReLU^2), no ``alpha`` "the leaky
+    activation's own slope" (0.01)."""
 
     kind: str = "two_layer"
     width: int = 10
     widths: tuple[int, ...] = ()
     depth: int = 2
     activation: str = "relu_power"
-    p: int = 2
-    alpha: float = 0.0
+    p: int = 0  # the activation's degree; 0: its own (1 for relu and leaky_relu, 2 for relu_power, leaky_relu_power)
+    alpha: float | None = None  # the leaky activations' slope for z < 0; None: their own (0.01)
     d_in: int = 0
     input_shape: tuple[int, ...] = ()
     channels: tuple[int, ...] = (2,)
@@ -100,7 +102,10 @@ class ModelSpec:
         if any(w < 1 for w in self.widths):
             raise ConfigError(f"{P}.widths", f"must be positive integers; got {list(self.widths)}.")
         _at_least(f"{P}.depth", self.depth, 1)
-        _at_least(f"{P}.p", self.p, 1, " (the activation's degree)")
+        _at_least(f"{P}.p", self.p, 0, " (the activation's degree; 0: the activation's own)")
+        if self.alpha is not None and not 0.0 <= self.alpha < 1.0:
+            raise ConfigError(f"{P}.alpha", f"must be in [0, 1) (the leaky activations' slope for z < 0); got "
+                                            f"{self.alpha!r}.")
         if self.d_in < 0:
             raise ConfigError(f"{P}.d_in", f"must be >= 0 (0: the data's dimension); got {self.d_in!r}.")
         if self.kind == "cnn":

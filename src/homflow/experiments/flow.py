@@ -40,7 +40,7 @@ def build_model(spec: ModelSpec, d_in: int, *, scale: float, seed: int):
     if spec.d_in and spec.d_in != d_in:
         raise ValueError(f"config key `model.d_in`: is {spec.d_in} but the data have dimension {d_in}; the sizes "
                          "must match.")
-    act = get_activation(spec.activation, p=spec.p if spec.activation != "linear" else None,
+    act = get_activation(spec.activation, p=spec.p if spec.p and spec.activation != "linear" else None,
                          alpha=spec.alpha if spec.activation.startswith("leaky") else None)
     if spec.kind == "two_layer":
         return TwoLayer(d_in, spec.width, act, key=key, scale=scale)
