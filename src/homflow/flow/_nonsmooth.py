@@ -57,6 +57,17 @@ class ClarkeFlow:
         kink_tol: a unit is at its kink when ``|z_e| <= kink_tol * scale_e`` (default ``1000 eps``); events are
             located to this accuracy.
         slope_tol: a sliding slope within this of ``alpha`` or ``1`` is at its bound (default ``sqrt(eps)``).
+        slope_noise: a sliding slope that rounding cannot resolve to ``slope_tol`` gets a tolerance of its own,
+            ``slope_noise`` times its measured rounding sensitivity (default 8; ``None``: off). At an event where a
+            sliding slope reached a bound, the driver evaluates the slopes at two states within ``4 eps`` (relative,
+            per entry) of the located one; a unit whose slope moves by more than ``slope_tol / slope_noise`` keeps
+            the larger tolerance while it slides, and the event is no event when the target's slope lies within its
+            tolerance of ``[alpha, 1]`` (``stats['slope_noise_keeps']``). Seen near Clarke-critical points, where the
+            velocity is a small residue of large per-sample forces and a unit's slope, the ratio of two small
+            numbers, moved by 1e-7 to 5e-5 under a perturbation of ``theta`` at rounding level while the velocity
+            moved by 3.5e-4 of itself: slope events there followed rounding, up to ~1,000 per 1e-3 of log time.
+            A slope off by less than its rounding sensitivity moves the velocity by about as much as that rounding
+            does (docs/nonsmooth.md).
         n_slope_iters: BVLS re-linearisations of the mode decision at an event for nets with several hidden layers
             (the gradient is multilinear in the slopes there; two-layer nets need one and get one).
         pcoeff, icoeff: PI controller coefficients; safety, factor_min, factor_max: step-size factor limits.
@@ -133,6 +144,7 @@ class ClarkeFlow:
     atol: float | None = None
     kink_tol: float | None = None
     slope_tol: float | None = None
+    slope_noise: float | None = 8.0
     n_slope_iters: int = 2
     pcoeff: float = 0.4
     icoeff: float = 0.3
@@ -173,7 +185,7 @@ class ClarkeFlow:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"`{name}` must be a finite number > 0; got {v!r}.")
-        for name in ("atol", "kink_tol", "slope_tol", "zeno_escape"):
+        for name in ("atol", "kink_tol", "slope_tol", "zeno_escape", "slope_noise"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"`{name}` must be None or a finite number > 0; got {v!r}.")
@@ -276,6 +288,8 @@ class _Driver:
         self.kt = default_kink_tol(dtype) if sol.kink_tol is None else sol.kink_tol
         self.st = default_slope_tol(dtype) if sol.slope_tol is None else sol.slope_tol
         self.alpha = problem.alpha
+        self.slope_noise: dict[int, float] = {}  # sliding unit -> its slope tolerance, where above slope_tol
+        self._noise_rng = np.random.default_rng(0)
         nrm0 = float(jnp.linalg.norm(theta0))
         self.nrm0 = nrm0
         atol = sol.atol if sol.atol is not None else 0.1 * sol.rtol * max(nrm0, float(jnp.finfo(dtype).tiny))
@@ -336,6 +350,7 @@ class _Driver:
                           grad_evals=0, kink_normals=0, events=0, pattern_changes=0, sliding_entered=0,
                           sliding_left=0, max_sliding=0, max_constraint_drift=0.0, max_constraint_residual=0.0,
                           chatter_slides=0, decisions_guessed=0, zeno_escapes=0, crossings_in_loop=0,
+                          slope_noise_keeps=0, slope_noise_units=0,
                           step_verdicts=0, stiff_steps=0,
                           implicit_steps=0, switches_to_stiff=0, switches_to_implicit=0, switches_to_explicit=0,
                           spectral_radius=0.0, solver="clarke", log_time=bool(log_time))
@@ -356,6 +371,60 @@ class _Driver:
         out = self.advance(y, u, 0.0, 1.0, u, mode, 0)
         return out["f0"], out["s0"], out["z0"], out["scale0"]
 
+    def st_slots(self, mode):
+        """The slope tolerance of every slot of ``mode`` where it exceeds ``slope_tol`` (0 elsewhere: the compiled
+        loop takes the larger of the two)."""
+        out = np.zeros(mode.arrays()[1].shape[0], self.dtype)
+        if self.slope_noise:
+            for k, e in enumerate(mode.sliding):
+                out[mode.slot[k]] = self.slope_noise.get(e, 0.0)
+        return out
+
+    def slope_tols(self, units):
+        """The slope tolerance of each of ``units`` (``slope_tol`` or its own, :meth:`measure_slope_noise`)."""
+        return np.asarray([max(self.st, self.slope_noise.get(int(e), 0.0)) for e in units], float)
+
+    def measure_slope_noise(self, y, u, mode, s0):
+        """How far rounding moves the sliding slopes of ``mode`` at ``y`` (slopes ``s0``, per slot): the largest
+        change at two states within ``4 eps`` of ``y`` (each entry of ``theta`` times ``1 +- 4 eps``, signs drawn
+        once per call). Units whose change times ``slope_noise`` exceeds ``slope_tol`` keep that as their own slope
+        tolerance (the largest measured) while they slide (``ClarkeFlow.slope_noise``)."""
+        theta = np.asarray(y[:-1])
+        eps = float(np.finfo(self.dtype).eps)
+        d = np.zeros(len(mode.sliding))
+        for _ in range(2):
+            y1 = np.array(y, dtype=self.dtype)
+            y1[:-1] = theta * (1.0 + 4 * eps * self._noise_rng.choice([-1.0, 1.0], theta.shape[0]))
+            _, s1, _, _ = self.evaluate(y1, u, mode)
+            d = np.maximum(d, np.abs(np.asarray(s1)[mode.slot] - np.asarray(s0)[mode.slot]))
+        tol = self.sol.slope_noise * d
+        for e, t in zip(mode.sliding, tol):
+            if t > max(self.st, self.slope_noise.get(e, 0.0)):
+                self.stats["slope_noise_units"] += int(e not in self.slope_noise)
+                self.slope_noise[e] = float(t)
+
+    def rounding_event(self, y, u, mode, k, s0):
+        """Whether the event of slot ``k``'s sliding slope reaching a bound (at ``y``, slopes ``s0``) is rounding's:
+        after :meth:`measure_slope_noise`, the unit's slope lies within its own tolerance (above ``slope_tol``) of
+        ``[alpha, 1]``. The mode is then kept (``stats['slope_noise_keeps']``)."""
+        e = int(mode.arrays()[1][k])
+        if e not in mode.sliding:
+            return False
+        self.measure_slope_noise(y, u, mode, s0)
+        tol = float(self.slope_tols([e])[0])
+        s = float(np.asarray(s0)[k])
+        if tol > self.st and self.alpha - tol <= s <= 1.0 + tol:
+            self.stats["slope_noise_keeps"] += 1
+            return True
+        return False
+
+    def forget_slope_noise(self, mode):
+        """Units that left the sliding set lose their own slope tolerance (measured again if they come back)."""
+        if self.slope_noise:
+            keep = set(mode.sliding)
+            for e in [e for e in self.slope_noise if e not in keep]:
+                del self.slope_noise[e]
+
     def advance(self, y, u, h, err_prev, u_stop, mode, n_max, project_first=False):
         """Many steps of ``mode`` in one compiled call (flow/_nonsmooth_kernel.py); updates the statistics."""
         signs, idx, valid = mode.arrays()
@@ -371,7 +440,8 @@ class _Driver:
         ctl = self.ctl_up if n_max > 0 and has_up else self.ctl
         out = advance(self.problem, y, self.A(u), self.A(h), self.A(err_prev), self.A(u_stop), signs, idx, valid,
                       ctl, np.asarray(n_max, np.int32), np.asarray(bool(project_first)), self.log_time,
-                      bool(self.sol.project), self.proj_iters, bool(self.sol.crossings), self.factor(mode), **extra)
+                      bool(self.sol.project), self.proj_iters, bool(self.sol.crossings), self.factor(mode),
+                      st_slot=self.st_slots(mode), **extra)
         out = unpack(jax.device_get(out))
         st = self.stats
         n_att, n_loc, n_acc = int(out["n_att"]), int(out["n_loc"]), int(out["n_acc"])
@@ -452,7 +522,8 @@ class _Driver:
             trial = mode.like(signs, slide | {target})
             _, s, _, _ = self.evaluate(y, u, trial)
             st = float(s[trial.slot[trial.sliding.index(target)]])
-            if self.alpha - self.st <= st <= 1.0 + self.st:
+            tol = float(self.slope_tols([target])[0])
+            if self.alpha - tol <= st <= 1.0 + tol:
                 self.stats["step_verdicts"] += 1
                 self.stats["chatter_slides"] += 1
                 self.stats["sliding_entered"] += 1
@@ -630,7 +701,8 @@ class _Driver:
             self.stats["grad_evals"] += 1
             self.stats["kink_normals"] += len(new.sliding)
             ss = s[new.slot]
-            out = (ss < self.alpha - self.st) | (ss > 1.0 + self.st)
+            tol = self.slope_tols(new.sliding)
+            out = (ss < self.alpha - tol) | (ss > 1.0 + tol)
             if out.any():
                 left = np.asarray(new.sliding, np.int64)[out]
                 slide.difference_update(left.tolist())
@@ -796,6 +868,7 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
                                 esc_scale)
                 ev = D.advance(y, u, 0.0, 1.0, u, mode, 0)
                 mode = D.resolve(y, u, mode, _near(ev["z0"], ev["scale0"], D.kt), (), z=ev["z0"], sc=ev["scale0"])
+                D.forget_slope_noise(mode)
                 stall.reset(u)
                 pending_projection = True
                 h = max(h_step, tiny_h * max(abs(u), 1.0) * 2)
@@ -819,13 +892,17 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
             # the set would start on the wrong side of its kink by that much and stop the flow at once)
             pre = D.advance(y, u, 0.0, 1.0, u, mode, 0, project_first=True)
             y = pre["y0"]
-            guess = D.guess(mode, target, pre["s0"]) if D.event_guess else None
-            new = D.resolve(y, u, mode, cands, chatter, z=pre["z0"], sc=pre["scale0"], guess=guess,
-                            v_ref=pre["f0"][:-1])
-            if new.key() == mode.key():  # kept: the same event would be found again at once (docstring)
-                new = D.step_verdict(y, u, mode, target, chatter)
+            if target >= N and sol.slope_noise is not None and D.rounding_event(y, u, mode, target - N, pre["s0"]):
+                new = mode  # a sliding slope at its bound within rounding: no event (ClarkeFlow.slope_noise)
+            else:
+                guess = D.guess(mode, target, pre["s0"]) if D.event_guess else None
+                new = D.resolve(y, u, mode, cands, chatter, z=pre["z0"], sc=pre["scale0"], guess=guess,
+                                v_ref=pre["f0"][:-1])
+                if new.key() == mode.key():  # kept: the same event would be found again at once (docstring)
+                    new = D.step_verdict(y, u, mode, target, chatter)
             stall.decided(mode, new)
             mode = new
+            D.forget_slope_noise(mode)
             pending_projection = True  # onto the new sliding set's kink surfaces, at the start of the next call
             h = max(h_step - hc, h_step / 4) if hc < h_step else h_step
             if stall.count:  # an event right after the previous one: the next is likely as close (a stall)

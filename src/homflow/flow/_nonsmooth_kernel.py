@@ -290,7 +290,7 @@ class Controls(eqx.Module):
 @partial(jit, static_argnames=("log_time", "project", "proj_iters", "crossings", "method"))
 def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls, n_max, project_first,
             log_time: bool, project: bool, proj_iters: int, crossings: bool = False, fac=None,
-            method: str = "dopri5", v_rho=None, rho_iters0=None):
+            method: str = "dopri5", v_rho=None, rho_iters0=None, st_slot=None):
     """Integrate the mode ``(signs, idx, valid)`` from ``(u, y)`` with proposed step ``h`` until ``u_stop`` (status
     ``SAVE``), a located event (``EVENT``), a step size underflow (``UNDERFLOW``) or ``n_max`` attempted steps
     (``BUDGET``). ``project_first``: first project ``y`` onto the sliding set's kink surfaces (after a mode change).
@@ -323,11 +323,16 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
     ``h rho < ctl.nonstiff_ratio``, in Rosenbrock mode the steps RKC would take with under ``s_switch / 2`` stages:
     the host switches on them.
 
+    ``st_slot``: the slope tolerance of every slot of ``idx`` where it exceeds ``ctl.st`` (a sliding slope whose
+    rounding sensitivity exceeds ``slope_tol``, measured by the host; ``_Driver.slope_noise``).
+
     Returns a dict of the state (``y``, ``u``, ``h``, ``err_prev``), the event (``h_event`` from the returned ``u``,
     ``h_step``: the step that saw it, ``target``, ``y_event``, ``z_event``, ``scale_event``), the start values
     (``y0`` after the projection, ``f0``, ``s0``, ``z0``, ``scale0``) and counters."""
     fac = as_factor(fac, idx, valid)  # a one-hidden-layer net's block-diagonal factor is formed here per call
     dtype = y.dtype
+    # the slope tolerance of every slot: ctl.st, or more for a slope that rounding cannot resolve to it (host)
+    st = ctl.st if st_slot is None else jnp.maximum(ctl.st, jnp.asarray(st_slot, dtype))
     N = signs.shape[0]
     in_S = jnp.zeros(N, bool).at[idx].max(valid)
     eps = jnp.finfo(dtype).eps
@@ -364,7 +369,7 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
         n_ev0 = n_ev0 + it0
     else:
         rho, v_rho = zero, jnp.zeros(y.shape[0] - 1, dtype)
-    ev0 = _event_values(signs, in_S, valid, z0, sc0, s0, ctl.kt, ctl.st, ctl.alpha)
+    ev0 = _event_values(signs, in_S, valid, z0, sc0, s0, ctl.kt, st, ctl.alpha)
     at_stop = u_stop - u <= tiny_h * jnp.maximum(jnp.abs(u), 1.0)
 
     c = dict(y=y, f0=f0, ev0=ev0, u=u, h=h, err_prev=err_prev, status=jnp.where(at_stop, SAVE, RUN).astype(jnp.int32),
@@ -429,7 +434,7 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
             y1, f1, errn, z1, sc1, s1, rho1 = _rk_step(problem, c["y"], c["f0"], c["u"], hh, log_time, c["signs"],
                                                        idx, valid, ctl.rtol, ctl.atol, fac)
             c = dict(c, n_ev=c["n_ev"] + 6)
-        ev1 = _event_values(c["signs"], in_S, valid, z1, sc1, s1, ctl.kt, ctl.st, ctl.alpha)
+        ev1 = _event_values(c["signs"], in_S, valid, z1, sc1, s1, ctl.kt, st, ctl.alpha)
         hit1 = ev1 < -1.0
         c = jax.lax.cond(c["locating"], locate_update, advance_update, c, hh, y1, f1, errn, z1, sc1, s1, ev1, hit1,
                          rho1)
@@ -463,8 +468,8 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
         d_old = side * dz_along(th, f_old[:-1], sg, s_old)[tt]
         d_new = side * dz_along(th, f_new[:-1], sg_new, s_new)[tt]
         thr = ctl.kt * jnp.maximum(sc_e[tt], tiny) / nth
-        slopes_ok = jnp.all(jnp.where(valid, (s_new >= ctl.alpha - ctl.st) & (s_new <= 1.0 + ctl.st), True))
-        ev_new = _event_values(sg_new, in_S, valid, z_e, sc_e, s_new, ctl.kt, ctl.st, ctl.alpha)
+        slopes_ok = jnp.all(jnp.where(valid, (s_new >= ctl.alpha - st) & (s_new <= 1.0 + st), True))
+        ev_new = _event_values(sg_new, in_S, valid, z_e, sc_e, s_new, ctl.kt, st, ctl.alpha)
         ok = (only & (d_old < -thr * jnp.linalg.norm(f_old[:-1])) & (d_new < -thr * jnp.linalg.norm(f_new[:-1]))
               & slopes_ok & ~jnp.any(ev_new < -1.0) & jnp.all(jnp.isfinite(f_new)))
         hs = c["h_step"]
