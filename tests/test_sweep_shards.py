@@ -84,9 +84,11 @@ def test_killing_the_driver_stops_its_workers(tmp_path):
 
 
 def test_inline_driver_slot(tmp_path):
-    """workers = 2: one spawned process and the driver's own thread share the shards; every shard arrives once."""
+    """workers = 2, not pinned: one spawned process and the driver's own thread share the shards; every shard arrives
+    once."""
     got = {}
-    run_shards(square_and_pid, {i: i for i in range(8)}, on_result=got.__setitem__, on_failure=print, workers=2)
+    run_shards(square_and_pid, {i: i for i in range(8)}, on_result=got.__setitem__, on_failure=print, workers=2,
+               pin=False)
     assert {k: v[0] for k, v in got.items()} == {i: i * i for i in range(8)}
     assert os.getpid() in {v[1] for v in got.values()}  # the driver computed some of them
 
@@ -164,9 +166,9 @@ def where_am_i(x):
                     reason="pinning needs Linux and two CPUs")
 @pytest.mark.parametrize("pin,env", [(True, None), (False, None), (None, "off"), (None, None)])
 def test_pool_processes_compute_on_cpus_of_their_own(pin, env, monkeypatch):
-    """workers = 2, pinned: the driver's shards on the first half of the CPUs, the spawned worker's on the second
-    with XLA's intra-op threads off when it has one CPU; the driver's CPUs are restored afterwards. Not pinned: every
-    process on every CPU, XLA's flags as given."""
+    """workers = 2, pinned (the default): two spawned workers compute every shard, one on each half of the CPUs, with
+    XLA's intra-op threads off when a worker has one CPU; the driver computes none and its CPUs stay as they were.
+    Not pinned: the driver and one worker, every process on every CPU, XLA's flags as given."""
     from homflow.shards import ONE_CPU_XLA_FLAGS, cpu_plan
 
     monkeypatch.delenv("XLA_FLAGS", raising=False)
@@ -177,18 +179,19 @@ def test_pool_processes_compute_on_cpus_of_their_own(pin, env, monkeypatch):
     got = {}
     run_shards(where_am_i, {i: i for i in range(8)}, on_result=got.__setitem__, on_failure=print, workers=2, pin=pin)
     assert {k: v[0] for k, v in got.items()} == {i: i * (i + 1) / 2 for i in range(8)}
-    assert sorted(os.sched_getaffinity(0)) == mine  # the driver's main thread as before
+    assert sorted(os.sched_getaffinity(0)) == mine  # the driver as before
     by_pid = {v[3]: (v[1], v[2]) for v in got.values()}
-    assert os.getpid() in by_pid and len(by_pid) == 2  # the driver and one worker both computed
-    worker = next(p for p in by_pid if p != os.getpid())
+    assert len(by_pid) == 2  # two processes computed
     if pin or (pin is None and env is None):  # the default is on
         plan = cpu_plan(2, mine)
-        assert by_pid[os.getpid()][0] == list(plan[0])
-        assert by_pid[worker][0] == list(plan[1])
-        assert (ONE_CPU_XLA_FLAGS in by_pid[worker][1]) == (len(plan[1]) == 1)
+        assert os.getpid() not in by_pid  # the driver only waits
+        assert sorted(cpus for cpus, _ in by_pid.values()) == sorted(list(p) for p in plan)
+        for cpus, flags in by_pid.values():
+            assert (ONE_CPU_XLA_FLAGS in flags) == (len(cpus) == 1)
     else:
-        assert by_pid[os.getpid()][0] == mine and by_pid[worker][0] == mine
-        assert by_pid[worker][1] == ""
+        assert os.getpid() in by_pid  # the driver computed some
+        assert all(cpus == mine for cpus, _ in by_pid.values())
+        assert all(flags == "" for p, (_, flags) in by_pid.items() if p != os.getpid())
 
 
 def test_pin_must_be_a_bool():

@@ -172,43 +172,6 @@ def cpu_plan(workers: int, cpus=None) -> list[tuple[int, ...]] | None:
     return plan
 
 
-def _threads() -> list[int]:
-    """The thread ids of this process (Linux ``/proc``)."""
-    try:
-        return [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:
-        return [0]
-
-
-def _pin_threads(cpus) -> dict[int, set[int]]:
-    """Every thread of this process onto ``cpus``; returns each thread's CPUs before (for :func:`_unpin_threads`).
-    Threads started later inherit the CPUs of the thread that starts them."""
-    before = {}
-    for tid in _threads():
-        try:
-            before[tid] = os.sched_getaffinity(tid)
-            os.sched_setaffinity(tid, cpus)
-        except OSError:  # a thread that ended meanwhile
-            before.pop(tid, None)
-    return before
-
-
-def _unpin_threads(before: dict[int, set[int]]) -> None:
-    for tid, cpus in before.items():
-        try:
-            os.sched_setaffinity(tid, cpus)
-        except OSError:
-            pass
-    try:  # threads started while pinned (XLA's, on first use) get the main thread's CPUs back
-        main = before.get(threading.main_thread().native_id) or next(iter(before.values()), None)
-        if main:
-            for tid in _threads():
-                if tid not in before:
-                    os.sched_setaffinity(tid, main)
-    except (OSError, StopIteration):
-        pass
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 def run_shards(fn: Callable[[Any], Any], payloads: Mapping[Any, Any], *, on_result: Callable[[Any, Any], None],
                on_failure: Callable[[Any, str], None], backend: str = "local", workers: int = 1,
@@ -227,10 +190,11 @@ def run_shards(fn: Callable[[Any], Any], payloads: Mapping[Any, Any], *, on_resu
         address: Ray cluster address (``None``: start a local Ray with ``workers`` CPUs).
         inline: with the local backend and ``workers > 1``, the driver computes shards too (in a thread, while it
             waits), beside ``workers - 1`` spawned processes; ``False``: ``workers`` processes, the driver only waits.
-        pin: with the local backend and ``workers > 1``, each process computes on CPUs of its own
-            (:func:`cpu_plan`; the driver's threads for the pool's duration, restored after), and a spawned worker
-            with a single CPU runs XLA without intra-op threads (:data:`ONE_CPU_XLA_FLAGS`, unless ``XLA_FLAGS``
-            already sets ``xla_cpu_multi_thread_eigen``). ``False``: every process on every CPU, XLA's defaults.
+        pin: with the local backend and ``workers > 1``, ``workers`` spawned processes compute every shard, each on
+            CPUs of its own (:func:`cpu_plan`; ``inline`` is then off: the driver's XLA already runs with the
+            machine's threads), a worker with a single CPU without XLA's intra-op threads (:data:`ONE_CPU_XLA_FLAGS`,
+            unless ``XLA_FLAGS`` already sets ``xla_cpu_multi_thread_eigen``). ``False``: every process on every CPU,
+            XLA's defaults.
             ``None`` (default): on, unless ``$HOMFLOW_PIN_WORKERS`` is ``off`` (or ``0``, ``false``, ``no``).
         cache_dir: the compilation cache shared by the workers (default :func:`compilation_cache_dir`;
             ``$HOMFLOW_JAX_CACHE=off`` disables it; see :func:`enable_compilation_cache`).
@@ -309,7 +273,9 @@ def _run_pool(fn, todo, on_result, on_failure, workers, max_retries, cache_dir, 
               pin=True) -> None:
     """``workers - 1`` spawned processes plus the driver itself (``inline``: a thread of the driver computes shards
     while the processes start; it has imported and compiled already, so two workers beat one even for short sweeps).
-    ``pin``: the processes on CPUs of their own (:func:`cpu_plan`; the driver's slot is the first).
+    ``pin``: ``workers`` spawned processes on CPUs of their own (:func:`cpu_plan`), the driver only waits: a
+    driver whose XLA threads (started multi-threaded) were pinned to one core beside a worker ran several times
+    slower than unpinned (its intra-op threads wait on each other on one core).
     """
     import multiprocessing as mp
     import queue as _queue
@@ -331,13 +297,14 @@ def _run_pool(fn, todo, on_result, on_failure, workers, max_retries, cache_dir, 
             attempts[k] += 1
             return k
 
+    plan = cpu_plan(min(workers, n)) if pin else None
+    if plan is not None:  # every shard in a pinned, single-threaded worker; the driver only waits (docstring)
+        inline = False
     n_procs = min(workers - 1 if inline else workers, n)
-    plan = cpu_plan(n_procs + int(inline)) if pin else None
-    pinned = None  # the driver's threads' CPUs before the pool, while they are pinned
 
     def start(slot: int) -> None:
         a, b = ctx.Pipe()
-        cpus = None if plan is None else plan[slot + int(inline)]
+        cpus = None if plan is None else plan[slot]
         p = ctx.Process(target=_pool_main, args=(b, cache_dir, os.getpid(), cpus), daemon=True,
                         name=f"homflow-worker-{slot}")
         p.start()
@@ -368,8 +335,6 @@ def _run_pool(fn, todo, on_result, on_failure, workers, max_retries, cache_dir, 
 
     thread = None
     try:
-        if plan is not None and inline:
-            pinned = _pin_threads(plan[0])
         for slot in range(n_procs):
             start(slot)
             feed(slot)
@@ -422,8 +387,6 @@ def _run_pool(fn, todo, on_result, on_failure, workers, max_retries, cache_dir, 
                 start(0)
                 feed(0)
     finally:
-        if pinned is not None:
-            _unpin_threads(pinned)
         for p, conn, _ in procs.values():
             try:
                 conn.send(None)
