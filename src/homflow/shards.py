@@ -8,10 +8,11 @@ again (at most ``max_retries`` more times) on a fresh worker, and the healthy wo
 Backends:
 
 * ``'local'`` with ``workers = 1``: in the driver's process.
-* ``'local'`` with ``workers > 1``: the driver itself (a thread, already warm) and ``workers - 1`` long-lived spawned
-  processes (JAX does not survive ``fork``), one shard at a time each. A worker watches its parent and exits when the
-  parent dies, so killing the driver stops its workers. Each process computes on CPUs of its own (``pin``,
-  :func:`cpu_plan`): JAX processes sharing every core slow each other down several times over.
+* ``'local'`` with ``workers > 1``: ``workers`` long-lived spawned processes (JAX does not survive ``fork``), one
+  shard at a time each, each on CPUs of its own (``pin``, the default, :func:`cpu_plan`: JAX processes sharing every
+  core slowed each other down several times over); the driver only waits. Not pinned: the driver itself (a thread,
+  already warm) and ``workers - 1`` processes on every CPU. A worker watches its parent and exits when the parent
+  dies, so killing the driver stops its workers.
 * ``'ray'``: Ray tasks with declared resources (``num_cpus``, ``num_gpus``), ``max_retries`` for a task whose worker
   died, at most ``workers`` shards in flight; ``ray.init(address=...)`` gives up with a clear message after
   ``connect_timeout_s`` when no cluster answers.
