@@ -1021,3 +1021,21 @@ def test_slopes_near_a_clarke_critical_point_are_resolved_only_to_rounding():
     mode2 = mode.like(signs, [k for k in mode.sliding if k != e])
     D.forget_slope_noise(mode2)
     assert e not in D.slope_noise  # a unit that left the sliding set is measured again when it comes back
+
+
+def test_a_crossing_a_stiff_rung_leaves_unlocated_is_relocated(stiff_runs):
+    """A crossing that the Rosenbrock rung's location leaves short of the kink (forced here: one trial per location)
+    is no event: from the last trial before it one DOPRI5 call locates it (``stats['relocations']``). Deciding the
+    unit's mode at the unlocated state would slide it and project theta onto its kink, a jump outside the flow
+    (measured on a depth-3 flow: ``||dtheta|| = 4.7e-4``, the loss up by 1.1e-4). The relocated flow is the DOPRI5
+    flow: end state, losses, energy identity, monotone loss."""
+    d0 = sphere(24, 3, seed=5)
+    data = Dataset(10.0 * d0.X, d0.y)
+    model = TwoLayer(3, 6, leaky_relu(0.2), key=jax.random.PRNGKey(1), scale=0.5)
+    tr = nonsmooth_flow(model, data, loss="square", t1=10.0, n_save=5, time="linear",
+                        solver=ClarkeFlow(method="implicit", rtol=1e-10, max_locate=1))
+    assert tr.stats["relocations"] > 0
+    _assert_gives_the_dopri_flow(tr, stiff_runs["explicit"])
+    # a location whose last trial is past the kink restarts from the step's start: no state off the sliding set's
+    # kinks by more than a step's local error (restarting from that trial instead: 1.0e-5)
+    assert tr.stats["max_constraint_drift"] <= 1e-9
