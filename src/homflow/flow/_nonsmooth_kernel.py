@@ -136,7 +136,8 @@ def _ros_energy(y, y1, r0, r_mid, r1, h):
     by 3.0e-7). The rule takes values of the rate only; a rule with its derivatives (Hermite), also tried, carries
     ``J`` the same way (0.57 of ``L(0) - L(T)`` on that flow). On the stiff two-layer test problem (rtol 1e-10 / 1e-8)
     the identity's residual is 3.2e-8 / 6.3e-7 with this rule, 1.1e-8 / 2.1e-7 with the row and 1.2e-7 / 2.3e-6 with
-    the trapezoidal rule."""
+    the trapezoidal rule; on the two-layer sweep's problem 1 in log time 4.8e-6, 2.8e-6 and 4.0e-6: where the steps
+    are moderately stiff the row is the more accurate, the midpoint stage being off the path by ``O(h^2)``."""
     return y1.at[-1].set(y[-1] + (h / 6.0) * (r0 + 4.0 * r_mid + r1))
 
 
