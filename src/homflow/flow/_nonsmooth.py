@@ -311,7 +311,7 @@ class _Driver:
         self._v_rho = None  # the power method's direction, warm-starting every RKC call
         self.switched = False  # set when a call switched methods: the controller's error memory is reset
         self.explicit_once = False  # the next stepping call uses DOPRI5 (a crossing a stiff rung did not locate)
-        self.last_explicit_once = False  # the last stepping call was such a call
+        self.last_method = "dopri5"  # the method of the last stepping call
         self.proj_iters = 1 if problem.n_hidden == 1 else 2
         self.event_guess = problem.n_hidden > 1 if sol.event_guess is None else bool(sol.event_guess)
         # a plain one-hidden-layer problem: block-diagonal factors formed in the compiled loop, modes laid out in
@@ -436,7 +436,7 @@ class _Driver:
         if override:
             method, self.explicit_once = "dopri5", False
         if n_max > 0:
-            self.last_explicit_once = override
+            self.last_method = method
         extra = {}
         if method != "dopri5":
             v = self._v_rho
@@ -891,8 +891,7 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
             cands = _near(zc, scc, D.kt)
             target = int(out["target"])
             N = mode.signs.shape[0]
-            if (target < N and D.level != "dopri5" and not D.last_explicit_once
-                    and abs(zc[target]) > 10 * D.kt * scc[target]):
+            if target < N and D.last_method != "dopri5" and abs(zc[target]) > 10 * D.kt * scc[target]:
                 # a crossing a stiff rung did not locate (its trials' states are not smooth in the trial's length
                 # where h rho >> 1; measured, depth 3, log time: a Rosenbrock location ended 3.9e-5 scale_e short
                 # of the kink, and deciding the unit's mode there moved theta by 4.7e-4 onto it and raised the loss
