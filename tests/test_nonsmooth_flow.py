@@ -411,16 +411,20 @@ def test_flow_with_the_factor_is_the_flow_without(monkeypatch):
         assert np.max(np.linalg.norm(fast.thetas - slow.thetas, axis=1) / ref) <= 1e-9, name
 
 
+def _stiff_flow(**solver):
+    """The flow of :func:`stiff_runs` with ``ClarkeFlow(rtol=1e-10, **solver)``."""
+    d0 = sphere(24, 3, seed=5)
+    data = Dataset(10.0 * d0.X, d0.y)
+    model = TwoLayer(3, 6, leaky_relu(0.2), key=jax.random.PRNGKey(1), scale=0.5)
+    return nonsmooth_flow(model, data, loss="square", t1=10.0, n_save=5, time="linear",
+                          solver=ClarkeFlow(rtol=1e-10, **solver))
+
+
 @pytest.fixture(scope="module")
 def stiff_runs():
     """A flow whose later phase is stiff (square loss on inputs of norm 10: the Hessian's spectral radius ~4e3 while
     the state barely moves), solved by DOPRI5 throughout, by the automatic switch and by RKC throughout."""
-    d0 = sphere(24, 3, seed=5)
-    data = Dataset(10.0 * d0.X, d0.y)
-    model = TwoLayer(3, 6, leaky_relu(0.2), key=jax.random.PRNGKey(1), scale=0.5)
-    return {m: nonsmooth_flow(model, data, loss="square", t1=10.0, n_save=5, time="linear",
-                              solver=ClarkeFlow(method=m, rtol=1e-10))
-            for m in ("explicit", "auto", "stiff", "implicit")}
+    return {m: _stiff_flow(method=m) for m in ("explicit", "auto", "stiff", "implicit")}
 
 
 def _assert_gives_the_dopri_flow(tr, ref):
@@ -1029,11 +1033,7 @@ def test_a_crossing_a_stiff_rung_leaves_unlocated_is_relocated(stiff_runs):
     unit's mode at the unlocated state would slide it and project theta onto its kink, a jump outside the flow
     (measured on a depth-3 flow: ``||dtheta|| = 4.7e-4``, the loss up by 1.1e-4). The relocated flow is the DOPRI5
     flow: end state, losses, energy identity, monotone loss."""
-    d0 = sphere(24, 3, seed=5)
-    data = Dataset(10.0 * d0.X, d0.y)
-    model = TwoLayer(3, 6, leaky_relu(0.2), key=jax.random.PRNGKey(1), scale=0.5)
-    tr = nonsmooth_flow(model, data, loss="square", t1=10.0, n_save=5, time="linear",
-                        solver=ClarkeFlow(method="implicit", rtol=1e-10, max_locate=1))
+    tr = _stiff_flow(method="implicit", max_locate=1)
     assert tr.stats["relocations"] > 0
     _assert_gives_the_dopri_flow(tr, stiff_runs["explicit"])
     # a location whose last trial is past the kink restarts from the step's start: no state off the sliding set's

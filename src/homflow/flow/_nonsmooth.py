@@ -891,13 +891,13 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
             cands = _near(zc, scc, D.kt)
             target = int(out["target"])
             N = mode.signs.shape[0]
-            if target < N and D.last_method != "dopri5" and abs(zc[target]) > 10 * D.kt * scc[target]:
-                # a crossing a stiff rung did not locate (its trials' states are not smooth in the trial's length
-                # where h rho >> 1; measured, depth 3, log time: a Rosenbrock location ended 3.9e-5 scale_e short
-                # of the kink, and deciding the unit's mode there moved theta by 4.7e-4 onto it and raised the loss
-                # by 1.1e-4, outside the energy identity): not an event; from the last trial before it (a state of
-                # the flow) one call of DOPRI5, whose short trials vary smoothly with their length, locates it (if
-                # that call does not either, the event is decided where it ended, as before)
+            if target < N and D.last_method != "dopri5" and target not in cands:
+                # a crossing a stiff rung did not locate, its target not among the candidates (its trials' states
+                # are not smooth in the trial's length where h rho >> 1; measured, depth 3, log time: a Rosenbrock
+                # location ended 3.9e-5 scale_e short of the kink, and deciding the unit's mode there moved theta by
+                # 4.7e-4 onto it and raised the loss by 1.1e-4, outside the energy identity): not an event; from the
+                # last trial before it (a state of the flow) one call of DOPRI5, whose short trials vary smoothly
+                # with their length, locates it (if that call does not either, the event is decided where it ended)
                 stats["relocations"] += 1
                 stats["events"] -= 1
                 if mode.signs[target] * zc[target] < 0:  # the location's last trial is past the kink: the step's start
