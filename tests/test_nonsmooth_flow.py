@@ -465,6 +465,27 @@ def test_rosenbrock_steps_give_the_dopri_flow(stiff_runs):
     assert tr.stats["events"] > 0 and tr.stats["sliding_entered"] > 0
 
 
+def test_stiff_rungs_count_the_energy_the_path_spends():
+    """On a stiff plateau in log time (exponential loss on inputs of norm 10, to t = 1e6; the ladder takes RKC and
+    Rosenbrock steps) an accepted state lies off the slow path by up to the tolerance, and the gradient there gains
+    ``lambda delta``: integrated from the rates at the states, the energy identity's residual went from 2.3e-7 at
+    t = 5.6e3 to 3.8e-6 at t1. Counted along the steps' own path (the Rosenbrock continuous extension's velocity;
+    RKC's mean velocity at the step's middle), the identity holds at 1e-7 and its residual is flat on the plateau.
+    The loss, computed apart from the energy, is the independent side."""
+    d0 = sphere(24, 3, seed=5)
+    model = TwoLayer(3, 6, leaky_relu(0.2), key=jax.random.PRNGKey(1), scale=0.5)
+    tr = nonsmooth_flow(model, Dataset(10.0 * d0.X, d0.y), loss="exponential", t1=1e6, n_save=10, time="log",
+                        solver=ClarkeFlow(rtol=1e-8))
+    assert tr.success, tr.reason
+    assert tr.stats["stiff_steps"] > 0 and tr.stats["implicit_steps"] > 0
+    drop = tr.loss[0] - tr.loss
+    res = np.abs(drop - tr.extras["energy"]) / drop[-1]
+    assert res[-1] <= 1e-7, res
+    late = tr.ts >= 1e3
+    assert np.ptp(res[late]) <= 1e-8, res  # the rates at the states: 3.6e-6 over these saves
+    assert np.all(np.diff(tr.loss) <= 1e-14 * tr.loss[0])
+
+
 @pytest.mark.slow
 def test_a_flow_at_rest_stops_within_its_motion_bound():
     """A square-loss flow that interpolates (8 points, width 20) is at rest once ``sqrt((t1 - t) L)`` is below the

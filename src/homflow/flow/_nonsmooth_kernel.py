@@ -127,18 +127,40 @@ def _rk_step(problem, y, f0, u, h, log_time, signs, idx, valid, rtol, atol, fac=
     return y1, ks[6], errn, z1, sc1, s1, rho
 
 
-def _ros_energy(y, y1, r0, r_mid, r1, h):
-    """``y1`` with its energy (last entry) advanced by Simpson's rule ``h (r0 + 4 r_mid + r1) / 6`` over the rate
-    ``r = ||dtheta/dt||^2 dt/du`` at the Rosenbrock step's start, its midpoint stage and its end, in place of the
-    method's own energy row. The energy does not feed back, so ``theta`` is unchanged; the row is wrong where steps are
-    long: it adds ``h d grad r . (k2 - k1)``, and ``grad r = 2 (dt/du) J^T v`` carries the stiff spectrum (measured on
-    a depth-3 plateau in log time, sweep problem 9 near t = 6e4: 1.1e-4 of energy in 48 steps over which the loss fell
-    by 3.0e-7). The rule takes values of the rate only; a rule with its derivatives (Hermite), also tried, carries
-    ``J`` the same way (0.57 of ``L(0) - L(T)`` on that flow). On the stiff two-layer test problem (rtol 1e-10 / 1e-8)
-    the identity's residual is 3.2e-8 / 6.3e-7 with this rule, 1.1e-8 / 2.1e-7 with the row and 1.2e-7 / 2.3e-6 with
-    the trapezoidal rule; on the two-layer sweep's problem 1 in log time 4.8e-6, 2.8e-6 and 4.0e-6: where the steps
-    are moderately stiff the row is the more accurate, the midpoint stage being off the path by ``O(h^2)``."""
-    return y1.at[-1].set(y[-1] + (h / 6.0) * (r0 + 4.0 * r_mid + r1))
+def _ros_energy(y, y1, k1, k2, u, h, log_time):
+    """``y1`` with its energy (last entry) advanced by the integral of ``||dtheta/du||^2 du/dt`` along the step's own
+    path, the continuous extension of Shampine & Reichelt ``y(u + s h) = y + h (s (1 - s) k1 + s (s - 2 d) k2) /
+    (1 - 2 d)``: its velocity ``((1 - 2 s) k1 + 2 (s - d) k2) / (1 - 2 d)`` (exact to ``O(h^2)`` at both ends, ``k2`` at
+    the middle) squared is quadratic in ``s``, integrated by Simpson's rule with ``du/dt = exp(-u)`` in log time.
+
+    Why the path's velocity and not the rate ``||grad L||^2`` at the states (what DOPRI5 integrates): where
+    ``h rho >> 1`` an accepted state lies off the slow path by up to the tolerance, ``delta``, in stiff directions, and
+    the gradient there gains ``lambda delta``: measured on the two-layer sweep's problem 1 in log time near t = 6.5e4
+    (134 steps at rtol 1e-8, 21 sliding units), the rate at the step ends was 2.6x the true mean (trapezoidal rule
+    2.9e-5 of energy, Simpson's rule with the midpoint stage 3.5e-5, where the loss fell by 1.10e-5 and the flow at
+    rtol 1e-12 counts 1.10e-5), while the steps' own velocity gave 1.1012e-5 (the same path: theta agreed with rtol
+    1e-12's to 3e-5). ``W^-1`` damps the stiff part of ``k1`` and ``k2`` by ``1 + h d lambda``, so the velocity
+    carries no such error; the method's own energy row (``grad`` of the rate times ``k2 - k1``) carries the stiff
+    spectrum and a Hermite rule with the rate's derivatives the same way. Its local error is ``O(h^3)``, the method's
+    own order."""
+    c = 1.0 / (1.0 - 2.0 * _ROS_D)
+    v0 = c * (k1[:-1] - 2.0 * _ROS_D * k2[:-1])
+    v1 = c * ((2.0 - 2.0 * _ROS_D) * k2[:-1] - k1[:-1])
+    w = (lambda s: jnp.exp(-(u + s * h))) if log_time else (lambda s: jnp.ones_like(u))
+    e = (h / 6.0) * (w(0.0) * jnp.sum(v0 * v0) + 4.0 * w(0.5) * jnp.sum(k2[:-1] * k2[:-1]) + w(1.0) * jnp.sum(v1 * v1))
+    return y1.at[-1].set(y[-1] + e)
+
+
+def _rkc_energy(y, y1, r0, r1, u, h, log_time):
+    """``y1`` with its energy advanced by Simpson's rule over the rate, its middle value the step's mean velocity
+    ``(theta1 - theta0) / h`` squared (times ``du/dt`` at the middle: ``O(h^2)`` from the rate there, like the method),
+    its ends the rates at the step's ends, in place of the Chebyshev recurrence's own energy (its stages are off the
+    path; measured on the two-layer sweep's problem 1 in log time, a call of 217 steps near t = 22 with the loss down
+    by 0.393: the recurrence's energy was 1.0e-6 short of a DOPRI5 flow at rtol 1e-12, this rule 3.8e-8 (the paths'
+    own difference), the trapezoidal rule 1.4e-6 over, the mean velocity alone 6.6e-7 short)."""
+    dth = y1[:-1] - y[:-1]
+    w = jnp.exp(-(u + 0.5 * h)) if log_time else jnp.ones_like(u)
+    return y1.at[-1].set(y[-1] + (h / 6.0) * (r0 + r1) + (4.0 / 6.0) * w * jnp.sum(dth * dth) / h)
 
 
 def _rkc_step(problem, y, f0, u, h, s, log_time, signs, idx, valid, rtol, atol, fac=None):
@@ -161,6 +183,7 @@ def _rkc_step(problem, y, f0, u, h, s, log_time, signs, idx, valid, rtol, atol, 
     (y1, _), _ = jax.lax.fori_loop(2, s + 1, body, ((yjm1, y), coef))
     f1, s1 = _aug_field(problem, y1, u + h, log_time, signs, idx, valid, fac)
     err = 0.8 * (y - y1) + 0.4 * h * (f0 + f1)
+    y1 = _rkc_energy(y, y1, f0[-1], f1[-1], u, h, log_time)
     errn, z1, sc1 = _err_norm_and_preacts(problem, y, y1, err, rtol, atol)
     return y1, f1, errn, z1, sc1, s1, jnp.zeros((), y.dtype)
 
@@ -199,7 +222,7 @@ def _ros_step(problem, y, f0, u, h, log_time, signs, idx, valid, rtol, atol, fac
     k2 = solve(f1 - k1) + k1
     y1 = y + h * k2
     f2, s2 = _aug_field(problem, y1, u + h, log_time, signs, idx, valid, fac)
-    y1 = _ros_energy(y, y1, f0[-1], f1[-1], f2[-1], h)
+    y1 = _ros_energy(y, y1, k1, k2, u, h, log_time)
     k3 = solve(f2 - _ROS_E32 * (k2 - f1) - 2.0 * (k1 - f0) + (h * d) * T)
     err = (h / 6.0) * (k1 - 2.0 * k2 + k3)
     errn, z1, sc1 = _err_norm_and_preacts(problem, y, y1, err, rtol, atol)
