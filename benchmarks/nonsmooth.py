@@ -68,6 +68,8 @@ def _data(n, d, labels, seed):
 
 
 def random_problems(k, seed=0):
+    """``k`` random two-layer problems of the draw ``seed`` (0: the documented sweep); each problem's data and
+    initialisation seed is its index, offset by ``1000 seed`` in the other draws."""
     rng = np.random.default_rng(seed)
     losses = ["logistic", "exponential", "square"]
     out = []
@@ -77,7 +79,7 @@ def random_problems(k, seed=0):
         labels = "random" if i % 3 != 2 else "teacher"
         loss = losses[i % 3]
         scale = float(rng.choice([0.1, 1.0]))
-        out.append(dict(n=n, d=d, width=m, act=act, labels=labels, loss=loss, scale=scale, seed=i))
+        out.append(dict(n=n, d=d, width=m, act=act, labels=labels, loss=loss, scale=scale, seed=1000 * seed + i))
     return out
 
 
@@ -121,16 +123,16 @@ def run_flow(p, t1, time_mode, depth=2, rtol=1e-8, budget_s=None):
     return tr, time.perf_counter() - t0, time.process_time() - c0, t1
 
 
-def bench_random(k, depth=2, budget_s=None, only=None, modes=("linear", "log")):
+def bench_random(k, depth=2, budget_s=None, only=None, modes=("linear", "log"), seed=0):
     rows = []
-    for i, p in enumerate(random_problems(k)):
+    for i, p in enumerate(random_problems(k, seed=seed)):
         if only is not None and i not in only:
             continue
         for t1, tm in ((1e3, "linear"), (1e6, "log")):
             if tm not in modes:
                 continue
             tr, wall, cpu, reached = run_flow(p, t1, tm, depth=depth, budget_s=budget_s)
-            head = dict(index=i, problem={**p, "act": p["act"].name}, depth=depth, t1=t1, time=tm)
+            head = dict(index=i, seed=seed, problem={**p, "act": p["act"].name}, depth=depth, t1=t1, time=tm)
             if tr is None:
                 row = dict(head, ok=False, t_end=reached, wall_s=round(wall, 2), cpu_s=round(cpu, 2),
                            reason=f"over the {budget_s:g} s budget at t = {reached:.4g}", load=round(_load(), 1))
@@ -219,6 +221,8 @@ def main():
     ap.add_argument("--split-rtol", type=float, default=1e-8, help="rtol of the split flows (--only split)")
     ap.add_argument("--max-steps", type=int, default=MAX_STEPS,
                     help=f"attempted steps per flow before it counts as not reaching t1 (default {MAX_STEPS:,})")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the draw of the random problems (--only random, mlp); 0 is the documented set")
     ap.add_argument("--no-crossings", action="store_true",
                     help="every event to the host (ClarkeFlow(crossings=False)), for comparison")
     args = ap.parse_args()
@@ -239,10 +243,10 @@ def main():
         if part == "issue":
             bench_issue()
         elif part == "random":
-            bench_random(k, budget_s=args.budget, only=only, modes=modes)
+            bench_random(k, budget_s=args.budget, only=only, modes=modes, seed=args.seed)
         elif part == "mlp":  # the same problems with two hidden layers of the problem's width (depth 3)
             deep = ({0} if args.quick else {0, 1}) if only is None else only
-            bench_random(max(k, max(deep) + 1), depth=3, budget_s=args.budget, only=deep, modes=modes)
+            bench_random(max(k, max(deep) + 1), depth=3, budget_s=args.budget, only=deep, modes=modes, seed=args.seed)
         elif part == "gd":
             bench_gd()
         elif part == "split":
