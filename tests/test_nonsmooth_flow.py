@@ -411,13 +411,13 @@ def test_flow_with_the_factor_is_the_flow_without(monkeypatch):
         assert np.max(np.linalg.norm(fast.thetas - slow.thetas, axis=1) / ref) <= 1e-9, name
 
 
-def _stiff_flow(**solver):
-    """The flow of :func:`stiff_runs` with ``ClarkeFlow(rtol=1e-10, **solver)``."""
+def _stiff_flow(loss="square", t1=10.0, n_save=5, time="linear", rtol=1e-10, **solver):
+    """The flow of :func:`stiff_runs` (inputs of norm 10, width 6) with ``ClarkeFlow(rtol=rtol, **solver)``."""
     d0 = sphere(24, 3, seed=5)
     data = Dataset(10.0 * d0.X, d0.y)
     model = TwoLayer(3, 6, leaky_relu(0.2), key=jax.random.PRNGKey(1), scale=0.5)
-    return nonsmooth_flow(model, data, loss="square", t1=10.0, n_save=5, time="linear",
-                          solver=ClarkeFlow(rtol=1e-10, **solver))
+    return nonsmooth_flow(model, data, loss=loss, t1=t1, n_save=n_save, time=time,
+                          solver=ClarkeFlow(rtol=rtol, **solver))
 
 
 @pytest.fixture(scope="module")
@@ -519,10 +519,7 @@ def test_stiff_rungs_count_the_energy_the_path_spends():
     t = 5.6e3 to 3.8e-6 at t1. Counted along the steps' own path (the Rosenbrock continuous extension's velocity;
     RKC's mean velocity at the step's middle), the identity holds at 1e-7 and its residual is flat on the plateau.
     The loss, computed apart from the energy, is the independent side."""
-    d0 = sphere(24, 3, seed=5)
-    model = TwoLayer(3, 6, leaky_relu(0.2), key=jax.random.PRNGKey(1), scale=0.5)
-    tr = nonsmooth_flow(model, Dataset(10.0 * d0.X, d0.y), loss="exponential", t1=1e6, n_save=10, time="log",
-                        solver=ClarkeFlow(rtol=1e-8))
+    tr = _stiff_flow(loss="exponential", t1=1e6, n_save=10, time="log", rtol=1e-8)
     assert tr.success, tr.reason
     assert tr.stats["stiff_steps"] > 0 and tr.stats["implicit_steps"] > 0
     drop = tr.loss[0] - tr.loss
