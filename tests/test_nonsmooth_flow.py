@@ -1104,3 +1104,28 @@ def test_a_crossing_a_stiff_rung_leaves_unlocated_is_relocated(stiff_runs):
     # a location whose last trial is past the kink restarts from the step's start: no state off the sliding set's
     # kinks by more than a step's local error (restarting from that trial instead: 1.0e-5)
     assert tr.stats["max_constraint_drift"] <= 1e-9
+
+
+def test_gd_follows_the_flow_past_a_near_grazing_kink_once_its_error_is_small_enough():
+    """GD -> the flow at first order also where the flow's unit turns back short of its kink: on this problem unit
+    25's pre-activation comes within 1.2e-4 of its bound (``|z_e| / scale_e``) of its kink near t = 0.28 and turns
+    back. GD's relative error there is ~3 lr; with lr = 2.5e-4 GD crosses, the unit turns on and GD parts from the
+    flow (8e-3 by t = 0.5); from lr = 1.25e-4 on it stays on the flow's side and its error halves with lr
+    (docs/nonsmooth.md, "Gradient descent against the flow"; benchmarks/nonsmooth.py --only gd)."""
+    from homflow.data import teacher_student
+    from homflow.flow import gradient_descent
+
+    data = teacher_student(40, 5, teacher_width=3, seed=21)
+    model = TwoLayer(5, 12, leaky_relu(0.2), key=jax.random.PRNGKey(31), scale=0.7)
+    T = 0.5
+    tr = nonsmooth_flow(model, data, loss="exponential", t1=T, ts=[0.0, T], rtol=1e-11)
+    ref = tr.thetas[-1]
+    errs = {}
+    for lr in (2.5e-4, 1.25e-4, 6.25e-5, 3.125e-5):
+        gd = gradient_descent(model, data, loss="exponential", lr=lr, steps=int(round(T / lr)))
+        errs[lr] = float(np.linalg.norm(gd.thetas[-1] - ref) / np.linalg.norm(ref))
+    small = [errs[lr] for lr in (1.25e-4, 6.25e-5, 3.125e-5)]
+    ratios = np.asarray(small[:-1]) / np.asarray(small[1:])
+    assert np.all((ratios > 1.5) & (ratios < 3.0)), errs
+    assert small[-1] < 1e-4, errs
+    assert errs[2.5e-4] > 10 * small[0], errs  # the branch: GD's error above the margin takes the other side
