@@ -58,7 +58,8 @@ def _summ(tr, wall, cpu=None):
                 sliding_left=st["sliding_left"], max_sliding=st["max_sliding"],
                 energy_rel=float(abs(drop - E) / drop) if drop > 0 else None,
                 monotone=bool(np.all(np.diff(L) <= 1e-14 * L[0])), loss_end=float(L[-1]),
-                constraint_residual=st["max_constraint_residual"], reason=tr.reason, load=round(_load(), 1))
+                constraint_residual=st["max_constraint_residual"], repelling_from=st.get("repelling_from"),
+                repelling_units=st.get("repelling_units"), reason=tr.reason, load=round(_load(), 1))
 
 
 def _data(n, d, labels, seed):
@@ -210,6 +211,7 @@ def bench_gd(T=20.0, lr0=1e-2, lr_min=1e-5, max_err=1e-2, problems=None):
         rich = [float(np.linalg.norm(2 * ends[j + 1] - ends[j] - ref) / np.linalg.norm(ref))
                 for j in range(len(lrs) - 1)]
         row = dict(case=f"GD vs flow at t = {T:g} ({name})", flow_ok=tr.success, flow_events=tr.stats["events"],
+                   flow_repelling_from=tr.stats["repelling_from"],
                    lrs=lrs, gd_rel_err=errs, ratios=ratios, first_order_from_lr=first, richardson_rel_err=rich,
                    wall_s=round(time.perf_counter() - t0, 1), load=round(_load(), 1))
         print(json.dumps(row), flush=True)

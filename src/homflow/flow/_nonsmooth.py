@@ -312,6 +312,7 @@ class _Driver:
         self.switched = False  # set when a call switched methods: the controller's error memory is reset
         self.explicit_once = False  # the next stepping call uses DOPRI5 (a crossing a stiff rung did not locate)
         self.last_method = "dopri5"  # the method of the last stepping call
+        self.repelling: set[int] = set()  # sliding units seen with a repelling mode (note_repelling)
         self.proj_iters = 1 if problem.n_hidden == 1 else 2
         self.event_guess = problem.n_hidden > 1 if sol.event_guess is None else bool(sol.event_guess)
         # a plain one-hidden-layer problem: block-diagonal factors formed in the compiled loop, modes laid out in
@@ -353,7 +354,8 @@ class _Driver:
                           sliding_left=0, max_sliding=0, max_constraint_drift=0.0, max_constraint_residual=0.0,
                           chatter_slides=0, decisions_guessed=0, zeno_escapes=0, crossings_in_loop=0,
                           slope_noise_keeps=0, slope_noise_units=0, relocations=0,
-                          step_verdicts=0, stiff_steps=0,
+                          step_verdicts=0, stiff_steps=0, repelling_units=0, repelling_from=None,
+                          repelling_unit=None,
                           implicit_steps=0, switches_to_stiff=0, switches_to_implicit=0, switches_to_explicit=0,
                           spectral_radius=0.0, solver="clarke", log_time=bool(log_time))
 
@@ -465,6 +467,8 @@ class _Driver:
             st["spectral_radius"] = float(out["rho"])
         if n_max > 0 and self.sol.method == "auto" and not override:
             self._switch(method, n_acc, int(out["n_stiff"]), int(out["n_easy"]))
+        if mode.sliding:
+            self.note_repelling(mode, out["c0"], u)
         st["max_constraint_drift"] = max(st["max_constraint_drift"], float(out["drift"]))
         st["max_constraint_residual"] = max(st["max_constraint_residual"], float(out["resid"]))
         n_cross = int(out["n_cross"])
@@ -473,6 +477,26 @@ class _Driver:
             st["pattern_changes"] += n_cross
             st["crossings_in_loop"] += n_cross
         return out
+
+    def note_repelling(self, mode, c0, u):
+        """Record sliding units of ``mode`` whose mode repels at the call's start ``u`` (one hidden layer: the
+        adjoint ``c_e = dF/dh_e < 0``, :func:`~homflow.flow._nonsmooth_kernel.slot_adjoint`; below ``-64 eps`` times
+        the set's largest ``|c_e|``). There both one-sided fields point away from the kink and the inclusion has other
+        solutions (GD, and any perturbed flow, leave the kink to one side); the flow keeps the minimal-norm sliding
+        one, whose velocity stays the minimal-norm element. ``stats['repelling_units']`` counts the units,
+        ``stats['repelling_from']`` / ``['repelling_unit']`` the first time and unit; the reason says so."""
+        c = np.asarray(c0)[mode.slot]
+        if not c.size or not np.any(c):
+            return
+        thr = 64 * float(np.finfo(c.dtype).eps) * float(np.max(np.abs(c)))
+        rep = np.asarray(mode.sliding, np.int64)[c < -thr]
+        new = set(rep.tolist()) - self.repelling
+        if new:
+            self.repelling |= new
+            st = self.stats
+            st["repelling_units"] = len(self.repelling)
+            if st["repelling_from"] is None:
+                st["repelling_from"], st["repelling_unit"] = _t(u, self.log_time), int(rep[0])
 
     def _switch(self, method, n_acc, n_stiff, n_easy):
         """The automatic method ladder DOPRI5 -> RKC -> Rosenbrock (``ClarkeFlow.method = 'auto'``): up after
@@ -760,7 +784,9 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
                         solver: ClarkeFlow | None = None, progress=None) -> Trajectory:
     """Integrate the minimal-norm flow of ``problem`` from ``theta0``, saving at ``ts`` (increasing, from 0, within
     ``[0, t1]``). ``log_time``: integrate in ``u = log(1 + t)``. Returns a :class:`Trajectory` whose ``stats`` count
-    steps, gradient evaluations, events, sliding modes entered and left and pattern changes, and whose
+    steps, gradient evaluations, events, sliding modes entered and left and pattern changes (and, for nets with one
+    hidden layer, where a sliding mode turned repelling and the solution stopped being unique:
+    ``stats['repelling_from']``, :meth:`_Driver.note_repelling`, docs/nonsmooth.md), and whose
     ``extras['energy']`` holds ``int_0^t ||dtheta/dt||^2`` at the saved times. ``progress(t, stats)`` is called
     between compiled calls (at save times, events and every ``_CALL_STEPS`` steps)."""
     sol = solver or ClarkeFlow()
@@ -948,6 +974,11 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
         result = RESULTS.successful
         reason = (f"reached t1 = {t1:g} ({stats['events']} events: {stats['pattern_changes']} pattern changes, "
                   f"{stats['sliding_entered']} sliding modes entered, {stats['sliding_left']} left)")
+        if stats["repelling_from"] is not None:
+            reason += (f"; from t = {stats['repelling_from']:.6g} a sliding mode repels (unit "
+                       f"{stats['repelling_unit']}, {stats['repelling_units']} units in all: both one-sided fields "
+                       "point away from the kink), where the solution is not unique: GD and perturbed flows leave "
+                       "the kink, this flow keeps the minimal-norm sliding one (docs/nonsmooth.md)")
         if stats["at_rest_from"] is not None:
             reason += (f"; at rest from t = {stats['at_rest_from']:.6g} (it moves by at most "
                        f"sqrt((t1 - t) L) = {stats['rest_bound']:.2e} after that)")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._block_factor import BlockNormals
-from ._clarke import gram_solve, jit, mode_slopes
+from ._clarke import KinkedProblem, gram_solve, jit, mode_slopes
 from ._stiff import RKC_STABILITY, rkc_recurrence, rkc_stages, rkc_start, spectral_radius
 
 __all__ = ["advance", "unpack", "RUN", "SAVE", "EVENT", "UNDERFLOW", "BUDGET", "project_sliding", "METHODS"]
@@ -89,6 +89,22 @@ def as_factor(fac, idx, valid):
     """A mode's factor as the field takes it: a one-hidden-layer net's :class:`BlockNormals` formed into its
     block-diagonal factor for the set ``(idx, valid)``; anything else as it is."""
     return fac.factor(idx, valid) if isinstance(fac, BlockNormals) else fac
+
+
+def slot_adjoint(problem, theta, signs, idx, valid, alpha):
+    """``dF/dh_e`` (the adjoint of the unit's output, :meth:`KinkedProblem.grad_and_adjoint`) at every slot of the
+    sliding set, 0 at invalid slots, for a :class:`KinkedProblem` with one hidden layer; zeros for other problems.
+    There the velocity depends on a sliding slope through ``dg/ds_e = c_e grad z_e``, so ``dz_S/ds_S = -G diag(c)``
+    (``G`` the Gram matrix of the set's normals) and unit ``e``'s own coupling, the others held on their kinks, is
+    ``-c_e / (G^-1)_ee``: its sliding mode attracts from both sides when ``c_e > 0`` and repels when ``c_e < 0``
+    (both one-sided fields point away from the kink; the slope can stay inside ``[alpha, 1]`` through the change,
+    e.g. when the neuron's output weight passes through 0). Deeper nets: zeros (their normals depend on the slopes
+    below them, so the sign of ``c_e`` alone does not decide)."""
+    if not (isinstance(problem, KinkedProblem) and problem.n_hidden == 1) or idx.shape[0] == 0:
+        return jnp.zeros(idx.shape, theta.dtype)
+    S = problem.slopes(signs, idx, valid, jnp.full(idx.shape, 0.5 * (1.0 + alpha), theta.dtype))
+    c = problem.grad_and_adjoint(theta, S)[2]
+    return jnp.where(valid, c[idx], 0.0)
 
 
 def _err_norm_and_preacts(problem, y, y1, err, rtol, atol):
@@ -370,7 +386,8 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
 
     Returns a dict of the state (``y``, ``u``, ``h``, ``err_prev``), the event (``h_event`` from the returned ``u``,
     ``h_step``: the step that saw it, ``target``, ``y_event``, ``z_event``, ``scale_event``), the start values
-    (``y0`` after the projection, ``f0``, ``s0``, ``z0``, ``scale0``) and counters."""
+    (``y0`` after the projection, ``f0``, ``s0``, ``z0``, ``scale0``, the slots' adjoints ``c0``,
+    :func:`slot_adjoint`) and counters."""
     fac = as_factor(fac, idx, valid)  # a one-hidden-layer net's block-diagonal factor is formed here per call
     dtype = y.dtype
     # the slope tolerance of every slot: ctl.st, or more for a slope that rounding cannot resolve to it (host)
@@ -397,6 +414,7 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
         dr0, rs0 = zero, zero
     f0, s0 = _aug_field(problem, y, u, log_time, signs, idx, valid, fac)
     z0, sc0 = problem.preactivations(y[:-1])
+    c0 = slot_adjoint(problem, y[:-1], signs, idx, valid, ctl.alpha)  # repelling sliding modes (host: a note)
     y0 = y
     stiff = method == "rkc"
     if method not in METHODS:
@@ -642,7 +660,7 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
     # the scalars travel as two packed vectors (:func:`unpack`): one transfer each instead of one per scalar, which
     # the host pays at every call (several per event)
     return dict(y=c["y"], y_event=c["yc"], z_event=c["zc"], scale_event=c["scc"], y0=y0, f0=f0, s0=s0, z0=z0,
-                scale0=sc0, signs=c["signs"], v_rho=c["v_rho"],
+                scale0=sc0, c0=c0, signs=c["signs"], v_rho=c["v_rho"],
                 floats=jnp.stack([jnp.asarray(floats[k], dtype) for k in _FLOATS]),
                 ints=jnp.stack([jnp.asarray(ints[k], jnp.int32) for k in _INTS]))
 
