@@ -1131,39 +1131,48 @@ def test_gd_follows_the_flow_past_a_near_grazing_kink_once_its_error_is_small_en
     assert errs[2.5e-4] > 10 * small[0], errs  # the branch: GD's error above the margin takes the other side
 
 
-def test_a_sliding_mode_that_turns_repelling_is_reported_and_gd_leaves_it():
+def test_a_sliding_mode_that_turns_repelling_is_left_as_gd_leaves_it():
     """A sliding unit ``e = (sample i, neuron j)`` of a two-layer net attracts from both sides while its adjoint
     ``dF/dh_e`` (``l'(f_i) a_j / n``) is positive and repels once it is negative (``slot_adjoint``). Here neuron 12's
-    output weight passes through 0 near t = 4.880 while unit 27 (sample 1) slides: its slope stays inside [0, 1]
-    (0.35), both one-sided fields point away from the kink from then on, and the inclusion has several solutions. The
-    flow keeps the minimal-norm sliding one and says so (``stats['repelling_from']``, the reason); GD (lr 2e-5) leaves
-    the kink (docs/nonsmooth.md, "Gradient descent against the flow"). Independent check: the sign of
-    ``a_j (f_i - y_i)`` from a NumPy forward pass."""
+    output weight passes through 0 near t = 4.880 while unit 27 (sample 1) slides with slope 0.35: both one-sided
+    fields point away from the kink from then on and the inclusion has several solutions. The default flow
+    (``repelling='leave'``) lets the unit leave to the side of its slope's nearer bound (here: off, below its kink),
+    and GD converges to it at first order (lr 4e-5, 2e-5); with ``repelling='stay'`` the flow keeps the minimal-norm
+    sliding solution, which GD leaves (docs/nonsmooth.md, "Gradient descent against the flow"). Both report the point.
+    Independent check: the sign of ``a_j (f_i - y_i)`` from a NumPy forward pass."""
     from homflow.flow import gradient_descent
 
     data = sphere(35, 6, seed=22)
     model = TwoLayer(6, 15, relu, key=jax.random.PRNGKey(32), scale=0.5)
     T = 5.2
-    tr = nonsmooth_flow(model, data, loss="square", t1=T, ts=[0.0, 4.87, 4.90, T], rtol=1e-8)
-    assert tr.success and "repels" in tr.reason
-    st = tr.stats
-    assert 4.87 <= st["repelling_from"] <= 4.90 and st["repelling_units"] >= 1
-    e = st["repelling_unit"]
-    i, j = divmod(e, 15)  # pre-activations (n, width), flattened
+    ts = [0.0, 4.87, 4.90, T]
+    leave = nonsmooth_flow(model, data, loss="square", t1=T, ts=ts, rtol=1e-10)
+    stay = nonsmooth_flow(model, data, loss="square", t1=T, ts=ts, solver=ClarkeFlow(rtol=1e-10, repelling="stay"))
+    for tr in (leave, stay):
+        assert tr.success and "repels" in tr.reason
+        assert 4.87 <= tr.stats["repelling_from"] <= 4.90 and tr.stats["repelling_unit"] == 27
+        L = tr.loss
+        assert abs(L[0] - L[-1] - tr.extras["energy"][-1]) <= 1e-8 * (L[0] - L[-1])
+    assert leave.stats["repelling_left"] >= 1 and stay.stats["repelling_left"] == 0
+    i, j = divmod(27, 15)  # pre-activations (n, width), flattened
     X, y = np.asarray(data.X), np.asarray(data.y)
 
     def parts(theta):
-        m = tr.unflatten(jnp.asarray(theta))
+        m = leave.unflatten(jnp.asarray(theta))
         W, a = np.asarray(m.W), np.asarray(m.a)
         return W, a, np.maximum(X @ W.T, 0.0) @ a
 
-    (W0, a0, f0), (W1, a1, f1), (W2, _, _) = (parts(th) for th in tr.thetas[1:])
+    (_, a0, f0), (_, a1, f1) = (parts(th) for th in stay.thetas[1:3])
     assert a0[j] * (f0[i] - y[i]) > 0 > a1[j] * (f1[i] - y[i])  # attracting at 4.87, repelling at 4.90
-    scale = np.linalg.norm(W2[j]) * np.linalg.norm(X[i])
-    assert abs(W2[j] @ X[i]) <= 1e-12 * scale  # the flow still slides at t = 5.2
-    lr = 2e-5
-    gd = gradient_descent(model, data, loss="square", lr=lr, steps=int(round(T / lr)), save_every=int(round(0.01 / lr)))
-    k487 = int(np.argmin(np.abs(np.asarray(gd.ts) - 4.87)))
-    assert np.linalg.norm(gd.thetas[k487] - tr.thetas[1]) <= 1e-3 * np.linalg.norm(tr.thetas[1])
-    Wg = np.asarray(tr.unflatten(jnp.asarray(gd.thetas[-1])).W)
-    assert abs(Wg[j] @ X[i]) >= 1e-3 * scale  # GD left the kink
+    W_stay, W_leave = parts(stay.thetas[-1])[0], parts(leave.thetas[-1])[0]
+    scale = np.linalg.norm(W_stay[j]) * np.linalg.norm(X[i])
+    assert abs(W_stay[j] @ X[i]) <= 1e-12 * scale  # 'stay' still slides at t = 5.2
+    assert W_leave[j] @ X[i] < -1e-3 * scale  # 'leave' left it below its kink
+    errs = {}
+    for lr in (4e-5, 2e-5):
+        gd = gradient_descent(model, data, loss="square", lr=lr, steps=int(round(T / lr)))
+        errs[lr] = [float(np.linalg.norm(gd.thetas[-1] - tr.thetas[-1]) / np.linalg.norm(tr.thetas[-1]))
+                    for tr in (leave, stay)]
+    assert errs[2e-5][0] < 1e-4 and 1.5 < errs[4e-5][0] / errs[2e-5][0] < 3.0, errs  # GD -> the 'leave' flow
+    # and not to the 'stay' one: its distance does not fall with lr (1.7e-4, 1.5e-4; it grows with t past 4.9)
+    assert errs[4e-5][1] / errs[2e-5][1] < 1.3 and errs[2e-5][1] > 3 * errs[2e-5][0], errs

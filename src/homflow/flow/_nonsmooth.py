@@ -138,6 +138,18 @@ class ClarkeFlow:
             hidden layers, where that BVLS was ~30 ms of a ~60 ms decision (a (30, 30) MLP with 130 units sliding);
             nets with one hidden layer have cheap block-wise BVLS and keep the direct decision.
             ``stats['decisions_guessed']`` counts the decisions taken this way.
+        repelling: what the flow does where a sliding mode turns repelling (nets with one hidden layer: the unit's
+            adjoint ``dF/dh_e`` turns negative, e.g. its neuron's output weight passes through 0 while it slides;
+            both one-sided fields then point away from the kink and the inclusion's solution is not unique;
+            docs/nonsmooth.md). ``'leave'`` (default): the unit leaves the sliding set at the first compiled call
+            that starts with it repelling, to the side of the bound its slope is nearer (``1`` above
+            ``(1 + alpha) / 2``, else ``alpha``: a GD iterate zig-zagging across an attracting kink spends the share
+            ``(s - alpha) / (1 - alpha)`` of its steps on the positive side, so that is the side it is likelier to
+            be on when the kink turns repelling), as a perturbed flow or GD with a small step would
+            (``stats['repelling_left']``; measured: GD converges to it at first order where it did not converge to
+            the sliding one). ``'stay'``: keep the minimal-norm sliding solution (also a solution of the inclusion,
+            but one no perturbation follows). Both report the point (``stats['repelling_from']``, the reason).
+            Neither side rule is the limit of GD in every case (GD's side depends on the phase of its zig-zag).
     """
 
     rtol: float = 1e-8
@@ -177,8 +189,11 @@ class ClarkeFlow:
     block_factors: bool = True
     event_guess: bool | None = None
     guess_evals: int = 3
+    repelling: str = "leave"
 
     def __post_init__(self):
+        if self.repelling not in ("stay", "leave"):
+            raise ValueError(f"`repelling` must be 'stay' or 'leave'; got {self.repelling!r}.")
         if self.method not in ("auto", "explicit", "stiff", "implicit"):
             raise ValueError(f"`method` must be 'auto', 'explicit', 'stiff' or 'implicit'; got {self.method!r}.")
         for name in ("rtol", "safety", "factor_max", "stiff_ratio", "nonstiff_ratio", "zeno_progress"):
@@ -313,6 +328,8 @@ class _Driver:
         self.explicit_once = False  # the next stepping call uses DOPRI5 (a crossing a stiff rung did not locate)
         self.last_method = "dopri5"  # the method of the last stepping call
         self.repelling: set[int] = set()  # sliding units seen with a repelling mode (note_repelling)
+        self.repelling_now = np.zeros(0, np.int64)  # those of the last call's start
+        self.left_repelling: set[int] = set()  # units that left a repelling mode, until off their kink (_candidates)
         self.proj_iters = 1 if problem.n_hidden == 1 else 2
         self.event_guess = problem.n_hidden > 1 if sol.event_guess is None else bool(sol.event_guess)
         # a plain one-hidden-layer problem: block-diagonal factors formed in the compiled loop, modes laid out in
@@ -355,7 +372,7 @@ class _Driver:
                           chatter_slides=0, decisions_guessed=0, zeno_escapes=0, crossings_in_loop=0,
                           slope_noise_keeps=0, slope_noise_units=0, relocations=0,
                           step_verdicts=0, stiff_steps=0, repelling_units=0, repelling_from=None,
-                          repelling_unit=None,
+                          repelling_unit=None, repelling_left=0,
                           implicit_steps=0, switches_to_stiff=0, switches_to_implicit=0, switches_to_explicit=0,
                           spectral_radius=0.0, solver="clarke", log_time=bool(log_time))
 
@@ -452,7 +469,14 @@ class _Driver:
                       bool(self.sol.project), self.proj_iters, bool(self.sol.crossings), self.factor(mode),
                       st_slot=self.st_slots(mode), **extra)
         out = unpack(jax.device_get(out))
+        self.repelling_now = np.zeros(0, np.int64)
+        if mode.sliding and n_max > 0:  # stepping calls: the flow's own mode (evaluations may try others)
+            self.note_repelling(mode, out["c0"], u)
         st = self.stats
+        if n_max > 0 and self.sol.repelling == "leave" and self.repelling_now.size:
+            # the host leaves the repelling units at the call's start (integrate_nonsmooth): its steps are not taken
+            st["grad_evals"] += int(out["n_ev"])
+            return out
         n_att, n_loc, n_acc = int(out["n_att"]), int(out["n_loc"]), int(out["n_acc"])
         st["num_steps"] += n_att + n_loc
         st["num_accepted_steps"] += n_acc
@@ -467,8 +491,6 @@ class _Driver:
             st["spectral_radius"] = float(out["rho"])
         if n_max > 0 and self.sol.method == "auto" and not override:
             self._switch(method, n_acc, int(out["n_stiff"]), int(out["n_easy"]))
-        if mode.sliding:
-            self.note_repelling(mode, out["c0"], u)
         st["max_constraint_drift"] = max(st["max_constraint_drift"], float(out["drift"]))
         st["max_constraint_residual"] = max(st["max_constraint_residual"], float(out["resid"]))
         n_cross = int(out["n_cross"])
@@ -490,6 +512,7 @@ class _Driver:
             return
         thr = 64 * float(np.finfo(c.dtype).eps) * float(np.max(np.abs(c)))
         rep = np.asarray(mode.sliding, np.int64)[c < -thr]
+        self.repelling_now = rep
         new = set(rep.tolist()) - self.repelling
         if new:
             self.repelling |= new
@@ -634,7 +657,13 @@ class _Driver:
         when a unit below turns on, ``z_e`` leaves 0 on one side at once and the mode decision then sets it (a
         documented simplification of the minimal-norm element there: its slope is not optimised)."""
         C = np.asarray(sorted(set(mode.sliding) | set(int(c) for c in cands)), np.int64)
-        return C[~self.problem.no_input(z, sc, self.kt)[C]]
+        C = C[~self.problem.no_input(z, sc, self.kt)[C]]
+        if self.left_repelling:
+            # units that left a repelling sliding mode (ClarkeFlow.repelling = 'leave') keep their side until they
+            # are off their kink (beyond 10 kink_tol): the minimal-norm decision would put them back on it at once
+            self.left_repelling = {e for e in self.left_repelling if abs(z[e]) <= 10 * self.kt * sc[e]}
+            C = C[~np.isin(C, list(self.left_repelling))]
+        return C
 
     def guess(self, mode, target, s0):
         """The mode an event's own change gives (``ClarkeFlow.event_guess``): a free unit that reached its kink
@@ -851,6 +880,23 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
                 break
         n_max = min(_CALL_STEPS, sol.max_steps - stats["num_steps"])
         out = D.advance(y, u, h, err_prev, float(us[k_save]), mode, n_max, project_first=pending_projection)
+        if sol.repelling == "leave" and D.repelling_now.size:
+            # sliding units whose mode repels at the call's start leave to the side of their slope's nearer bound
+            # (ClarkeFlow.repelling); from the projected start state, the call's steps not taken
+            y, s0 = out["y0"], np.asarray(out["s0"])
+            signs, slide = mode.signs.copy(), set(mode.sliding)
+            for e in D.repelling_now.tolist():
+                signs[e] = 1 if s0[mode.slot[mode.sliding.index(e)]] > 0.5 * (1.0 + D.alpha) else -1
+                slide.discard(e)
+                D.left_repelling.add(e)
+            stats["repelling_left"] += int(D.repelling_now.size)
+            stats["sliding_left"] += int(D.repelling_now.size)
+            mode = mode.like(signs, slide)
+            D.forget_slope_noise(mode)
+            pending_projection = True
+            if progress is not None:
+                progress(_t(u, log_time), stats)
+            continue
         if D.switched:
             out["err_prev"], D.switched = 1.0, False
         if int(out["n_cross"]):  # crossings passed inside the compiled loop: the pattern it ended in
@@ -977,8 +1023,11 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
         if stats["repelling_from"] is not None:
             reason += (f"; from t = {stats['repelling_from']:.6g} a sliding mode repels (unit "
                        f"{stats['repelling_unit']}, {stats['repelling_units']} units in all: both one-sided fields "
-                       "point away from the kink), where the solution is not unique: GD and perturbed flows leave "
-                       "the kink, this flow keeps the minimal-norm sliding one (docs/nonsmooth.md)")
+                       "point away from the kink), where the solution is not unique: "
+                       + ("the units left the kink to the side of their slope's nearer bound (repelling='leave')"
+                          if sol.repelling == "leave" else
+                          "GD and perturbed flows leave the kink, this flow keeps the minimal-norm sliding one")
+                       + " (docs/nonsmooth.md)")
         if stats["at_rest_from"] is not None:
             reason += (f"; at rest from t = {stats['at_rest_from']:.6g} (it moves by at most "
                        f"sqrt((t1 - t) L) = {stats['rest_bound']:.2e} after that)")
