@@ -504,9 +504,9 @@ class _Driver:
         """Record sliding units of ``mode`` whose mode repels at the call's start ``u`` (one hidden layer: the
         adjoint ``c_e = dF/dh_e < 0``, :func:`~homflow.flow._nonsmooth_kernel.slot_adjoint`; below ``-64 eps`` times
         the set's largest ``|c_e|``). There both one-sided fields point away from the kink and the inclusion has other
-        solutions (GD, and any perturbed flow, leave the kink to one side); the flow keeps the minimal-norm sliding
-        one, whose velocity stays the minimal-norm element. ``stats['repelling_units']`` counts the units,
-        ``stats['repelling_from']`` / ``['repelling_unit']`` the first time and unit; the reason says so."""
+        solutions (GD, and any perturbed flow, leave the kink to one side); what the flow does is
+        ``ClarkeFlow.repelling`` (``repelling_now`` holds this call's units). ``stats['repelling_units']`` counts the
+        units, ``stats['repelling_from']`` / ``['repelling_unit']`` the first time and unit; the reason says so."""
         c = np.asarray(c0)[mode.slot]
         if not c.size or not np.any(c):
             return

@@ -414,7 +414,7 @@ def advance(problem, y, u, h, err_prev, u_stop, signs, idx, valid, ctl: Controls
         dr0, rs0 = zero, zero
     f0, s0 = _aug_field(problem, y, u, log_time, signs, idx, valid, fac)
     z0, sc0 = problem.preactivations(y[:-1])
-    c0 = slot_adjoint(problem, y[:-1], signs, idx, valid, ctl.alpha)  # repelling sliding modes (host: a note)
+    c0 = slot_adjoint(problem, y[:-1], signs, idx, valid, ctl.alpha)  # repelling modes (ClarkeFlow.repelling)
     y0 = y
     stiff = method == "rkc"
     if method not in METHODS:
