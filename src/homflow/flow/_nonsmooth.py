@@ -521,6 +521,27 @@ class _Driver:
             if st["repelling_from"] is None:
                 st["repelling_from"], st["repelling_unit"] = _t(u, self.log_time), int(rep[0])
 
+    def nearer_side(self, s):
+        """The side (+1 / -1) of the slope bound (``1`` / ``alpha``) nearer to the slope(s) ``s``: where a unit at its
+        kink leaves to when its slope is at a bound, or when it leaves a repelling sliding mode."""
+        return np.where(np.asarray(s) > 0.5 * (1.0 + self.alpha), 1, -1)
+
+    def leave_repelling(self, mode, s0):
+        """``mode`` less the units of :attr:`repelling_now`, each on the side of its slope's nearer bound (``s0``:
+        the slopes per slot at the call's start; ``ClarkeFlow.repelling = 'leave'``); they keep that side in the mode
+        decisions until off their kink (:meth:`_candidates`)."""
+        signs, slide = mode.signs.copy(), set(mode.sliding)
+        s0 = np.asarray(s0)
+        for e in self.repelling_now.tolist():
+            signs[e] = self.nearer_side(s0[mode.slot[mode.sliding.index(e)]])
+            slide.discard(e)
+            self.left_repelling.add(e)
+        self.stats["repelling_left"] += int(self.repelling_now.size)
+        self.stats["sliding_left"] += int(self.repelling_now.size)
+        new = mode.like(signs, slide)
+        self.forget_slope_noise(new)
+        return new
+
     def _switch(self, method, n_acc, n_stiff, n_easy):
         """The automatic method ladder DOPRI5 -> RKC -> Rosenbrock (``ClarkeFlow.method = 'auto'``): up after
         ``stiff_after`` accepted steps limited by stability or cost (DOPRI5: ``h rho > stiff_ratio``; RKC: the step
@@ -590,7 +611,7 @@ class _Driver:
             e = int(mode.arrays()[1][k])  # event values of sliding units are per slot
             _, s, _, _ = self.evaluate(y, u, mode)
             slide.discard(e)
-            signs[e] = 1 if s[k] > 0.5 * (1.0 + self.alpha) else -1
+            signs[e] = self.nearer_side(s[k])
         self.stats["step_verdicts"] += 1
         return mode.like(signs, slide)
 
@@ -681,7 +702,7 @@ class _Driver:
             if e not in slide:
                 return None
             slide.discard(e)
-            signs[e] = 1 if float(s0[k]) > 0.5 * (1.0 + self.alpha) else -1
+            signs[e] = self.nearer_side(s0[k])
         return mode.like(signs, slide)
 
     def resolve(self, y, u, mode, cands, chatter=(), z=None, sc=None, guess=None, v_ref=None):
@@ -729,7 +750,7 @@ class _Driver:
         if bound.size:
             v = -np.asarray(mn.m)
             dz = self._dz_min_norm(theta, mode, C, mn)[bound]
-            side = np.where(mn.slopes[~mn.interior] > 0.5 * (1 + self.alpha), 1, -1)
+            side = self.nearer_side(mn.slopes[~mn.interior])
             signs[bound] = np.where(np.abs(dz) > self._tiny_dz(theta, v, sc, bound), np.sign(dz), side)
         away = self._away(C, z, sc, slide, signs)
         new, _, _, slid = self._settle(y, u, mode, C, signs, slide, away, chatter, z, sc, 2 * len(C) + 2)
@@ -883,16 +904,7 @@ def integrate_nonsmooth(problem: KinkedProblem, theta0, ts, t1: float, *, log_ti
         if sol.repelling == "leave" and D.repelling_now.size:
             # sliding units whose mode repels at the call's start leave to the side of their slope's nearer bound
             # (ClarkeFlow.repelling); from the projected start state, the call's steps not taken
-            y, s0 = out["y0"], np.asarray(out["s0"])
-            signs, slide = mode.signs.copy(), set(mode.sliding)
-            for e in D.repelling_now.tolist():
-                signs[e] = 1 if s0[mode.slot[mode.sliding.index(e)]] > 0.5 * (1.0 + D.alpha) else -1
-                slide.discard(e)
-                D.left_repelling.add(e)
-            stats["repelling_left"] += int(D.repelling_now.size)
-            stats["sliding_left"] += int(D.repelling_now.size)
-            mode = mode.like(signs, slide)
-            D.forget_slope_noise(mode)
+            y, mode = out["y0"], D.leave_repelling(mode, out["s0"])
             pending_projection = True
             if progress is not None:
                 progress(_t(u, log_time), stats)
