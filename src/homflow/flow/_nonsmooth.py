@@ -708,9 +708,10 @@ class _Driver:
     def resolve(self, y, u, mode, cands, chatter=(), z=None, sc=None, guess=None, v_ref=None):
         """The mode after an event at ``y``: from the minimal-norm element (interior slope: slides; bound: crosses to
         the side its velocity points to), then made consistent: a sliding slope of the new mode outside ``[alpha, 1]``
-        leaves on that bound's side; a unit at its kink whose new field points into the other side is flipped, and if
-        both sides point into the kink it slides. Units in ``chatter`` (at their kink and crossing back and forth
-        without progress in time) slide when the new mode would flip them again and their slope is admissible.
+        leaves on that bound's side; a unit at its kink whose new field points into the other side slides (and
+        crosses when its sliding slope then leaves the box at the far bound), and is flipped only if it comes back
+        (:meth:`_settle`). Units in ``chatter`` (at their kink and crossing back and forth without progress in time)
+        slide when the new mode would flip them again and their slope is admissible.
         ``z``, ``sc``: the pre-activations at ``y`` and their bounds when known.
 
         ``guess``: a mode to try first (:meth:`guess`, the event's own change), with ``v_ref`` the velocity of the
@@ -771,9 +772,22 @@ class _Driver:
 
     def _settle(self, y, u, mode, C, signs, slide, away, chatter, z, sc, max_evals):
         """The consistency loop of :meth:`resolve` from the mode ``(signs, slide)``, at most ``max_evals`` field
-        evaluations: ``(mode, consistent, its field at y, chattering units it made slide)``."""
+        evaluations: ``(mode, consistent, its field at y, chattering units it made slide)``.
+
+        One change per evaluation after the sliding slopes outside the box have left (those as a block): the free unit
+        of least index whose field points into the other side joins the sliding set, the pivot of Murty's least-index
+        method for the box-constrained complementarity problem ``s_e = alpha -> dz_e <= 0``, ``s_e = 1 -> dz_e >= 0``,
+        interior ``-> dz_e = 0`` that a consistent mode solves. Its slope then decides: inside the box it slides,
+        beyond the far bound it leaves there (a crossing, in two evaluations). Where the unit's own coupling is
+        attracting (``d dz_e / d s_e < 0``: ``dF/dh_e > 0`` for one hidden layer) the problem is a P-matrix one and the
+        method ends at its unique solution; a unit that comes back beyond the near bound (a repelling coupling, whose
+        other side is then consistent) is flipped the next time. Flipping first (before December 5, 2026, night)
+        moved a unit across the whole box at once, which on a depth-3 ReLU net knocked the slopes of others sliding
+        with it out of the box and cycled: 69 of 122 minimal-norm decisions of sweep problem 0 at t ~ 26 ended
+        inconsistent after their 2|C| + 2 evaluations (~0.5 s each), against 0 of 454 (median 2 evaluations) with
+        this rule (docs/nonsmooth.md)."""
         theta = y[:-1]
-        flipped, slid = set(), 0
+        flipped, tried, slid = set(), set(), 0
         new = mode.like(signs, slide)
         for _ in range(max_evals):
             signs_n, idx_n, valid_n = new.arrays()
@@ -799,9 +813,10 @@ class _Driver:
             if wrong.size == 0:
                 return new, True, f, slid
             e = int(wrong[0])
-            if e in flipped or e in chatter:
+            if e not in tried or e in flipped or e in chatter:
                 slide.add(e)
-                slid += int(e in chatter and e not in flipped)
+                slid += int(e in chatter and e not in tried)
+                tried.add(e)
             else:
                 signs[e] = -signs[e]
                 flipped.add(e)
