@@ -150,6 +150,16 @@ class ClarkeFlow:
             the sliding one). ``'stay'``: keep the minimal-norm sliding solution (also a solution of the inclusion,
             but one no perturbation follows). Both report the point (``stats['repelling_from']``, the reason).
             Neither side rule is the limit of GD in every case (GD's side depends on the phase of its zig-zag).
+        pivot: what the mode decision's consistency loop (``_Driver._settle``) does first with a unit at its kink whose
+            field points into the other side. ``'slide'``: it joins the sliding set and its sliding slope decides
+            (Murty's least-index pivot of the box complementarity problem a consistent mode solves; flipped only if
+            it comes back beyond the near bound). ``'flip'``: it crosses at once, and slides if it comes back.
+            ``'auto'`` (default): ``'slide'`` for nets with several hidden layers, where flipping first cycled
+            (measured on a depth-3 ReLU net: 69 of 122 decisions inconsistent after ``2|C| + 2`` evaluations, the
+            flow held at t ~ 26; with ``'slide'`` none, and it reaches t1), ``'flip'`` for one hidden layer, whose
+            minimal-norm element is exact (a convex problem): there the loop only meets units whose slope the BVLS
+            left at a bound within its tolerance, both rules end in equally consistent modes, and ``'flip'`` keeps
+            the flows measured before (docs/nonsmooth.md, "Status, December 5, 2026, night").
     """
 
     rtol: float = 1e-8
@@ -190,10 +200,13 @@ class ClarkeFlow:
     event_guess: bool | None = None
     guess_evals: int = 3
     repelling: str = "leave"
+    pivot: str = "auto"
 
     def __post_init__(self):
         if self.repelling not in ("stay", "leave"):
             raise ValueError(f"`repelling` must be 'stay' or 'leave'; got {self.repelling!r}.")
+        if self.pivot not in ("auto", "slide", "flip"):
+            raise ValueError(f"`pivot` must be 'auto', 'slide' or 'flip'; got {self.pivot!r}.")
         if self.method not in ("auto", "explicit", "stiff", "implicit"):
             raise ValueError(f"`method` must be 'auto', 'explicit', 'stiff' or 'implicit'; got {self.method!r}.")
         for name in ("rtol", "safety", "factor_max", "stiff_ratio", "nonstiff_ratio", "zeno_progress"):
@@ -332,6 +345,7 @@ class _Driver:
         self.left_repelling: set[int] = set()  # units that left a repelling mode, until off their kink (_candidates)
         self.proj_iters = 1 if problem.n_hidden == 1 else 2
         self.event_guess = problem.n_hidden > 1 if sol.event_guess is None else bool(sol.event_guess)
+        self.slide_first = problem.n_hidden > 1 if sol.pivot == "auto" else sol.pivot == "slide"  # ClarkeFlow.pivot
         # a plain one-hidden-layer problem: block-diagonal factors formed in the compiled loop, modes laid out in
         # their slots (flow/_block_factor.py); otherwise sliding set -> SlidingFactor (flow/_clarke.py), bordered from
         # the last ones (flow/_factor_cache.py; a joint problem's pair of factors from scratch)
@@ -774,7 +788,8 @@ class _Driver:
         """The consistency loop of :meth:`resolve` from the mode ``(signs, slide)``, at most ``max_evals`` field
         evaluations: ``(mode, consistent, its field at y, chattering units it made slide)``.
 
-        One change per evaluation after the sliding slopes outside the box have left (those as a block): the free unit
+        One change per evaluation after the sliding slopes outside the box have left (those as a block). With
+        ``ClarkeFlow.pivot = 'slide'`` (the default for several hidden layers) the free unit
         of least index whose field points into the other side joins the sliding set, the pivot of Murty's least-index
         method for the box-constrained complementarity problem ``s_e = alpha -> dz_e <= 0``, ``s_e = 1 -> dz_e >= 0``,
         interior ``-> dz_e = 0`` that a consistent mode solves. Its slope then decides: inside the box it slides,
@@ -785,7 +800,8 @@ class _Driver:
         moved a unit across the whole box at once, which on a depth-3 ReLU net knocked the slopes of others sliding
         with it out of the box and cycled: 69 of 122 minimal-norm decisions of sweep problem 0 at t ~ 26 ended
         inconsistent after their 2|C| + 2 evaluations (~0.5 s each), against 0 of 454 (median 2 evaluations) with
-        this rule (docs/nonsmooth.md)."""
+        this rule (docs/nonsmooth.md). With ``'flip'`` (one hidden layer) it crosses first and slides if it comes
+        back (the rule before; every unit it flips is then tried sliding, so the loop's modes are the same kind)."""
         theta = y[:-1]
         flipped, tried, slid = set(), set(), 0
         new = mode.like(signs, slide)
@@ -813,9 +829,9 @@ class _Driver:
             if wrong.size == 0:
                 return new, True, f, slid
             e = int(wrong[0])
-            if e not in tried or e in flipped or e in chatter:
+            if (self.slide_first and e not in tried) or e in flipped or e in chatter:
                 slide.add(e)
-                slid += int(e in chatter and e not in tried)
+                slid += int(e in chatter and e not in flipped and not (self.slide_first and e in tried))
                 tried.add(e)
             else:
                 signs[e] = -signs[e]
