@@ -723,8 +723,8 @@ class _Driver:
         """The mode after an event at ``y``: from the minimal-norm element (interior slope: slides; bound: crosses to
         the side its velocity points to), then made consistent: a sliding slope of the new mode outside ``[alpha, 1]``
         leaves on that bound's side; a unit at its kink whose new field points into the other side slides (and
-        crosses when its sliding slope then leaves the box at the far bound), and is flipped only if it comes back
-        (:meth:`_settle`). Units in ``chatter`` (at their kink and crossing back and forth without progress in time)
+        crosses when its sliding slope then leaves the box at the far bound), and is flipped only if it comes back;
+        for one hidden layer it is flipped first and slides if it comes back (``ClarkeFlow.pivot``, :meth:`_settle`). Units in ``chatter`` (at their kink and crossing back and forth without progress in time)
         slide when the new mode would flip them again and their slope is admissible.
         ``z``, ``sc``: the pre-activations at ``y`` and their bounds when known.
 
@@ -794,8 +794,9 @@ class _Driver:
         method for the box-constrained complementarity problem ``s_e = alpha -> dz_e <= 0``, ``s_e = 1 -> dz_e >= 0``,
         interior ``-> dz_e = 0`` that a consistent mode solves. Its slope then decides: inside the box it slides,
         beyond the far bound it leaves there (a crossing, in two evaluations). Where the unit's own coupling is
-        attracting (``d dz_e / d s_e < 0``: ``dF/dh_e > 0`` for one hidden layer) the problem is a P-matrix one and the
-        method ends at its unique solution; a unit that comes back beyond the near bound (a repelling coupling, whose
+        attracting (``d dz_e / d s_e < 0``: ``dF/dh_e > 0`` for one hidden layer, whose problem is then linear with a
+        P-matrix; a deep net's is nonlinear in the slopes of samples kinked in two layers) the method ends at the
+        unique solution; a unit that comes back beyond the near bound (a repelling coupling, whose
         other side is then consistent) is flipped the next time. Flipping first (before December 5, 2026, night)
         moved a unit across the whole box at once, which on a depth-3 ReLU net knocked the slopes of others sliding
         with it out of the box and cycled: 69 of 122 minimal-norm decisions of sweep problem 0 at t ~ 26 ended
