@@ -724,8 +724,9 @@ class _Driver:
         the side its velocity points to), then made consistent: a sliding slope of the new mode outside ``[alpha, 1]``
         leaves on that bound's side; a unit at its kink whose new field points into the other side slides (and
         crosses when its sliding slope then leaves the box at the far bound), and is flipped only if it comes back;
-        for one hidden layer it is flipped first and slides if it comes back (``ClarkeFlow.pivot``, :meth:`_settle`). Units in ``chatter`` (at their kink and crossing back and forth without progress in time)
-        slide when the new mode would flip them again and their slope is admissible.
+        for one hidden layer it is flipped first and slides if it comes back (``ClarkeFlow.pivot``, :meth:`_settle`).
+        Units in ``chatter`` (at their kink and crossing back and forth without progress in time) slide when the new
+        mode would flip them again and their slope is admissible.
         ``z``, ``sc``: the pre-activations at ``y`` and their bounds when known.
 
         ``guess``: a mode to try first (:meth:`guess`, the event's own change), with ``v_ref`` the velocity of the
