@@ -813,23 +813,29 @@ def test_units_without_input_are_not_kinks():
 def test_escape_steps_carry_deep_flows_through_inconsistent_points():
     """sphere(16, 3, seed 0), leaky-ReLU (0.2) MLP (6, 6): at t ~ 315 no mode the decision builds is consistent (a
     sample with two layer-1 and four layer-2 units at their kinks; every sliding set the first-order sides allow puts a
-    slope outside [alpha, 1]). Without escape steps the flow stops there as a Zeno point; with them (the default) it
+    slope outside [alpha, 1]) with the mode decision's flip-first pivot (ClarkeFlow(pivot='flip'), the rule for deep
+    nets before December 5, 2026, night). Without escape steps that flow stops there as a Zeno point; with them it
     reaches t1 with the energy identity and a monotone loss. The escape itself is one Euler step of the inclusion:
     the landing point is theta - h m (m the minimal-norm element of the Clarke set there) and the energy grows by
-    h ||m||^2."""
+    h ||m||^2. With the default pivot (slide first) the decision finds a consistent mode there, and the flow reaches
+    t1 without any escape step."""
     from homflow.flow._nonsmooth import _Driver, _Mode, _near
 
     data = sphere(16, 3, seed=0)
     model = MLP(3, (6, 6), leaky_relu(0.2), key=jax.random.PRNGKey(0), scale=1.0)
     stop = nonsmooth_flow(model, data, loss="logistic", t1=1000.0, n_save=10, time="linear",
-                          solver=ClarkeFlow(zeno_escape=None))
+                          solver=ClarkeFlow(zeno_escape=None, pivot="flip"))
     assert not stop.success and "Zeno" in stop.reason and 100 < stop.ts[-1] < 1000
-    tr = nonsmooth_flow(model, data, loss="logistic", t1=1000.0, n_save=10, time="linear")
-    assert tr.success, tr.reason
-    assert tr.stats["zeno_escapes"] >= 1
-    assert np.all(np.diff(tr.loss) <= 1e-14 * tr.loss[0])
-    drop = tr.loss[0] - tr.loss[-1]
-    assert abs(drop - tr.extras["energy"][-1]) <= 1e-6 * drop
+    esc = nonsmooth_flow(model, data, loss="logistic", t1=1000.0, n_save=10, time="linear",
+                         solver=ClarkeFlow(pivot="flip"))
+    assert esc.stats["zeno_escapes"] >= 1
+    slide = nonsmooth_flow(model, data, loss="logistic", t1=1000.0, n_save=10, time="linear",
+                           solver=ClarkeFlow(zeno_escape=None))
+    for tr in (esc, slide):
+        assert tr.success, tr.reason
+        assert np.all(np.diff(tr.loss) <= 1e-14 * tr.loss[0])
+        drop = tr.loss[0] - tr.loss[-1]
+        assert abs(drop - tr.extras["energy"][-1]) <= 1e-6 * drop
     # the escape step at the stop point, against clarke_min_norm over the units near their kinks: theta moves along
     # -m by at most zeno_escape ||theta||, the energy grows by ||dtheta|| ||grad L|| (int ||dtheta/dt||^2 over an
     # Euler step), the time by ||dtheta|| / ||grad L||, and the loss drops by that energy to first order
