@@ -617,6 +617,12 @@ def test_clarke_flow_rejects_non_bool_switches():
             ClarkeFlow(**{name: bad})
 
 
+def _random_labels():
+    """24 standard-normal points in R^4 with random +-1 labels (seed 4): the data of the depth-3 decision tests."""
+    rng = np.random.default_rng(4)
+    return Dataset(rng.standard_normal((24, 4)), np.sign(rng.standard_normal(24)))
+
+
 def _settle_log(monkeypatch):
     """Record every consistency loop of the mode decisions: (evaluations allowed, used, consistent)."""
     from homflow.flow import _nonsmooth as ns
@@ -642,9 +648,7 @@ def test_sliding_first_makes_the_deep_decisions_consistent(monkeypatch):
     2|C| + 2 evaluations with 'flip', none with 'slide'; on the ReLU flow 'slide' leaves 4 of 441 inconsistent (one
     point where a sample's layer-1 slopes are all near 0, so its layer-2 units' sliding slopes are ill-posed: 93 and
     -571), 'flip' none. Both flows keep the energy identity."""
-    rng = np.random.default_rng(4)
-    X = rng.standard_normal((24, 4))
-    data = Dataset(X, np.sign(rng.standard_normal(24)))
+    data = _random_labels()
     log = _settle_log(monkeypatch)
     bad = {"slide": 0, "flip": 0}
     for key, act in ((5, relu), (7, leaky_relu(0.1))):
@@ -668,9 +672,7 @@ def test_one_hidden_layer_keeps_the_flip_first_pivot():
     """With one hidden layer ClarkeFlow(pivot='auto') is the flip-first rule (its minimal-norm element is exact and
     the two rules only part at units whose slope the BVLS left at a bound within its tolerance): the flows of 'auto'
     and 'flip' are the same to the last bit, and 'slide' ends at the same state to the tolerance's order."""
-    rng = np.random.default_rng(4)
-    X = rng.standard_normal((24, 4))
-    data = Dataset(X, np.sign(rng.standard_normal(24)))
+    data = _random_labels()
     shallow = TwoLayer(4, 8, relu, key=jax.random.PRNGKey(6), scale=0.7)
     runs = {p: nonsmooth_flow(shallow, data, loss="logistic", t1=20.0, n_save=5, time="linear",
                               solver=ClarkeFlow(pivot=p)) for p in ("auto", "flip", "slide")}
@@ -1020,9 +1022,7 @@ def test_event_guess_decisions_are_the_minimal_norm_decisions(monkeypatch, alpha
     element slides them at once: at most 1% of the decisions, velocities within 1%, and the flows agree to 1e-10."""
     from homflow.flow import _nonsmooth as ns
 
-    rng = np.random.default_rng(4)
-    X = rng.standard_normal((24, 4))
-    data = Dataset(X, np.sign(rng.standard_normal(24)))
+    data = _random_labels()
     model = MLP(4, (6, 6), leaky_relu(alpha) if alpha else relu, key=jax.random.PRNGKey(5), scale=0.7)
     orig = ns._Driver.resolve
     compared, ties, longer = [], [], []
